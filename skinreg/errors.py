@@ -1,0 +1,44 @@
+"""Typed errors. The CLI turns any SkinregError into one line on stderr (see cli.py)."""
+
+from __future__ import annotations
+
+
+class SkinregError(Exception):
+    """Base class: the message names what was expected, what was found and the fix."""
+
+    exit_code = 2
+
+
+class InputError(SkinregError):
+    """Bad user input: a flag, a path, a data directory."""
+
+
+class CheckpointError(SkinregError):
+    """A checkpoint cannot be loaded into the requested architecture."""
+
+
+class UnsupportedError(SkinregError):
+    """A format/precision/converter combination that is not supported."""
+
+
+class ExportError(SkinregError):
+    """A converter failed."""
+
+    exit_code = 3
+
+
+class GateError(SkinregError):
+    """One or more variants failed their validation gates (files are kept, marked failed)."""
+
+    exit_code = 4
+
+    def __init__(self, failures: list[str], result: object | None = None):
+        self.failures = failures
+        self.result = result  # the ExportResult, so callers can still log what was measured
+        super().__init__("gate failed: " + "; ".join(failures))
+
+
+class RegistryError(SkinregError):
+    """The MLflow registry refused or does not hold what was asked for."""
+
+    exit_code = 5

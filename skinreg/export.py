@@ -1,0 +1,185 @@
+"""Local export orchestration: model -> files -> validation -> measurement -> report.
+
+No conversion code lives here: exporters convert, `validate` judges, `measure` times,
+`report` writes. The registry pipeline (pipeline.py) calls `run_export` as well.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .data import DEMO_CLASSES, ImageSet, _lesion, list_images, read_image_folder
+from .enums import Format, Precision
+from .errors import GateError, InputError
+from .exporters import ExportedFile, check_converter, plan
+from .measure import Latency, latency, size_bytes
+from .models import LoadedModel
+from .runtime import DEFAULT_THREADS, OnnxRunner, TFLiteRunner, TorchRunner
+from .validate import Gate, Verdict, compare, gates_with_overrides, judge
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+SYNTHETIC_VALIDATION_IMAGES = 32
+
+
+@dataclass
+class ExportRequest:
+    loaded: LoadedModel
+    out_dir: Path
+    stem: str
+    formats: list[Format] = field(default_factory=lambda: [Format.all])
+    quantize: list[Precision] = field(default_factory=list)
+    calibration_dir: Path | None = None
+    eval_dir: Path | None = None
+    opset: int | None = None
+    gate_overrides: dict[str, float] = field(default_factory=dict)
+    latency_runs: int = 30
+    threads: int = DEFAULT_THREADS
+    calibration_limit: int | None = None
+    calibration_seed: int = 0
+    converter: str | None = None
+    max_validation_images: int = 200
+    dynamic_batch: bool = True  # False for a pt2 GraphModule whose batch was fixed at 1 when logged
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class VariantResult:
+    file: ExportedFile
+    size_bytes: int
+    latency: Latency
+    verdict: Verdict
+    model_uri: str | None = None  # set once logged to MLflow
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict.passed
+
+
+@dataclass
+class ExportResult:
+    spec: Any
+    stem: str
+    out_dir: Path
+    variants: list[VariantResult]
+    pytorch_latency: Latency
+    pytorch_accuracy: float | None
+    validation: dict[str, Any]
+    calibration: dict[str, Any] | None
+    wall_s: float
+    report_json: Path | None = None
+    report_md: Path | None = None
+    plot_png: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[str]:
+        return [f for v in self.variants for f in v.verdict.failures]
+
+
+def _synthetic_images(size: int, n: int) -> list[np.ndarray]:
+    """A fixed deterministic set (same seed every time) for parity when no images are given."""
+    return [_lesion(np.random.default_rng([1234, i]), i % len(DEMO_CLASSES), size) for i in range(n)]
+
+
+def _validation_set(req: ExportRequest, calib: ImageSet | None, evalset: ImageSet | None
+                    ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+    pre = req.loaded.spec.preprocessing
+    if evalset is not None:
+        labels = np.asarray(evalset.labels)
+        model_labels = list(pre.labels)
+        if set(evalset.class_names or ()) <= set(model_labels):  # map folders to model classes by name
+            labels = np.asarray([model_labels.index(evalset.class_names[i]) for i in labels])
+        elif len(evalset.class_names or ()) != req.loaded.spec.num_classes:
+            raise InputError(f"--eval-dir has {len(evalset.class_names)} class folders but the model has "
+                             f"{req.loaded.spec.num_classes} classes; use one folder per model class")
+        paths = evalset.paths[: req.max_validation_images]
+        return pre.batch(paths), labels[: len(paths)], {"source": evalset.source, "count": len(paths), "labelled": True}
+    if calib is not None:
+        paths = calib.paths[: req.max_validation_images]
+        return pre.batch(paths), None, {"source": calib.source, "count": len(paths), "labelled": False}
+    images = _synthetic_images(pre.input_size, SYNTHETIC_VALIDATION_IMAGES)
+    return pre.batch(images), None, {"source": "synthetic (fixed seed)", "count": len(images), "labelled": False}
+
+
+def run_export(req: ExportRequest, *, progress: Progress = lambda msg: None) -> ExportResult:
+    """Export, validate and measure every planned variant; raise GateError (after writing the report)
+    if any variant fails its gate. Files of failed variants stay, marked failed in the report."""
+    from .exporters.onnx_export import DEFAULT_OPSET, export_onnx
+    from .report import write_plot, write_report
+
+    started = time.perf_counter()
+    check_converter(req.converter)
+    # Everything that can be rejected is rejected before any conversion starts.
+    pairs = plan(req.formats, req.quantize, has_calibration=req.calibration_dir is not None)
+    gates = gates_with_overrides(req.gate_overrides)
+    calib = (list_images(req.calibration_dir, limit=req.calibration_limit, seed=req.calibration_seed)
+             if req.calibration_dir else None)
+    evalset = read_image_folder(req.eval_dir) if req.eval_dir else None
+    spec, model = req.loaded.spec, req.loaded.model
+    pre = spec.preprocessing
+
+    progress(f"preparing validation images ({'eval' if evalset else 'calibration' if calib else 'synthetic'})")
+    x_val, y_val, val_info = _validation_set(req, calib, evalset)
+    torch_runner = TorchRunner(model, threads=req.threads)
+    reference = torch_runner.logits(x_val)
+    pt_acc = float((reference.argmax(1) == y_val).mean() * 100) if y_val is not None else None
+    pt_latency = latency(torch_runner, x_val[:1], runs=req.latency_runs)
+    calibration_info = None
+    if calib is not None:
+        calibration_info = {"source": calib.source, "count": len(calib), "skipped": len(calib.skipped),
+                            "file_list_sha256": calib.file_list_sha256(), "seed": req.calibration_seed,
+                            "limit": req.calibration_limit}
+
+    req.out_dir.mkdir(parents=True, exist_ok=True)
+    files: list[ExportedFile] = []
+    notes: list[str] = list(req.notes)
+    with tempfile.TemporaryDirectory(prefix="skinreg-") as tmp:
+        work = Path(tmp)
+        want_onnx = any(f is Format.onnx for f, _ in pairs)
+        progress("exporting ONNX")
+        onnx_file = export_onnx(model, spec, req.out_dir if want_onnx else work, stem=req.stem,
+                                opset=req.opset or DEFAULT_OPSET, dynamic_batch=req.dynamic_batch)
+        if want_onnx:
+            files.append(onnx_file)
+        tflite_precisions = [p for f, p in pairs if f is Format.tflite]
+        if tflite_precisions:
+            from .exporters.tflite_export import export_tflite, saved_model_from_onnx
+
+            progress("converting ONNX to a TF SavedModel (onnx2tf)")
+            saved = saved_model_from_onnx(onnx_file.path, spec, work)
+            calib_x = pre.batch(calib.paths) if calib is not None else None
+            for precision in tflite_precisions:
+                progress(f"converting TFLite {precision.value}")
+                exported = export_tflite(saved, spec, req.out_dir, stem=req.stem, precision=precision,
+                                         calibration=calib_x if precision is Precision.int8 else None)
+                if calibration_info and precision is Precision.int8:
+                    exported.details.update({"calibration": calibration_info})
+                files.append(exported)
+
+    variants = []
+    for f in files:
+        progress(f"validating and timing {f.variant}")
+        runner = OnnxRunner(f.path, threads=req.threads) if f.format is Format.onnx else TFLiteRunner(f.path, threads=req.threads)
+        parity = compare(reference, runner.logits(x_val), y_val)
+        verdict = judge(f.variant, parity, gates[f.precision])
+        variants.append(VariantResult(file=f, size_bytes=size_bytes(f.path),
+                                      latency=latency(runner, x_val[:1], runs=req.latency_runs), verdict=verdict))
+
+    result = ExportResult(spec=spec, stem=req.stem, out_dir=req.out_dir, variants=variants,
+                          pytorch_latency=pt_latency, pytorch_accuracy=pt_acc, validation=val_info,
+                          calibration=calibration_info, wall_s=time.perf_counter() - started, notes=notes)
+    progress("writing report")
+    result.report_json, result.report_md = write_report(result, gates)
+    result.plot_png = write_plot(result)
+    if result.failures:
+        raise GateError(result.failures, result)
+    return result

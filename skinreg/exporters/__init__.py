@@ -1,0 +1,91 @@
+"""Exporters: one table of formats with the precisions each supports.
+
+Every exporter has the same shape: `export(..., spec, out_dir, stem) -> ExportedFile`.
+Unsupported combinations are rejected by `check_request` before any work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..enums import Format, Precision
+from ..errors import UnsupportedError
+
+
+@dataclass(frozen=True)
+class ExportedFile:
+    path: Path
+    format: Format
+    precision: Precision
+    converter: str
+    converter_version: str
+    sidecar: Path | None = None  # preprocessing/labels JSON beside a TFLite file
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def variant(self) -> str:
+        """Stable variant name: onnx, tflite-float32, tflite-float16, tflite-int8."""
+        return variant_name(self.format, self.precision)
+
+
+@dataclass(frozen=True)
+class FormatInfo:
+    format: Format
+    precisions: tuple[Precision, ...]
+    converter: str
+    needs_calibration: tuple[Precision, ...] = ()
+
+
+FORMATS: dict[Format, FormatInfo] = {
+    Format.onnx: FormatInfo(Format.onnx, (Precision.float32,), "torch.onnx"),
+    Format.tflite: FormatInfo(Format.tflite, (Precision.float32, Precision.float16, Precision.int8),
+                              "onnx2tf+tf.lite", needs_calibration=(Precision.int8,)),
+}
+
+# Converters users ask for by name, and why some cannot be used.
+DEAD_CONVERTERS = {
+    "onnx-tf": ("onnx-tf cannot run on current TensorFlow/onnx (onnx-tf 1.10 fails to import with "
+                "onnx>=1.16, and its tensorflow-addons dependency cannot import on TF 2.21); "
+                "skinreg converts ONNX -> TFLite with onnx2tf + the TF Lite converter instead"),
+}
+
+
+def check_converter(name: str | None) -> None:
+    if name and name in DEAD_CONVERTERS:
+        raise UnsupportedError(DEAD_CONVERTERS[name])
+    if name and name not in ("onnx2tf",):
+        raise UnsupportedError(f"unknown TFLite converter {name!r}: expected onnx2tf")
+
+
+def variant_name(fmt: Format, precision: Precision) -> str:
+    return "onnx" if fmt is Format.onnx and precision is Precision.float32 else f"{fmt.value}-{precision.value}"
+
+
+def plan(formats: list[Format], quantize: list[Precision], *, has_calibration: bool) -> list[tuple[Format, Precision]]:
+    """Which (format, precision) pairs to export, checked before any work.
+
+    float32 of every format is always made: it is the file the seed promises and the reference
+    the quantized variants are compared with. Without --quantize, TFLite gets float16 too, and
+    int8 when calibration images are given."""
+    fmts = [Format.onnx, Format.tflite] if (not formats or Format.all in formats) else list(dict.fromkeys(formats))
+    if quantize:
+        extra = list(dict.fromkeys(quantize))
+    else:
+        extra = [Precision.float16] + ([Precision.int8] if has_calibration else [])
+    for p in extra:
+        if not any(p in FORMATS[f].precisions for f in fmts):
+            supported = sorted({x.value for f in fmts for x in FORMATS[f].precisions})
+            raise UnsupportedError(f"--quantize {p.value} is not supported for --format "
+                                   f"{'/'.join(f.value for f in fmts)} (supported: {', '.join(supported)}); "
+                                   "use --format tflite")
+        if p is Precision.int8 and not has_calibration:
+            raise UnsupportedError("--quantize int8 needs calibration images: pass --calibration-dir DIR "
+                                   "with 50-200 representative JPG/PNG images")
+    pairs = []
+    for fmt in fmts:
+        for p in dict.fromkeys([Precision.float32, *extra]):
+            if p in FORMATS[fmt].precisions:
+                pairs.append((fmt, p))
+    return pairs

@@ -1,0 +1,210 @@
+"""Reading source models from, and logging variants to, MLflow tracking (not the registry:
+registry.py owns that). Heavy imports stay inside functions."""
+
+from __future__ import annotations
+
+import json
+import logging
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .enums import Format
+from .errors import RegistryError
+from .models import LoadedModel, ModelSpec, build_model, load_checkpoint
+from .preprocess import Preprocessing
+
+if TYPE_CHECKING:
+    from .export import ExportResult, VariantResult
+    from .pipeline import ExportOptions
+    from .registry import VersionRef
+
+log = logging.getLogger(__name__)
+
+SPEC_KEY = "skinreg_spec"  # MLmodel metadata key holding ModelSpec.to_dict()
+TOOLS = ("skinreg", "torch", "torchvision", "onnx", "onnxruntime", "tensorflow", "onnx2tf", "ai-edge-litert", "mlflow")
+
+
+def tool_versions() -> dict[str, str]:
+    out = {}
+    for name in TOOLS:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _pip(*names: str) -> list[str]:
+    """Requirements that install anywhere: exact public versions, no local build tags (+cu..)."""
+    return [f"{n}=={version(n).split('+')[0]}" for n in names]
+
+
+# -- source models -------------------------------------------------------------------------
+def load_source(ref: "VersionRef", opts: "ExportOptions", tmp: Path) -> tuple[LoadedModel, bool, list[str]]:
+    """Return (eager-or-graph model + spec, dynamic batch?, notes for the report)."""
+    import mlflow
+    from mlflow.models import Model
+
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.uri, dst_path=str(tmp / "src")))
+    except Exception as exc:
+        raise RegistryError(f"cannot download {ref.uri}: {str(exc).splitlines()[0]}") from None
+    if (local / "MLmodel").exists():
+        mlmodel = Model.load(str(local))
+        if "pytorch" in mlmodel.flavors:
+            return _load_pytorch_flavor(ref, mlmodel, local, opts)
+        if not list(local.rglob("*.pth")):
+            raise RegistryError(f"{ref.uri} is not a PyTorch model (flavors: {', '.join(mlmodel.flavors)}); "
+                                "export needs a version logged with mlflow.pytorch.log_model or a .pth state_dict")
+    checkpoints = sorted(local.rglob("*.pth")) + sorted(local.rglob("*.pt"))
+    if not checkpoints:
+        raise RegistryError(f"{ref.uri} holds neither an MLflow PyTorch model nor a .pth checkpoint; "
+                            "register a version logged with mlflow.pytorch.log_model or a state_dict .pth")
+    loaded = load_checkpoint(checkpoints[0], arch=opts.arch, num_classes=opts.num_classes,
+                             input_size=opts.input_size, labels=opts.labels)
+    return loaded, True, [f"source is the checkpoint artifact {checkpoints[0].name} (loaded with weights_only=True)"]
+
+
+def _load_pytorch_flavor(ref: "VersionRef", mlmodel: Any, local: Path, opts: "ExportOptions"
+                         ) -> tuple[LoadedModel, bool, list[str]]:
+    import mlflow.pytorch
+    import torch
+
+    flavor = mlmodel.flavors["pytorch"]
+    fmt = flavor.get("serialization_format", "pickle" if flavor.get("pickle_module_name") else "pt2")
+    is_pickle = "pickle" in str(fmt) or str(flavor.get("model_data", "")).endswith(".pth")
+    if is_pickle and not opts.allow_pickle:
+        raise RegistryError(f"{ref.uri} is a pickled PyTorch model: loading it executes code from the registry; "
+                            "pass --allow-pickle (MLproject: -P allow_pickle=true) only if you trust its author")
+    meta = (mlmodel.metadata or {}).get(SPEC_KEY)
+    spec_meta = ModelSpec.from_dict(meta if isinstance(meta, dict) else json.loads(meta)) if meta else None
+    arch = opts.arch or (spec_meta.arch if spec_meta else None)
+    notes: list[str] = []
+    model = mlflow.pytorch.load_model(str(local), map_location="cpu") if is_pickle else mlflow.pytorch.load_model(str(local))
+    if hasattr(model, "eval") and not isinstance(model, torch.fx.GraphModule):
+        model.eval()
+    size = opts.input_size or (spec_meta.preprocessing.input_size if spec_meta else None) or _signature_size(mlmodel) or 224
+    with torch.inference_mode():
+        try:
+            num_classes = int(model(torch.zeros(2, 3, size, size)).shape[-1])
+            dynamic = True
+        except Exception:
+            num_classes = int(model(torch.zeros(1, 3, size, size)).shape[-1])
+            dynamic = False
+    if opts.num_classes and opts.num_classes != num_classes:
+        from .errors import CheckpointError
+
+        raise CheckpointError(f"class-count mismatch: expected {opts.num_classes} classes (--num-classes) but "
+                              f"{ref.uri} outputs {num_classes}; pass --num-classes {num_classes}")
+    labels = tuple(opts.labels or (spec_meta.preprocessing.labels if spec_meta else ()) or
+                   [f"class_{i}" for i in range(num_classes)])
+    base = spec_meta.preprocessing if spec_meta else Preprocessing()
+    pre = Preprocessing(input_size=size, mean=base.mean, std=base.std, labels=labels)
+    if arch:
+        eager = build_model(arch, num_classes)
+        missing = eager.load_state_dict(model.state_dict(), strict=False)
+        if missing.missing_keys or missing.unexpected_keys:
+            from .errors import CheckpointError
+
+            raise CheckpointError(f"architecture mismatch: the weights of {ref.uri} do not fit {arch} "
+                                  f"({len(missing.missing_keys)} missing, {len(missing.unexpected_keys)} unexpected keys); "
+                                  "pass the architecture it was trained with")
+        notes.append(f"rebuilt eager {arch} from the logged model's state_dict (dynamic batch)")
+        return LoadedModel(model=eager.eval(), spec=ModelSpec(arch, num_classes, pre)), True, notes
+    if not dynamic:
+        notes.append("architecture unknown and the logged pt2 model has its batch fixed at 1 (it was logged with "
+                     "a batch-1 input example): ONNX exported with batch 1; pass --arch to rebuild a dynamic-batch model")
+    return LoadedModel(model=model, spec=ModelSpec(arch or "unknown", num_classes, pre)), dynamic, notes
+
+
+def _signature_size(mlmodel: Any) -> int | None:
+    try:
+        shape = mlmodel.signature.inputs.inputs[0].shape
+        return int(shape[-1])
+    except Exception:
+        return None
+
+
+def log_source_model(loaded: LoadedModel, *, registered_name: str, example: np.ndarray) -> Any:
+    """Log a trained model as an MLflow PyTorch model (pt2) and register it. The example has batch 2
+    so torch.export keeps the batch dynamic; the spec goes into the MLmodel metadata."""
+    import mlflow
+    import torch
+
+    return mlflow.pytorch.log_model(
+        loaded.model, name="model", registered_model_name=registered_name, input_example=example[:2],
+        pip_requirements=_pip("torch", "torchvision", "mlflow"),
+        metadata={SPEC_KEY: loaded.spec.to_dict()},
+    )
+
+
+# -- variants --------------------------------------------------------------------------------
+def _signature(layout: str, size: int, num_classes: int) -> Any:
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    shape = (-1, 3, size, size) if layout == "NCHW" else (-1, size, size, 3)
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), shape, "image")]),
+                          outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes), "logits")]))
+
+
+def variant_metrics(v: "VariantResult") -> dict[str, float]:
+    p = v.verdict.parity
+    out = {"size_bytes": float(v.size_bytes), "latency_p50_ms": v.latency.p50_ms, "latency_p90_ms": v.latency.p90_ms,
+           "parity_max_abs": p.max_abs, "parity_mean_abs": p.mean_abs, "parity_top1_agreement": p.top1_agreement}
+    if p.accuracy is not None:
+        out.update(accuracy=p.accuracy, accuracy_drop=p.accuracy_drop)
+    return out
+
+
+def log_variant(v: "VariantResult", result: "ExportResult") -> str:
+    """Log one variant as an MLflow model inside the active run; metrics go on its LoggedModel too.
+    Returns the model URI (models:/m-...)."""
+    import mlflow
+
+    spec = result.spec
+    pre = spec.preprocessing
+    meta = {SPEC_KEY: spec.to_dict(), "skinreg_variant": v.file.variant, "skinreg_gate": v.verdict.status}
+    if v.file.format is Format.onnx:
+        import onnx
+
+        info = mlflow.onnx.log_model(onnx.load(str(v.file.path)), name=v.file.variant,
+                                     signature=_signature("NCHW", pre.input_size, spec.num_classes),
+                                     onnx_execution_providers=["CPUExecutionProvider"], metadata=meta,
+                                     pip_requirements=_pip("onnx", "onnxruntime", "numpy", "mlflow"))
+    else:
+        labels = v.file.path.with_name(v.file.path.stem + "_labels.txt")
+        labels.write_text("\n".join(pre.labels) + "\n")
+        info = mlflow.pyfunc.log_model(
+            name=v.file.variant, python_model=str(Path(__file__).with_name("tflite_pyfunc.py")),
+            artifacts={"tflite": str(v.file.path), "preprocessing": str(v.file.sidecar), "labels": str(labels)},
+            signature=_signature("NHWC", pre.input_size, spec.num_classes), metadata=meta,
+            pip_requirements=_pip("ai-edge-litert", "numpy", "mlflow"))
+    mlflow.log_metrics(variant_metrics(v), model_id=info.model_id)
+    return info.model_uri
+
+
+def log_export_run(result: "ExportResult", *, source: "VersionRef") -> None:
+    """Params, metrics (per variant, prefixed), report, plot, and failed files for inspection."""
+    import mlflow
+
+    mlflow.log_params({f"version.{k}": v for k, v in tool_versions().items()})
+    mlflow.log_params({"source_uri": source.uri, "arch": result.spec.arch, "input_size": result.spec.preprocessing.input_size,
+                       "num_classes": result.spec.num_classes, "validation_source": result.validation["source"],
+                       "validation_count": result.validation["count"]})
+    metrics = {"pytorch.latency_p50_ms": result.pytorch_latency.p50_ms,
+               "pytorch.latency_p90_ms": result.pytorch_latency.p90_ms, "export_wall_s": result.wall_s}
+    if result.pytorch_accuracy is not None:
+        metrics["pytorch.accuracy"] = result.pytorch_accuracy
+    for v in result.variants:
+        metrics.update({f"{v.file.variant}.{k}": val for k, val in variant_metrics(v).items()})
+    mlflow.log_metrics(metrics)
+    for path in (result.report_json, result.report_md, result.plot_png):
+        if path:
+            mlflow.log_artifact(str(path), artifact_path="report")
+    for v in result.variants:
+        if not v.passed:  # kept for inspection, never registered
+            mlflow.log_artifact(str(v.file.path), artifact_path="failed_variants")

@@ -1,0 +1,232 @@
+"""Registry pipeline: a registered PyTorch version -> validated variants, logged, registered with
+lineage, and promoted. Orchestration only: exporting is `export.run_export`, registry access is
+`registry.Registry`, MLflow logging of files is `logging_mlflow`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import __version__
+from .enums import Format, Precision
+from .errors import GateError, RegistryError, SkinregError
+from .export import ExportRequest, ExportResult, run_export
+from .registry import STAGE_FOR_ALIAS, TAG, Registry, VersionRef
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+DEFAULT_PATTERN = "{source}-{variant}"
+DEFAULT_EXPERIMENT = "skinreg-exports"
+CANDIDATE = "candidate"
+
+
+@dataclass
+class ExportOptions:
+    formats: list[Format] = field(default_factory=lambda: [Format.all])
+    quantize: list[Precision] = field(default_factory=list)
+    calibration_dir: Path | None = None
+    eval_dir: Path | None = None
+    opset: int | None = None
+    gate_overrides: dict[str, float] = field(default_factory=dict)
+    latency_runs: int = 30
+    threads: int = 2
+    allow_pickle: bool = False
+    # For versions that carry no skinreg spec (registered by hand): fill what is missing.
+    arch: str | None = None
+    num_classes: int | None = None
+    input_size: int | None = None
+    labels: list[str] | None = None
+    name_pattern: str = DEFAULT_PATTERN
+    experiment: str = DEFAULT_EXPERIMENT
+    candidate_alias: str | None = CANDIDATE
+    force: bool = False
+
+    def settings_hash(self, calibration_sha: str | None) -> str:
+        keep = {k: v for k, v in asdict(self).items() if k not in ("latency_runs", "threads", "force", "experiment")}
+        keep.update(calibration_sha=calibration_sha, skinreg=__version__)
+        return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class PipelineResult:
+    source: VersionRef
+    run_id: str | None
+    status: str  # passed | failed | skipped
+    variants: dict[str, VersionRef] = field(default_factory=dict)  # registered, passing
+    failed: dict[str, str] = field(default_factory=dict)  # variant -> reason
+    export: ExportResult | None = None
+
+
+@dataclass
+class PromoteResult:
+    alias: str
+    moved: list[str]
+    refused: dict[str, str]
+
+
+def variant_model_name(source: str, variant: str, pattern: str = DEFAULT_PATTERN) -> str:
+    return pattern.format(source=source, variant=variant)
+
+
+def _calibration_sha(opts: ExportOptions) -> str | None:
+    if not opts.calibration_dir:
+        return None
+    from .data import list_images
+
+    return list_images(opts.calibration_dir).file_list_sha256()
+
+
+def _recorded_variants(ref: VersionRef) -> dict[str, str]:
+    return json.loads(ref.tags.get(TAG + "export.variants", "{}"))
+
+
+def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | None = None,
+                   progress: Progress = lambda msg: None) -> PipelineResult:
+    import mlflow
+
+    from .mlflow_io import load_source, log_variant, log_export_run
+
+    reg = registry or Registry()
+    ref = reg.resolve(model_uri)
+    if TAG + "variant_of" in ref.tags:
+        raise RegistryError(f"{ref.uri} is a variant made by skinreg (of {ref.tags[TAG + 'variant_of']}); "
+                            "export its source version instead")
+    settings = opts.settings_hash(_calibration_sha(opts))
+    recorded = _recorded_variants(ref)
+    if (not opts.force and ref.tags.get(TAG + "export.settings") == settings
+            and ref.tags.get(TAG + "export.status") in ("passed", "failed") and recorded):
+        existing = {v: reg.get(*nv.split("/", 1)) for v, nv in recorded.items()}
+        progress(f"{ref.uri} was already exported with these settings (run {ref.tags.get(TAG + 'export.run_id')}); "
+                 "nothing to do (--force to redo)")
+        return PipelineResult(source=ref, run_id=ref.tags.get(TAG + "export.run_id"), status="skipped",
+                              variants=existing, failed=json.loads(ref.tags.get(TAG + "export.failed", "{}")))
+
+    if not mlflow.active_run() and not os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run` picks the run itself
+        mlflow.set_experiment(opts.experiment)
+    with mlflow.start_run(run_name=f"export {ref.name} v{ref.version}") as run:
+        run_id = run.info.run_id
+        mlflow.set_tags({TAG + "source": ref.uri, TAG + "source_name": ref.name, TAG + "source_version": ref.version,
+                         TAG + "settings": settings})
+        reg.set_version_tags(ref.name, ref.version, {TAG + "export.status": "running", TAG + "export.run_id": run_id})
+        registered: list[VersionRef] = []
+        try:
+            with tempfile.TemporaryDirectory(prefix="skinreg-src-") as tmp:
+                progress(f"loading {ref.uri}")
+                loaded, dynamic_batch, notes = load_source(ref, opts, Path(tmp))
+                req = ExportRequest(loaded=loaded, out_dir=Path(tmp) / "out", stem=ref.name.replace("/", "_"),
+                                    formats=opts.formats, quantize=opts.quantize, calibration_dir=opts.calibration_dir,
+                                    eval_dir=opts.eval_dir, opset=opts.opset, gate_overrides=opts.gate_overrides,
+                                    latency_runs=opts.latency_runs, threads=opts.threads, dynamic_batch=dynamic_batch,
+                                    notes=notes)
+                try:
+                    result = run_export(req, progress=progress)
+                except GateError as exc:
+                    result = exc.result
+                log_export_run(result, source=ref)
+                failed = {v.file.variant: "; ".join(v.verdict.failures) for v in result.variants if not v.passed}
+                passing = [v for v in result.variants if v.passed]
+                for v in passing:  # log all first: registration starts only when every file is logged
+                    progress(f"logging {v.file.variant}")
+                    v.model_uri = log_variant(v, result)
+                for v in passing:
+                    progress(f"registering {variant_model_name(ref.name, v.file.variant, opts.name_pattern)}")
+                    registered.append(reg.register(
+                        variant_model_name(ref.name, v.file.variant, opts.name_pattern), v.model_uri,
+                        tags=_variant_tags(ref, v, run_id, settings, dynamic_batch),
+                        model_tags={TAG + "variant_of": ref.name}))
+        except BaseException as exc:
+            for mv in registered:  # never leave a half-registered export behind
+                reg.delete_version(mv.name, mv.version)
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            mlflow.set_tags({TAG + "status": "failed", TAG + "failure": reason[:5000]})
+            reg.set_version_tags(ref.name, ref.version, {TAG + "export.status": "error",
+                                                          TAG + "export.reason": reason[:5000]})
+            raise
+        variants = {v.tags[TAG + "variant"]: v for v in registered}
+        status = "failed" if failed else "passed"
+        reg.set_version_tags(ref.name, ref.version, {
+            TAG + "export.status": status, TAG + "export.settings": settings,
+            TAG + "export.variants": json.dumps({k: f"{v.name}/{v.version}" for k, v in variants.items()}),
+            TAG + "export.failed": json.dumps(failed),
+            TAG + "export.reason": "; ".join(failed.values()) if failed else "all variants passed their gates",
+        })
+        mlflow.set_tag(TAG + "status", status)
+        if failed:
+            mlflow.set_tag(TAG + "failure", "; ".join(failed.values())[:5000])
+        if opts.candidate_alias:
+            for v in variants.values():
+                reg.set_alias(v.name, opts.candidate_alias, v.version)
+    return PipelineResult(source=reg.get(ref.name, ref.version), run_id=run_id, status=status,
+                          variants=variants, failed=failed, export=result)
+
+
+def _variant_tags(ref: VersionRef, v: Any, run_id: str, settings: str, dynamic_batch: bool) -> dict[str, Any]:
+    p = v.verdict.parity
+    tags = {
+        TAG + "variant_of": ref.name, TAG + "source_name": ref.name, TAG + "source_version": ref.version,
+        TAG + "source_run": ref.run_id or "", TAG + "export_run": run_id, TAG + "settings": settings,
+        TAG + "variant": v.file.variant, TAG + "format": v.file.format.value, TAG + "precision": v.file.precision.value,
+        TAG + "converter": v.file.converter, TAG + "converter_version": v.file.converter_version,
+        TAG + "sha256": hashlib.sha256(v.file.path.read_bytes()).hexdigest(), TAG + "gate": v.verdict.status,
+        TAG + "size_bytes": v.size_bytes, TAG + "latency_p50_ms": f"{v.latency.p50_ms:.3f}",
+        TAG + "latency_p90_ms": f"{v.latency.p90_ms:.3f}", TAG + "parity_max_abs": f"{p.max_abs:.3g}",
+        TAG + "parity_top1_agreement": f"{p.top1_agreement:.4f}", TAG + "dynamic_batch": str(dynamic_batch).lower(),
+    }
+    if p.accuracy is not None:
+        tags[TAG + "accuracy"] = f"{p.accuracy:.2f}"
+        tags[TAG + "accuracy_drop"] = f"{p.accuracy_drop:.2f}"
+    return tags
+
+
+def promote(model_uri: str, alias: str, *, stages: bool = False, registry: Registry | None = None) -> PromoteResult:
+    """Move `alias` on the source version and on every passing variant made from it."""
+    reg = registry or Registry()
+    ref = reg.resolve(model_uri)
+    if TAG + "variant_of" in ref.tags:
+        raise RegistryError(f"{ref.uri} is a variant; promote its source "
+                            f"(models:/{ref.tags[TAG + 'variant_of']}/{ref.tags.get(TAG + 'source_version')})")
+    recorded = _recorded_variants(ref)
+    refused = json.loads(ref.tags.get(TAG + "export.failed", "{}"))
+    if not recorded:
+        reason = ref.tags.get(TAG + "export.reason", "it was never exported")
+        raise RegistryError(f"nothing to promote: {ref.uri} has no passing variants ({reason}); run "
+                            f"`skinreg export-version --model-uri {ref.uri}` first")
+    moved = []
+    for variant, name_version in recorded.items():
+        name, version = name_version.split("/", 1)
+        vref = reg.get(name, version)
+        if vref.tags.get(TAG + "gate") != "passed":  # never promote a variant that failed its gate
+            refused[variant] = f"gate {vref.tags.get(TAG + 'gate')}"
+            continue
+        reg.set_alias(name, alias, version)
+        if stages and alias in STAGE_FOR_ALIAS:
+            reg.transition_stage(name, version, STAGE_FOR_ALIAS[alias])
+        moved.append(f"{name}/{version}")
+    reg.set_alias(ref.name, alias, ref.version)
+    if stages and alias in STAGE_FOR_ALIAS:
+        reg.transition_stage(ref.name, ref.version, STAGE_FOR_ALIAS[alias])
+    moved.append(f"{ref.name}/{ref.version}")
+    return PromoteResult(alias=alias, moved=moved, refused=refused)
+
+
+def demote(name: str, alias: str, *, registry: Registry | None = None) -> list[str]:
+    """Remove `alias` from every variant of source model `name` (the alias was deleted on the source)."""
+    reg = registry or Registry()
+    removed = []
+    for variant_name in variant_models(name, registry=reg):
+        if alias in reg.aliases(variant_name):
+            reg.delete_alias(variant_name, alias)
+            removed.append(variant_name)
+    return removed
+
+
+def variant_models(source: str, *, registry: Registry | None = None) -> list[str]:
+    reg = registry or Registry()
+    return [m.name for m in reg.registered_models() if (m.tags or {}).get(TAG + "variant_of") == source]

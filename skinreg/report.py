@@ -1,0 +1,107 @@
+"""Per-export report: `<stem>_report.json`, a markdown table like the seed's, and a PNG plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .enums import Precision
+
+if TYPE_CHECKING:
+    from .export import ExportResult
+    from .validate import Gate
+
+
+def rows(result: "ExportResult") -> list[dict[str, Any]]:
+    pt = result.pytorch_latency.p50_ms
+    out = [{"variant": "pytorch", "format": "pytorch", "precision": "float32", "file": "-", "size_bytes": None,
+            "latency_p50_ms": pt, "latency_p90_ms": result.pytorch_latency.p90_ms, "latency_ratio": 1.0,
+            "accuracy": result.pytorch_accuracy, "status": "reference"}]
+    for v in result.variants:
+        p = v.verdict.parity
+        out.append({"variant": v.file.variant, "format": v.file.format.value, "precision": v.file.precision.value,
+                    "file": v.file.path.name, "size_bytes": v.size_bytes,
+                    "latency_p50_ms": v.latency.p50_ms, "latency_p90_ms": v.latency.p90_ms,
+                    "latency_ratio": v.latency.p50_ms / pt if pt else None,
+                    "parity_max_abs": p.max_abs, "parity_mean_abs": p.mean_abs,
+                    "parity_top1_agreement": p.top1_agreement, "accuracy": p.accuracy,
+                    "accuracy_drop": p.accuracy_drop, "status": v.verdict.status, "failures": v.verdict.failures,
+                    "converter": v.file.converter, "converter_version": v.file.converter_version,
+                    "details": v.file.details})
+    return out
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown(result: "ExportResult") -> str:
+    lines = [
+        f"# Export report: {result.stem} ({result.spec.arch}, {result.spec.num_classes} classes, "
+        f"{result.spec.preprocessing.input_size}px)",
+        "",
+        f"Latency: batch 1, {result.pytorch_latency.threads} threads, median (p90) of "
+        f"{result.pytorch_latency.runs} runs after warm-up. Parity vs PyTorch on {result.validation['count']} "
+        f"images from {result.validation['source']}.",
+        "",
+        "| format | precision | size MB | latency ms (p90) | × PyTorch | max abs | top-1 agree | accuracy % | drop pts | gate |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows(result):
+        size = "-" if r["size_bytes"] is None else f"{r['size_bytes'] / 1e6:.2f}"
+        lines.append(
+            f"| {r['format']} | {r['precision']} | {size} | {r['latency_p50_ms']:.2f} ({r['latency_p90_ms']:.2f}) | "
+            f"{_fmt(r['latency_ratio'], '.2f')} | {_fmt(r.get('parity_max_abs'), '.2e')} | "
+            f"{_fmt(r.get('parity_top1_agreement'), '.3f')} | {_fmt(r['accuracy'], '.1f')} | "
+            f"{_fmt(r.get('accuracy_drop'), '.2f')} | {r['status']} |")
+    failures = result.failures
+    if failures:
+        lines += ["", "## Gate failures", ""] + [f"- {f}" for f in failures]
+    if result.notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in result.notes]
+    lines += ["", f"Total export wall time: {result.wall_s:.1f} s", ""]
+    return "\n".join(lines)
+
+
+def write_report(result: "ExportResult", gates: dict[Precision, "Gate"]) -> tuple[Path, Path]:
+    from dataclasses import asdict
+
+    data = {"stem": result.stem, "spec": result.spec.to_dict(), "validation": result.validation,
+            "calibration": result.calibration, "wall_s": result.wall_s, "notes": result.notes,
+            "threads": result.pytorch_latency.threads, "latency_runs": result.pytorch_latency.runs,
+            "gates": {p.value: asdict(g) for p, g in gates.items()},
+            "status": "failed" if result.failures else "passed", "failures": result.failures,
+            "variants": rows(result)}
+    json_path = result.out_dir / f"{result.stem}_report.json"
+    json_path.write_text(json.dumps(data, indent=2, default=str))
+    md_path = result.out_dir / f"{result.stem}_report.md"
+    md_path.write_text(markdown(result))
+    return json_path, md_path
+
+
+def write_plot(result: "ExportResult") -> Path:
+    """Size vs latency per variant, marker colour = gate status, label = accuracy/agreement."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows(result)[1:]:
+        colour = "tab:green" if r["status"] == "passed" else "tab:red"
+        ax.scatter(r["size_bytes"] / 1e6, r["latency_p50_ms"], s=80, color=colour)
+        quality = (f"acc {r['accuracy']:.1f}%" if r["accuracy"] is not None
+                   else f"agree {r['parity_top1_agreement']:.2f}")
+        ax.annotate(f"{r['variant']}\n{quality}", (r["size_bytes"] / 1e6, r["latency_p50_ms"]),
+                    textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.axhline(result.pytorch_latency.p50_ms, color="grey", ls="--", lw=1, label="PyTorch eager latency")
+    ax.set_xlabel("size on disk (MB)")
+    ax.set_ylabel("latency p50, batch 1 (ms)")
+    ax.set_title(f"{result.stem}: size vs latency (green = gate passed)")
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    path = result.out_dir / f"{result.stem}_variants.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,99 @@
+"""Runners: one small class per runtime, each `load` + `logits`. Used by validation, measurement,
+the backend classifier and the TFLite pyfunc. Inputs are float32 NCHW batches, already
+preprocessed; each runner converts to its own layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from .preprocess import nchw_to_nhwc
+
+DEFAULT_THREADS = 2
+
+
+class Runner(Protocol):
+    name: str
+
+    def logits(self, x: np.ndarray) -> np.ndarray: ...
+
+
+class TorchRunner:
+    name = "pytorch"
+
+    def __init__(self, model: Any, *, threads: int = DEFAULT_THREADS) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        self.model = model.eval()
+        self.threads = threads
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return self.model(torch.from_numpy(np.ascontiguousarray(x))).numpy().astype(np.float32)
+
+
+class OnnxRunner:
+    name = "onnx"
+
+    def __init__(self, path: Path | str | bytes, *, threads: int = DEFAULT_THREADS) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path) if isinstance(path, Path) else path, opts,
+                                            providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.threads = threads
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: x.astype(np.float32)})[0]
+
+
+class TFLiteRunner:
+    """Runs a .tflite with ai_edge_litert, one image at a time (the mobile contract is batch 1)."""
+
+    name = "tflite"
+
+    def __init__(self, path: Path | str, *, threads: int = DEFAULT_THREADS) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
+        self.interpreter.allocate_tensors()
+        self.inp = self.interpreter.get_input_details()[0]
+        self.out = self.interpreter.get_output_details()[0]
+        self.threads = threads
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(v) for v in self.inp["shape"])
+
+    def _one(self, x_nhwc: np.ndarray) -> np.ndarray:
+        x = x_nhwc[None]
+        if self.inp["dtype"] != np.float32:  # quantized I/O: quantize with the tensor's own scale
+            scale, zero = self.inp["quantization"]
+            info = np.iinfo(self.inp["dtype"])
+            x = np.clip(np.round(x / scale + zero), info.min, info.max).astype(self.inp["dtype"])
+        self.interpreter.set_tensor(self.inp["index"], x)
+        self.interpreter.invoke()
+        y = self.interpreter.get_tensor(self.out["index"])[0]
+        if self.out["dtype"] != np.float32:
+            scale, zero = self.out["quantization"]
+            y = (y.astype(np.float32) - zero) * scale
+        return y.astype(np.float32)
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        nhwc = nchw_to_nhwc(x.astype(np.float32))
+        return np.stack([self._one(img) for img in nhwc])
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)

@@ -1,0 +1,92 @@
+"""Validation, separate from export: every variant against PyTorch on the same inputs.
+
+Every check runs; failures are collected and reported together (`GateError` lists them all).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from .enums import Precision
+
+
+@dataclass(frozen=True)
+class Gate:
+    min_top1_agreement: float
+    max_abs: float | None = None         # max |logit diff| vs PyTorch
+    max_accuracy_drop: float | None = None  # points (percent), only checked with labelled data
+
+
+DEFAULT_GATES: dict[Precision, Gate] = {
+    Precision.float32: Gate(min_top1_agreement=1.0, max_abs=1e-3),
+    Precision.float16: Gate(min_top1_agreement=0.99),
+    Precision.int8: Gate(min_top1_agreement=0.97, max_accuracy_drop=1.0),
+}
+
+
+def gates_with_overrides(overrides: dict[str, float] | None = None) -> dict[Precision, Gate]:
+    """overrides: {"int8.min_top1_agreement": 0.95, "float32.max_abs": 1e-2, ...}"""
+    gates = dict(DEFAULT_GATES)
+    for key, value in (overrides or {}).items():
+        prec, _, name = key.partition(".")
+        gates[Precision(prec)] = replace(gates[Precision(prec)], **{name: float(value)})
+    return gates
+
+
+@dataclass
+class Parity:
+    max_abs: float
+    mean_abs: float
+    top1_agreement: float
+    n: int
+    accuracy: float | None = None   # percent, when labels are given
+    accuracy_drop: float | None = None  # points vs PyTorch
+
+
+@dataclass
+class Verdict:
+    variant: str
+    parity: Parity
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    @property
+    def status(self) -> str:
+        return "passed" if self.passed else "failed"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"variant": self.variant, "status": self.status, "failures": self.failures, **asdict(self.parity)}
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((logits.argmax(1) == labels).mean() * 100.0)
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None = None) -> Parity:
+    if reference.shape != candidate.shape:
+        raise ValueError(f"output shape {candidate.shape} differs from PyTorch {reference.shape}")
+    diff = np.abs(reference.astype(np.float64) - candidate.astype(np.float64))
+    parity = Parity(max_abs=float(diff.max()), mean_abs=float(diff.mean()),
+                    top1_agreement=float((reference.argmax(1) == candidate.argmax(1)).mean()), n=len(reference))
+    if labels is not None:
+        parity.accuracy = accuracy(candidate, labels)
+        parity.accuracy_drop = accuracy(reference, labels) - parity.accuracy
+    return parity
+
+
+def judge(variant: str, parity: Parity, gate: Gate) -> Verdict:
+    failures = []
+    if parity.top1_agreement < gate.min_top1_agreement:
+        failures.append(f"{variant}: top-1 agreement {parity.top1_agreement:.3f} < {gate.min_top1_agreement:.3f}")
+    if gate.max_abs is not None and parity.max_abs > gate.max_abs:
+        failures.append(f"{variant}: max abs logit diff {parity.max_abs:.3g} > {gate.max_abs:.3g}")
+    if gate.max_accuracy_drop is not None and parity.accuracy_drop is not None \
+            and parity.accuracy_drop > gate.max_accuracy_drop:
+        failures.append(f"{variant}: accuracy drop {parity.accuracy_drop:.2f} points > {gate.max_accuracy_drop:.2f}")
+    return Verdict(variant=variant, parity=parity, failures=failures)
