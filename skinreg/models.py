@@ -19,23 +19,9 @@ log = logging.getLogger(__name__)
 
 
 def _tiny_cnn(num_classes: int):
-    """A ~25k-parameter CNN for tests and quick demos (not a product architecture)."""
-    from torch import nn
+    from .tiny import TinyCNN
 
-    def block(cin: int, cout: int) -> list:
-        return [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
-
-    class TinyCNN(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.features = nn.Sequential(*block(3, 16), *block(16, 32), *block(32, 64))
-            self.pool = nn.AdaptiveAvgPool2d(1)
-            self.head = nn.Linear(64, num_classes)
-
-        def forward(self, x):
-            return self.head(self.pool(self.features(x)).flatten(1))
-
-    return TinyCNN()
+    return TinyCNN(num_classes)
 
 
 def _tv(name: str) -> Callable[[int], Any]:
@@ -201,10 +187,14 @@ def load_state_dict(
         log.warning("exporting at --input-size %d; %s was trained at %s", input_size, source, meta["input_size"])
 
     model = spec_arch.build(found_classes)
-    result = model.load_state_dict(state, strict=False)
+    found = _guess_arch(state)
+    hint = f"pass --arch {found}" if found else "pass the --arch it was trained with"
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches raise even with strict=False
+        detail = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), "shape mismatch")
+        raise CheckpointError(f"architecture mismatch: {source} does not fit {arch} ({detail}); {hint}") from None
     if result.missing_keys or result.unexpected_keys:
-        found = _guess_arch(state)
-        hint = f"pass --arch {found}" if found else "pass the --arch it was trained with"
         raise CheckpointError(
             f"architecture mismatch: {source} does not fit {arch} ({len(result.missing_keys)} missing, "
             f"{len(result.unexpected_keys)} unexpected keys, e.g. "

@@ -22,7 +22,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class Preprocessing:
     """How an RGB image becomes a model input.
 
-    resize: "stretch" resizes straight to input_size x input_size (what the seed's snippets do).
+    resize: "stretch" resizes straight to input_size x input_size with bicubic resampling (PIL.s
+            default, what the seed's snippets do).
     layout: the layout of the array handed to the model ("NCHW" for PyTorch/ONNX,
             "NHWC" for TFLite); the same dataclass serves both via `to_array(layout=...)`.
     """
@@ -81,7 +82,7 @@ class Preprocessing:
 
         if isinstance(image, np.ndarray):
             image = Image.fromarray(image.astype(np.uint8))
-        image = image.convert("RGB").resize((self.input_size, self.input_size), Image.BILINEAR)
+        image = image.convert("RGB").resize((self.input_size, self.input_size), Image.BICUBIC)
         arr = np.asarray(image, dtype=np.float32) * self.scale
         arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         if (layout or self.layout) == "NCHW":

@@ -1,0 +1,40 @@
+# One setup step for everything: a venv with the pinned stack (constraints.txt), skinreg itself,
+# and onnx2tf installed with --no-deps (its metadata pins old tensorflow/numpy/onnx). Re-running is a
+# no-op until pyproject.toml or constraints.txt change.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.skinreg-setup
+export MLFLOW_DISABLE_TELEMETRY := true
+export TF_CPP_MIN_LOG_LEVEL := 2
+
+.PHONY: setup demo test postgres benchmark clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -c constraints.txt onnx2tf
+	$(PY) -c "import skinreg, onnx2tf, tensorflow, torchvision, mlflow, ai_edge_litert"
+	touch $(STAMP)
+
+# The main job end to end on the embedded default (SQLite registry ./mlflow.db, local artifacts):
+# train -> register -> export -> validate -> register variants -> alias `candidate`.
+demo: setup
+	$(VENV)/bin/mlflow run . -e main --env-manager local
+
+# PostgreSQL from Debian's packages, for the test that runs `mlflow server` on PostgreSQL.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql)
+
+test: setup postgres
+	$(PY) -m pytest -q
+
+benchmark: setup
+	$(VENV)/bin/skinreg benchmark
+
+clean:
+	rm -rf demo mlruns mlflow.db mlartifacts .pytest_cache
