@@ -113,7 +113,7 @@ def _validation_set(req: ExportRequest, calib: ImageSet | None, evalset: ImageSe
 def run_export(req: ExportRequest, *, progress: Progress = lambda msg: None) -> ExportResult:
     """Export, validate and measure every planned variant; raise GateError (after writing the report)
     if any variant fails its gate. Files of failed variants stay, marked failed in the report."""
-    from .exporters.onnx_export import DEFAULT_OPSET, export_onnx
+    from .exporters.onnx_export import DEFAULT_OPSET, check_opset, export_onnx
     from .report import write_plot, write_report
 
     started = time.perf_counter()
@@ -121,6 +121,7 @@ def run_export(req: ExportRequest, *, progress: Progress = lambda msg: None) -> 
     # Everything that can be rejected is rejected before any conversion starts.
     pairs = plan(req.formats, req.quantize, has_calibration=req.calibration_dir is not None)
     gates = gates_with_overrides(req.gate_overrides)
+    check_opset(req.opset or DEFAULT_OPSET)
     calib = (list_images(req.calibration_dir, limit=req.calibration_limit, seed=req.calibration_seed)
              if req.calibration_dir else None)
     evalset = read_image_folder(req.eval_dir) if req.eval_dir else None

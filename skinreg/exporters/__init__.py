@@ -73,7 +73,8 @@ def plan(formats: list[Format], quantize: list[Precision], *, has_calibration: b
     if quantize:
         extra = list(dict.fromkeys(quantize))
     else:
-        extra = [Precision.float16] + ([Precision.int8] if has_calibration else [])
+        defaults = [Precision.float16] + ([Precision.int8] if has_calibration else [])
+        extra = [p for p in defaults if any(p in FORMATS[f].precisions for f in fmts)]
     for p in extra:
         if not any(p in FORMATS[f].precisions for f in fmts):
             supported = sorted({x.value for f in fmts for x in FORMATS[f].precisions})

@@ -31,13 +31,17 @@ def metadata(spec: ModelSpec, **extra: Any) -> dict[str, str]:
             **{k: str(v) for k, v in extra.items()}}
 
 
+def check_opset(opset: int) -> None:
+    if opset < 11 or opset > 23:
+        raise InputError(f"--opset {opset} is out of range: expected 11-23 (default {DEFAULT_OPSET})")
+
+
 def export_onnx(model: Any, spec: ModelSpec, out_dir: Path, *, stem: str, opset: int = DEFAULT_OPSET,
                 dynamic_batch: bool = True) -> ExportedFile:
     import onnx
     import torch
 
-    if opset < 11 or opset > 23:
-        raise InputError(f"--opset {opset} is out of range: expected 11-23 (default {DEFAULT_OPSET})")
+    check_opset(opset)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{stem}.onnx"
     size = spec.preprocessing.input_size

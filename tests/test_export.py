@@ -1,0 +1,165 @@
+"""`skinreg export` end to end on a tiny trained model: real onnxruntime and ai_edge_litert."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from ai_edge_litert.interpreter import Interpreter
+from typer.testing import CliRunner
+
+from skinreg.cli import app
+from skinreg.models import build_model
+from skinreg.preprocess import Preprocessing
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def exported(trained_ckpt, demo_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export")
+    res = runner.invoke(app, ["export", "--checkpoint", str(trained_ckpt), "--calibration-dir",
+                              str(demo_data / "calibration"), "--eval-dir", str(demo_data / "val"),
+                              "--output-dir", str(out), "--latency-runs", "5"])
+    assert res.exit_code == 0, res.output
+    return out, res
+
+
+def test_trained_model_is_clearly_above_chance(trained):
+    assert trained.val_accuracy >= trained.chance + 30, (trained.val_accuracy, trained.chance)
+
+
+def test_export_writes_every_file_with_the_seed_names(exported):
+    out, _ = exported
+    for name in ["skin_classifier.onnx", "skin_classifier.tflite", "skin_classifier_float16.tflite",
+                 "skin_classifier_int8.tflite", "skin_classifier.json", "skin_classifier_int8.json",
+                 "skin_classifier_report.json", "skin_classifier_report.md", "skin_classifier_variants.png"]:
+        assert (out / name).is_file(), name
+
+
+def test_onnx_is_dynamic_batch_named_and_carries_preprocessing(exported, trained):
+    out, _ = exported
+    model = onnx.load(str(out / "skin_classifier.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    meta = {p.key: p.value for p in model.metadata_props}
+    pre = Preprocessing.from_json(meta["preprocessing"])
+    assert pre == trained.loaded.spec.preprocessing
+    sess = ort.InferenceSession(str(out / "skin_classifier.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["image"] and [o.name for o in sess.get_outputs()] == ["logits"]
+    x = np.random.default_rng(0).normal(size=(4, 3, 64, 64)).astype(np.float32)
+    y = sess.run(None, {"image": x})[0]
+    with torch.inference_mode():
+        ref = trained.loaded.model(torch.from_numpy(x)).numpy()
+    assert y.shape == (4, 4) and np.abs(y - ref).max() < 1e-4
+    assert sess.run(None, {"image": x[:1]})[0].shape == (1, 4)
+
+
+@pytest.mark.parametrize("name", ["skin_classifier.tflite", "skin_classifier_float16.tflite",
+                                  "skin_classifier_int8.tflite"])
+def test_tflite_keeps_the_mobile_contract(exported, name, demo_data, trained):
+    out, _ = exported
+    interp = Interpreter(model_path=str(out / name))
+    interp.allocate_tensors()
+    inp, outp = interp.get_input_details()[0], interp.get_output_details()[0]
+    assert list(inp["shape"]) == [1, 64, 64, 3] and inp["dtype"] == np.float32
+    assert list(outp["shape"]) == [1, 4] and outp["dtype"] == np.float32
+    # the seed's usage code, driven by the JSON beside the file
+    pre = Preprocessing.load_file(out / name.replace(".tflite", ".json"))
+    assert pre.layout == "NHWC" and pre.labels == trained.loaded.spec.preprocessing.labels
+    img = sorted((demo_data / "val" / "melanoma").glob("*.png"))[0]
+    interp.set_tensor(inp["index"], pre.load(img)[None])
+    interp.invoke()
+    got = interp.get_tensor(outp["index"])[0]
+    with torch.inference_mode():
+        ref = trained.loaded.model(torch.from_numpy(pre.load(img, layout="NCHW")[None])).numpy()[0]
+    assert got.argmax() == ref.argmax()
+    if "int8" in name:  # full-integer kernels inside, float I/O outside
+        kinds = {d["dtype"] for d in interp.get_tensor_details()}
+        assert np.int8 in kinds
+
+
+def test_report_holds_measured_numbers_and_gates(exported):
+    out, res = exported
+    report = json.loads((out / "skin_classifier_report.json").read_text())
+    assert report["status"] == "passed" and report["validation"]["labelled"] is True
+    rows = {r["variant"]: r for r in report["variants"]}
+    assert set(rows) == {"pytorch", "onnx", "tflite-float32", "tflite-float16", "tflite-int8"}
+    for name in ("onnx", "tflite-float32", "tflite-float16", "tflite-int8"):
+        r = rows[name]
+        assert r["size_bytes"] == (out / r["file"]).stat().st_size
+        assert r["latency_p50_ms"] > 0 and r["latency_p90_ms"] >= r["latency_p50_ms"]
+        assert 0 <= r["parity_top1_agreement"] <= 1 and r["accuracy"] is not None
+    assert rows["onnx"]["parity_max_abs"] < 1e-3 and rows["tflite-float32"]["parity_top1_agreement"] == 1.0
+    assert rows["tflite-int8"]["size_bytes"] < rows["tflite-float32"]["size_bytes"]
+    assert report["calibration"]["count"] == 40 and len(report["calibration"]["file_list_sha256"]) == 64
+    assert "| tflite | int8 |" in res.stdout
+
+
+def test_failed_gate_exits_nonzero_lists_all_failures_and_keeps_files(trained_ckpt, tmp_path):
+    res = runner.invoke(app, ["export", "--checkpoint", str(trained_ckpt), "--output-dir", str(tmp_path),
+                              "--latency-runs", "2", "--gate", "float16.max_abs=1e-12",
+                              "--gate", "float32.max_abs=1e-12"])
+    assert res.exit_code == 4, res.output
+    assert "tflite-float16: max abs logit diff" in res.stderr and "onnx: max abs logit diff" in res.stderr
+    report = json.loads((tmp_path / "skin_classifier_report.json").read_text())
+    assert report["status"] == "failed" and len(report["failures"]) >= 3
+    assert {r["variant"]: r["status"] for r in report["variants"]}["tflite-float16"] == "failed"
+    assert (tmp_path / "skin_classifier_float16.tflite").is_file()  # kept for inspection
+
+
+def test_onnx_only_export_of_each_listed_arch(tmp_path):
+    for arch in ("efficientnet_b0", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large"):
+        torch.save(build_model(arch, 3).state_dict(), tmp_path / f"{arch}.pth")
+        res = runner.invoke(app, ["export", "--checkpoint", str(tmp_path / f"{arch}.pth"), "--format", "onnx",
+                                  "--input-size", "64", "--latency-runs", "2"])
+        assert res.exit_code == 0, (arch, res.output)
+        sess = ort.InferenceSession(str(tmp_path / f"{arch}.onnx"), providers=["CPUExecutionProvider"])
+        assert sess.run(None, {"image": np.zeros((2, 3, 64, 64), np.float32)})[0].shape == (2, 3)
+
+
+@pytest.mark.slow
+def test_tflite_export_of_a_real_torchvision_arch(tmp_path, demo_data):
+    torch.manual_seed(0)
+    torch.save(build_model("mobilenet_v3_small", 4).state_dict(), tmp_path / "mnv3.pth")
+    res = runner.invoke(app, ["export", "--checkpoint", str(tmp_path / "mnv3.pth"), "--format", "tflite",
+                              "--quantize", "float16", "--input-size", "64", "--latency-runs", "2"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "mnv3.tflite").is_file() and (tmp_path / "mnv3_float16.tflite").is_file()
+    assert not (tmp_path / "mnv3.onnx").exists()  # --format tflite: the ONNX stays an intermediate
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--converter", "onnx-tf"], "onnx-tf cannot run on current TensorFlow/onnx"),
+    (["--quantize", "int8"], "--quantize int8 needs calibration images: pass --calibration-dir"),
+    (["--format", "onnx", "--quantize", "int8"], "--quantize int8 is not supported for --format onnx"),
+    (["--num-classes", "9"], "class-count mismatch: expected 9 classes (--num-classes) but skin_classifier.pth has 4"),
+    (["--arch", "resnet50"], "architecture mismatch: --arch resnet50 but skin_classifier.pth was saved from tiny_cnn"),
+    (["--calibration-dir", "/nonexistent"], "calibration directory not found: /nonexistent"),
+    (["--gate", "int8.speed=3"], "bad --gate 'int8.speed=3'"),
+    (["--opset", "7"], "--opset 7 is out of range"),
+    (["--device", "cuda"], "--device cuda: no CUDA device is available here; use --device cpu"),
+])
+def test_bad_input_is_one_clear_line_and_writes_nothing(trained_ckpt, tmp_path, args, message):
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    res = runner.invoke(app, ["export", "--checkpoint", str(trained_ckpt), "--output-dir", str(tmp_path), *args])
+    assert res.exit_code != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_checkpoint_and_undecodable_only_calibration(tmp_path, trained_ckpt):
+    res = runner.invoke(app, ["export", "--checkpoint", str(tmp_path / "none.pth")])
+    assert res.exit_code == 2 and "checkpoint not found" in res.stderr
+    (tmp_path / "cal").mkdir()
+    (tmp_path / "cal" / "a.jpg").write_bytes(b"\x00" * 10)
+    shutil.copy(trained_ckpt, tmp_path / "m.pth")
+    res = runner.invoke(app, ["export", "--checkpoint", str(tmp_path / "m.pth"), "--calibration-dir",
+                              str(tmp_path / "cal")])
+    assert res.exit_code == 2 and "no usable calibration images" in res.stderr
