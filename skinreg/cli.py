@@ -124,17 +124,13 @@ def export_cmd(
 @command("demo-data")
 def demo_data_cmd(
     output_dir: Annotated[Path, typer.Option(help="Where train/ val/ calibration/ go.")] = Path("demo/data"),
-    per_class: Annotated[int, typer.Option(help="Training images per class (val and calibration get ~40%).")] = 40,
     size: Annotated[int, typer.Option(help="Image size in pixels.")] = 96,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Generate the synthetic, skin-lesion-like demo image set (ImageFolder: train / val / calibration)."""
     from .data import generate_demo_data
 
-    extra = max(2, int(per_class * 0.4))
-    out = generate_demo_data(output_dir, per_class={"train": per_class, "val": extra, "calibration": extra},
-                             size=size, seed=seed)
-    typer.echo(str(out))
+    typer.echo(str(generate_demo_data(output_dir, size=size, seed=seed)))
 
 
 @command("train")
@@ -145,8 +141,16 @@ def train_cmd(
     input_size: Annotated[int, typer.Option()] = 96,
     epochs: Annotated[int, typer.Option()] = 3,
     seed: Annotated[int, typer.Option()] = 0,
+    register_as: Annotated[Optional[str], typer.Option(help="Log to MLflow and register under this name instead of writing --output.")] = None,
 ) -> None:
-    """Train a small classifier on the demo data and save a checkpoint that carries its spec."""
+    """Train a small classifier on the demo data: a checkpoint, or (--register-as) a registered PyTorch version."""
+    if register_as:
+        from .pipeline import train_and_register
+
+        ref = train_and_register(data_dir, name=register_as, arch=arch, input_size=input_size, epochs=epochs,
+                                 seed=seed, progress=_progress())
+        typer.echo(f"registered {ref.uri} (val accuracy {ref.tags.get('skinreg.val_accuracy')}%)")
+        return
     from .data import generate_demo_data
     from .models import save_checkpoint
     from .train import train
@@ -156,6 +160,111 @@ def train_cmd(
     res = train(data_dir, arch=arch, input_size=input_size, epochs=epochs, seed=seed, progress=_progress())
     save_checkpoint(res.loaded, output)
     typer.echo(f"{output}: val accuracy {res.val_accuracy:.1f}% (chance {res.chance:.1f}%)")
+
+
+@command("export-version")
+def export_version_cmd(
+    model_uri: Annotated[str, typer.Option(help="models:/NAME/VERSION or models:/NAME@ALIAS of a PyTorch version.")],
+    format: Annotated[list[Format], typer.Option("--format", help="onnx, tflite or all (repeatable).")] = [Format.all],
+    quantize: Annotated[list[Precision], typer.Option(help="Extra precisions (repeatable); default float16 (+int8 with calibration).")] = [],
+    calibration_dir: Annotated[Optional[Path], typer.Option(help="JPG/PNG images for int8 calibration.")] = None,
+    eval_dir: Annotated[Optional[Path], typer.Option(help="ImageFolder for accuracy.")] = None,
+    opset: Annotated[Optional[int], typer.Option(help="ONNX opset (default 17).")] = None,
+    gate: Annotated[list[str], typer.Option(help="Override a gate: PRECISION.FIELD=VALUE (repeatable).")] = [],
+    allow_pickle: Annotated[bool, typer.Option(help="Allow loading a pickled PyTorch model (executes its code).")] = False,
+    arch: Annotated[Optional[str], typer.Option(help="Architecture, for versions registered without skinreg metadata.")] = None,
+    num_classes: Annotated[Optional[int], typer.Option()] = None,
+    input_size: Annotated[Optional[int], typer.Option()] = None,
+    labels: Annotated[Optional[str], typer.Option(help="Comma-separated labels.")] = None,
+    name_pattern: Annotated[str, typer.Option(help="Variant model names; {source} and {variant}.")] = "{source}-{variant}",
+    candidate_alias: Annotated[str, typer.Option(help="Alias set on passing variants ('' for none).")] = "candidate",
+    latency_runs: Annotated[int, typer.Option()] = 30,
+    force: Annotated[bool, typer.Option(help="Export again even if this version was exported with these settings.")] = False,
+) -> None:
+    """Export a registered PyTorch version: log validated variants with metrics, register them, alias `candidate`."""
+    from .errors import GateError
+    from .pipeline import ExportOptions, export_version
+
+    opts = ExportOptions(formats=format, quantize=quantize, calibration_dir=calibration_dir, eval_dir=eval_dir,
+                         opset=opset, gate_overrides=_parse_gates(gate), allow_pickle=allow_pickle, arch=arch,
+                         num_classes=num_classes, input_size=input_size,
+                         labels=labels.split(",") if labels else None, name_pattern=name_pattern,
+                         candidate_alias=candidate_alias or None, latency_runs=latency_runs, force=force)
+    res = export_version(model_uri, opts, progress=_progress())
+    if res.export is not None:
+        typer.echo(res.export.report_md.read_text())
+    for variant, ref in res.variants.items():
+        typer.echo(f"{variant}: {ref.uri}")
+    if res.failed:
+        raise GateError([f"{v} (not registered): {why}" for v, why in res.failed.items()])
+
+
+@command("promote")
+def promote_cmd(
+    model_uri: Annotated[str, typer.Option(help="Source version: models:/NAME/VERSION or models:/NAME@ALIAS.")],
+    alias: Annotated[str, typer.Option(help="Alias to move, e.g. production.")],
+    stages: Annotated[bool, typer.Option(help="Also transition registry stages (Staging/Production), archiving the previous.")] = False,
+) -> None:
+    """Move an alias on a source version and on every passing variant made from it."""
+    from .pipeline import promote
+
+    res = promote(model_uri, alias, stages=stages)
+    for name in res.moved:
+        typer.echo(f"{alias} -> {name}")
+    for variant, why in res.refused.items():
+        typer.echo(f"not promoted: {variant}: {why}", err=True)
+
+
+@command("pull")
+def pull_cmd(
+    uri: Annotated[str, typer.Argument(help="Variant URI, e.g. models:/skin-classifier-tflite-int8@production.")],
+    output: Annotated[Path, typer.Option(help="Folder to write the model, labels.txt and preprocessing.json into.")],
+) -> None:
+    """Fetch a variant for a mobile app: the .tflite (or .onnx), labels and preprocessing."""
+    from .serving import pull
+
+    for kind, path in pull(uri, output).items():
+        typer.echo(f"{kind}: {path}")
+
+
+@command("predict")
+def predict_cmd(
+    uri: Annotated[str, typer.Argument(help="Variant URI or local .onnx/.tflite.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+) -> None:
+    """Classify images with an exported variant (the backend runtime)."""
+    from .serving import SkinClassifier
+
+    clf = SkinClassifier.from_uri(uri)
+    for path, p in zip(images, clf.predict_batch(images)):
+        typer.echo(f"{path}: {p.label} ({p.class_id}) confidence {p.confidence:.3f}")
+
+
+@command("demo")
+def demo_cmd(
+    name: Annotated[str, typer.Option(help="Registered model name of the source.")] = "skin-classifier",
+    data_dir: Annotated[Path, typer.Option()] = Path("demo/data"),
+    arch: Annotated[str, typer.Option()] = "mobilenet_v3_small",
+    input_size: Annotated[int, typer.Option()] = 96,
+    epochs: Annotated[int, typer.Option()] = 3,
+) -> None:
+    """The main job: train -> register -> export + validate -> register variants -> promote `candidate`."""
+    import mlflow
+
+    from .pipeline import DEFAULT_EXPERIMENT, ExportOptions, run_context, export_version, promote, train_and_register
+
+    progress = _progress()
+    with run_context("main", DEFAULT_EXPERIMENT):
+        ref = train_and_register(data_dir, name=name, arch=arch, input_size=input_size, epochs=epochs, progress=progress)
+        res = export_version(ref.uri, ExportOptions(calibration_dir=data_dir / "calibration", eval_dir=data_dir / "val"),
+                             progress=progress)
+        typer.echo(res.export.report_md.read_text() if res.export else "")
+        moved = promote(ref.uri, "candidate")
+    typer.echo(f"source {ref.uri}; variants: " + ", ".join(f"{k} {v.uri}" for k, v in res.variants.items()))
+    typer.echo("candidate -> " + ", ".join(moved.moved))
+    if res.failed or moved.refused:
+        typer.echo("not promoted: " + "; ".join(f"{k}: {v}" for k, v in {**res.failed, **moved.refused}.items()), err=True)
+    typer.echo(f"open the MLflow UI: mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}", err=True)
 
 
 def main() -> None:

@@ -141,7 +141,7 @@ def generate_demo_data(out_dir: Path, *, per_class: dict[str, int] | None = None
     Re-running with the same arguments rewrites identical files (cheap, idempotent)."""
     from PIL import Image
 
-    per_class = per_class or {"train": 40, "val": 15, "calibration": 15}
+    per_class = per_class or {"train": 60, "val": 50, "calibration": 25}
     out_dir = Path(out_dir)
     for split_idx, (split, count) in enumerate(per_class.items()):
         for label, name in enumerate(DEMO_CLASSES):

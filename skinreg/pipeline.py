@@ -108,9 +108,7 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
         return PipelineResult(source=ref, run_id=ref.tags.get(TAG + "export.run_id"), status="skipped",
                               variants=existing, failed=json.loads(ref.tags.get(TAG + "export.failed", "{}")))
 
-    if not mlflow.active_run() and not os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run` picks the run itself
-        mlflow.set_experiment(opts.experiment)
-    with mlflow.start_run(run_name=f"export {ref.name} v{ref.version}") as run:
+    with run_context(f"export {ref.name} v{ref.version}", opts.experiment) as run:
         run_id = run.info.run_id
         mlflow.set_tags({TAG + "source": ref.uri, TAG + "source_name": ref.name, TAG + "source_version": ref.version,
                          TAG + "settings": settings})
@@ -165,6 +163,50 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                 reg.set_alias(v.name, opts.candidate_alias, v.version)
     return PipelineResult(source=reg.get(ref.name, ref.version), run_id=run_id, status=status,
                           variants=variants, failed=failed, export=result)
+
+
+def run_context(name: str, experiment: str):
+    """The `mlflow run` entry point's own run when there is one (MLFLOW_RUN_ID), a child run inside an
+    active run (the `main` entry point), else a new run in `experiment`."""
+    import mlflow
+
+    if mlflow.active_run():
+        return mlflow.start_run(run_name=name, nested=True)
+    if os.environ.get("MLFLOW_RUN_ID"):
+        return mlflow.start_run()
+    mlflow.set_experiment(experiment)
+    return mlflow.start_run(run_name=name)
+
+
+def train_and_register(data_dir: Path, *, name: str = "skin-classifier", arch: str = "mobilenet_v3_small",
+                       input_size: int = 96, epochs: int = 3, seed: int = 0, experiment: str = DEFAULT_EXPERIMENT,
+                       registry: Registry | None = None, progress: Progress = lambda msg: None) -> VersionRef:
+    """Train on the demo data (generated if missing) and register a PyTorch (pt2) version that records
+    its architecture, labels and preprocessing, with a dynamic batch."""
+    import mlflow
+
+    from .data import generate_demo_data
+    from .mlflow_io import log_source_model
+    from .train import train
+
+    reg = registry or Registry()
+    if not (Path(data_dir) / "train").is_dir():
+        progress(f"generating synthetic demo data in {data_dir}")
+        generate_demo_data(Path(data_dir), seed=seed)
+    res = train(Path(data_dir), arch=arch, input_size=input_size, epochs=epochs, seed=seed, progress=progress)
+    progress(f"val accuracy {res.val_accuracy:.1f}% (chance {res.chance:.1f}%); logging and registering {name}")
+    with run_context(f"train {name}", experiment):
+        mlflow.log_params({"arch": arch, "input_size": input_size, "epochs": epochs, "seed": seed,
+                           "data_dir": str(data_dir)})
+        mlflow.log_metrics({"val_accuracy": res.val_accuracy, "train_accuracy": res.train_accuracy})
+        example = res.loaded.spec.preprocessing.batch(sorted((Path(data_dir) / "val").rglob("*.png"))[:2])
+        info = log_source_model(res.loaded, registered_name=name, example=example)
+    version = str(info.registered_model_version)
+    pre = res.loaded.spec.preprocessing
+    reg.set_version_tags(name, version, {TAG + "arch": arch, TAG + "input_size": pre.input_size,
+                                         TAG + "labels": ",".join(pre.labels),
+                                         TAG + "val_accuracy": f"{res.val_accuracy:.2f}"})
+    return reg.get(name, version)
 
 
 def _variant_tags(ref: VersionRef, v: Any, run_id: str, settings: str, dynamic_batch: bool) -> dict[str, Any]:
