@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 # The main job end to end on the embedded default (SQLite registry ./mlflow.db, local artifacts):
 # train -> register -> export -> validate -> register variants -> alias `candidate`.
 demo: setup
-	$(VENV)/bin/mlflow run . -e main --env-manager local
+	PATH="$(abspath $(VENV))/bin:$$PATH" mlflow run . -e main --env-manager local
 
 # PostgreSQL from Debian's packages, for the test that runs `mlflow server` on PostgreSQL.
 postgres:

@@ -137,9 +137,9 @@ def demo_data_cmd(
 def train_cmd(
     output: Annotated[Path, typer.Option(help="Checkpoint to write (.pth).")] = Path("demo/skin_classifier.pth"),
     data_dir: Annotated[Path, typer.Option(help="Folder with train/ and val/ ImageFolders (generated if missing).")] = Path("demo/data"),
-    arch: Annotated[str, typer.Option()] = "mobilenet_v3_small",
+    arch: Annotated[str, typer.Option(help="Architecture (tiny_cnn: seconds on a CPU; or a torchvision one).")] = "tiny_cnn",
     input_size: Annotated[int, typer.Option()] = 96,
-    epochs: Annotated[int, typer.Option()] = 3,
+    epochs: Annotated[int, typer.Option()] = 8,
     seed: Annotated[int, typer.Option()] = 0,
     register_as: Annotated[Optional[str], typer.Option(help="Log to MLflow and register under this name instead of writing --output.")] = None,
 ) -> None:
@@ -191,8 +191,8 @@ def export_version_cmd(
                          labels=labels.split(",") if labels else None, name_pattern=name_pattern,
                          candidate_alias=candidate_alias or None, latency_runs=latency_runs, force=force)
     res = export_version(model_uri, opts, progress=_progress())
-    if res.export is not None:
-        typer.echo(res.export.report_md.read_text())
+    if res.report:
+        typer.echo(res.report)
     for variant, ref in res.variants.items():
         typer.echo(f"{variant}: {ref.uri}")
     if res.failed:
@@ -244,9 +244,9 @@ def predict_cmd(
 def demo_cmd(
     name: Annotated[str, typer.Option(help="Registered model name of the source.")] = "skin-classifier",
     data_dir: Annotated[Path, typer.Option()] = Path("demo/data"),
-    arch: Annotated[str, typer.Option()] = "mobilenet_v3_small",
+    arch: Annotated[str, typer.Option(help="Architecture (tiny_cnn: seconds on a CPU; or a torchvision one).")] = "tiny_cnn",
     input_size: Annotated[int, typer.Option()] = 96,
-    epochs: Annotated[int, typer.Option()] = 3,
+    epochs: Annotated[int, typer.Option()] = 8,
 ) -> None:
     """The main job: train -> register -> export + validate -> register variants -> promote `candidate`."""
     import mlflow
@@ -258,7 +258,7 @@ def demo_cmd(
         ref = train_and_register(data_dir, name=name, arch=arch, input_size=input_size, epochs=epochs, progress=progress)
         res = export_version(ref.uri, ExportOptions(calibration_dir=data_dir / "calibration", eval_dir=data_dir / "val"),
                              progress=progress)
-        typer.echo(res.export.report_md.read_text() if res.export else "")
+        typer.echo(res.report)
         moved = promote(ref.uri, "candidate")
     typer.echo(f"source {ref.uri}; variants: " + ", ".join(f"{k} {v.uri}" for k, v in res.variants.items()))
     typer.echo("candidate -> " + ", ".join(moved.moved))

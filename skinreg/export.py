@@ -22,7 +22,7 @@ from .exporters import ExportedFile, check_converter, plan
 from .measure import Latency, latency, size_bytes
 from .models import LoadedModel
 from .runtime import DEFAULT_THREADS, OnnxRunner, TFLiteRunner, TorchRunner
-from .validate import Gate, Verdict, compare, gates_with_overrides, judge
+from .validate import Parity, Verdict, compare, gates_with_overrides, judge
 
 log = logging.getLogger(__name__)
 
@@ -169,11 +169,18 @@ def run_export(req: ExportRequest, *, progress: Progress = lambda msg: None) -> 
     variants = []
     for f in files:
         progress(f"validating and timing {f.variant}")
-        runner = OnnxRunner(f.path, threads=req.threads) if f.format is Format.onnx else TFLiteRunner(f.path, threads=req.threads)
-        parity = compare(reference, runner.logits(x_val), y_val)
+        try:
+            runner = (OnnxRunner if f.format is Format.onnx else TFLiteRunner)(f.path, threads=req.threads)
+            parity = compare(reference, runner.logits(x_val), y_val)
+            timing = latency(runner, x_val[:1], runs=req.latency_runs)
+        except Exception as exc:  # exported but cannot run: a failed variant, reported with the rest
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            variants.append(VariantResult(file=f, size_bytes=size_bytes(f.path), latency=Latency(0.0, 0.0, 0, req.threads),
+                                          verdict=Verdict(f.variant, Parity(float("nan"), float("nan"), 0.0, 0),
+                                                          [f"{f.variant}: exported but cannot run: {first}"])))
+            continue
         verdict = judge(f.variant, parity, gates[f.precision])
-        variants.append(VariantResult(file=f, size_bytes=size_bytes(f.path),
-                                      latency=latency(runner, x_val[:1], runs=req.latency_runs), verdict=verdict))
+        variants.append(VariantResult(file=f, size_bytes=size_bytes(f.path), latency=timing, verdict=verdict))
 
     result = ExportResult(spec=spec, stem=req.stem, out_dir=req.out_dir, variants=variants,
                           pytorch_latency=pt_latency, pytorch_accuracy=pt_acc, validation=val_info,

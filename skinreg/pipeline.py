@@ -62,6 +62,7 @@ class PipelineResult:
     variants: dict[str, VersionRef] = field(default_factory=dict)  # registered, passing
     failed: dict[str, str] = field(default_factory=dict)  # variant -> reason
     export: ExportResult | None = None
+    report: str = ""  # the markdown table (the files themselves live in the run's artifacts)
 
 
 @dataclass
@@ -127,6 +128,7 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                     result = run_export(req, progress=progress)
                 except GateError as exc:
                     result = exc.result
+                report_text = result.report_md.read_text()
                 log_export_run(result, source=ref)
                 failed = {v.file.variant: "; ".join(v.verdict.failures) for v in result.variants if not v.passed}
                 passing = [v for v in result.variants if v.passed]
@@ -162,7 +164,7 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
             for v in variants.values():
                 reg.set_alias(v.name, opts.candidate_alias, v.version)
     return PipelineResult(source=reg.get(ref.name, ref.version), run_id=run_id, status=status,
-                          variants=variants, failed=failed, export=result)
+                          variants=variants, failed=failed, export=result, report=report_text)
 
 
 def run_context(name: str, experiment: str):
@@ -178,8 +180,8 @@ def run_context(name: str, experiment: str):
     return mlflow.start_run(run_name=name)
 
 
-def train_and_register(data_dir: Path, *, name: str = "skin-classifier", arch: str = "mobilenet_v3_small",
-                       input_size: int = 96, epochs: int = 3, seed: int = 0, experiment: str = DEFAULT_EXPERIMENT,
+def train_and_register(data_dir: Path, *, name: str = "skin-classifier", arch: str = "tiny_cnn",
+                       input_size: int = 96, epochs: int = 8, seed: int = 0, experiment: str = DEFAULT_EXPERIMENT,
                        registry: Registry | None = None, progress: Progress = lambda msg: None) -> VersionRef:
     """Train on the demo data (generated if missing) and register a PyTorch (pt2) version that records
     its architecture, labels and preprocessing, with a dynamic batch."""

@@ -26,7 +26,27 @@ class TrainResult:
     epochs: int
 
 
-def train(data_dir: Path, *, arch: str = "mobilenet_v3_small", input_size: int = 96, epochs: int = 3,
+def _recalibrate_batchnorm(model, x, batch_size: int) -> None:
+    """Re-estimate BatchNorm running statistics with a cumulative average over the training images.
+    torchvision's MobileNetV3 uses BN momentum 0.01, so after a short run the running stats are still
+    near their initial values and eval-mode predictions collapse to one class."""
+    import torch
+
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative moving average
+    model.train()
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            if len(x[start:start + batch_size]) > 1:
+                model(x[start:start + batch_size])
+    for bn, momentum in zip(bns, momenta):
+        bn.momentum = momentum
+
+
+def train(data_dir: Path, *, arch: str = "tiny_cnn", input_size: int = 96, epochs: int = 8,
           batch_size: int = 16, lr: float = 2e-3, seed: int = 0, threads: int = 2,
           progress: Callable[[str], None] = lambda msg: None) -> TrainResult:
     """data_dir holds train/ and val/ ImageFolders (see data.generate_demo_data)."""
@@ -64,6 +84,7 @@ def train(data_dir: Path, *, arch: str = "mobilenet_v3_small", input_size: int =
             correct += int((logits.argmax(1) == yb).sum())
             seen += len(idx)
         progress(f"epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}, train acc {100 * correct / max(seen, 1):.1f}%")
+    _recalibrate_batchnorm(model, x_train, batch_size)
     model.eval()
     with torch.inference_mode():
         val_acc = float((model(x_val).argmax(1).numpy() == y_val).mean() * 100)

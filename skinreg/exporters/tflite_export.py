@@ -38,18 +38,34 @@ def _versions() -> str:
     return f"onnx2tf {version('onnx2tf')}, tensorflow {version('tensorflow')}"
 
 
+def _offline_sample_data(work_dir: Path) -> None:
+    """onnx2tf checks its conversion on 20 sample images that it downloads from GitHub unless
+    `calibration_image_sample_data_20x128x128x3_float32.npy` is in the working directory
+    (onnx2tf/utils/common_functions.py: download_test_image_data). Never download: write our own
+    synthetic images there, NHWC float32 in [0, 1]."""
+    from ..data import DEMO_CLASSES, _lesion
+
+    path = work_dir / "calibration_image_sample_data_20x128x128x3_float32.npy"
+    if not path.exists():
+        images = [_lesion(np.random.default_rng([77, i]), i % len(DEMO_CLASSES), 128) for i in range(20)]
+        np.save(path, np.stack(images).astype(np.float32) / 255.0)
+
+
 def saved_model_from_onnx(onnx_path: Path, spec: ModelSpec, work_dir: Path) -> Path:
     """onnx2tf: NCHW ONNX -> NHWC SavedModel with batch fixed at 1 (the mobile contract)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import onnx2tf
 
     size = spec.preprocessing.input_size
+    onnx_path, work_dir = Path(onnx_path).resolve(), Path(work_dir).resolve()
     out = work_dir / "saved_model"
     shutil.rmtree(out, ignore_errors=True)
     chatter = io.StringIO()
+    _offline_sample_data(work_dir)
     try:
-        # onnx2tf and TF print every tensor spec to stdout; keep it for the log, off the console
-        with contextlib.redirect_stdout(chatter):
+        # onnx2tf and TF print every tensor spec to stdout; keep it for the log, off the console.
+        # onnx2tf reads its sample data from the working directory (else it downloads it).
+        with contextlib.redirect_stdout(chatter), contextlib.chdir(work_dir):
             onnx2tf.convert(
                 input_onnx_file_path=str(onnx_path),
                 output_folder_path=str(out),

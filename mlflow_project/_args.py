@@ -1,0 +1,28 @@
+"""Shared by the entry points: MLproject passes every parameter, empty strings for "not set".
+This turns `--key value` pairs into skinreg CLI flags and runs the skinreg command."""
+
+import sys
+
+from skinreg.cli import app
+
+TRUE = {"true", "1", "yes"}
+
+
+def run(command: str, *, lists: tuple[str, ...] = (), flags: tuple[str, ...] = (), rename: dict | None = None) -> None:
+    """lists: comma-separated values that become repeated options; flags: booleans."""
+    rename = rename or {}
+    argv = sys.argv[1:]
+    out = [command]
+    for key, value in zip(argv[::2], argv[1::2]):
+        name = key.lstrip("-")
+        if value == "":
+            continue
+        if name in flags:
+            if value.lower() in TRUE:
+                out.append(f"--{rename.get(name, name)}")
+            continue
+        if name.replace("-", "_") in ("input_size", "epochs", "num_classes", "opset"):
+            value = str(int(float(value)))  # MLflow passes float parameters as "96.0"
+        for item in (value.split(",") if name in lists else [value]):
+            out += [f"--{rename.get(name, name)}", item.strip()]
+    app(out)
