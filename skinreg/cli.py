@@ -34,6 +34,17 @@ def command(name: str | None = None, **kw):
             except SkinregError as exc:
                 typer.echo(f"error: {exc}", err=True)
                 raise typer.Exit(exc.exit_code) from None
+            except Exception as exc:
+                if not type(exc).__module__.startswith("mlflow"):
+                    raise
+                import mlflow
+
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                if "Connection refused" in first or "Failed to establish" in first or "Max retries" in first:
+                    first = (f"cannot reach the MLflow tracking server at {mlflow.get_tracking_uri()}; start it or "
+                             "point MLFLOW_TRACKING_URI at a running server")
+                typer.echo(f"error: MLflow: {first}", err=True)
+                raise typer.Exit(5) from None
 
         return app.command(name, **kw)(wrapper)
 

@@ -58,6 +58,7 @@ class VariantResult:
     latency: Latency
     verdict: Verdict
     model_uri: str | None = None  # set once logged to MLflow
+    sha256: str | None = None  # of the file as stored in MLflow
 
     @property
     def passed(self) -> bool:
@@ -130,7 +131,7 @@ def run_export(req: ExportRequest, *, progress: Progress = lambda msg: None) -> 
 
     progress(f"preparing validation images ({'eval' if evalset else 'calibration' if calib else 'synthetic'})")
     x_val, y_val, val_info = _validation_set(req, calib, evalset)
-    torch_runner = TorchRunner(model, threads=req.threads)
+    torch_runner = TorchRunner(model, threads=req.threads, batch_one=not req.dynamic_batch)
     reference = torch_runner.logits(x_val)
     pt_acc = float((reference.argmax(1) == y_val).mean() * 100) if y_val is not None else None
     pt_latency = latency(torch_runner, x_val[:1], runs=req.latency_runs)

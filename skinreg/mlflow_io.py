@@ -74,8 +74,9 @@ def _load_pytorch_flavor(ref: "VersionRef", mlmodel: Any, local: Path, opts: "Ex
     import torch
 
     flavor = mlmodel.flavors["pytorch"]
-    fmt = flavor.get("serialization_format", "pickle" if flavor.get("pickle_module_name") else "pt2")
-    is_pickle = "pickle" in str(fmt) or str(flavor.get("model_data", "")).endswith(".pth")
+    data = local / flavor.get("model_data", "data")
+    # mlflow.pytorch writes model.pt2 (torch.export, safe) or model.pth (pickle: runs code on load)
+    is_pickle = not (data / "model.pt2").exists()
     if is_pickle and not opts.allow_pickle:
         raise RegistryError(f"{ref.uri} is a pickled PyTorch model: loading it executes code from the registry; "
                             "pass --allow-pickle (MLproject: -P allow_pickle=true) only if you trust its author")
@@ -84,7 +85,7 @@ def _load_pytorch_flavor(ref: "VersionRef", mlmodel: Any, local: Path, opts: "Ex
     arch = opts.arch or (spec_meta.arch if spec_meta else None)
     notes: list[str] = []
     model = mlflow.pytorch.load_model(str(local), map_location="cpu") if is_pickle else mlflow.pytorch.load_model(str(local))
-    if hasattr(model, "eval") and not isinstance(model, torch.fx.GraphModule):
+    if not isinstance(model, torch.fx.GraphModule):  # exported graphs refuse .eval(); they are eval already
         model.eval()
     size = opts.input_size or (spec_meta.preprocessing.input_size if spec_meta else None) or _signature_size(mlmodel) or 224
     with torch.inference_mode():
@@ -160,9 +161,10 @@ def variant_metrics(v: "VariantResult") -> dict[str, float]:
     return out
 
 
-def log_variant(v: "VariantResult", result: "ExportResult") -> str:
+def log_variant(v: "VariantResult", result: "ExportResult") -> tuple[str, str]:
     """Log one variant as an MLflow model inside the active run; metrics go on its LoggedModel too.
-    Returns the model URI (models:/m-...)."""
+    Returns the model URI (models:/m-...) and the sha256 of the model file as stored (mlflow.onnx
+    re-serializes the proto, so the stored bytes are what consumers get and what we hash)."""
     import mlflow
 
     spec = result.spec
@@ -184,7 +186,19 @@ def log_variant(v: "VariantResult", result: "ExportResult") -> str:
             signature=_signature("NHWC", pre.input_size, spec.num_classes), metadata=meta,
             pip_requirements=_pip("ai-edge-litert", "numpy", "mlflow"))
     mlflow.log_metrics(variant_metrics(v), model_id=info.model_id)
-    return info.model_uri
+    return info.model_uri, stored_sha256(info.model_uri)
+
+
+def stored_sha256(model_uri: str) -> str:
+    import hashlib
+    import tempfile
+
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+        model_file = next(p for p in sorted(local.rglob("*")) if p.suffix in (".onnx", ".tflite"))
+        return hashlib.sha256(model_file.read_bytes()).hexdigest()
 
 
 def log_export_run(result: "ExportResult", *, source: "VersionRef") -> None:

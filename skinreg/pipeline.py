@@ -134,7 +134,7 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                 passing = [v for v in result.variants if v.passed]
                 for v in passing:  # log all first: registration starts only when every file is logged
                     progress(f"logging {v.file.variant}")
-                    v.model_uri = log_variant(v, result)
+                    v.model_uri, v.sha256 = log_variant(v, result)
                 for v in passing:
                     progress(f"registering {variant_model_name(ref.name, v.file.variant, opts.name_pattern)}")
                     registered.append(reg.register(
@@ -218,7 +218,7 @@ def _variant_tags(ref: VersionRef, v: Any, run_id: str, settings: str, dynamic_b
         TAG + "source_run": ref.run_id or "", TAG + "export_run": run_id, TAG + "settings": settings,
         TAG + "variant": v.file.variant, TAG + "format": v.file.format.value, TAG + "precision": v.file.precision.value,
         TAG + "converter": v.file.converter, TAG + "converter_version": v.file.converter_version,
-        TAG + "sha256": hashlib.sha256(v.file.path.read_bytes()).hexdigest(), TAG + "gate": v.verdict.status,
+        TAG + "sha256": v.sha256, TAG + "gate": v.verdict.status,
         TAG + "size_bytes": v.size_bytes, TAG + "latency_p50_ms": f"{v.latency.p50_ms:.3f}",
         TAG + "latency_p90_ms": f"{v.latency.p90_ms:.3f}", TAG + "parity_max_abs": f"{p.max_abs:.3g}",
         TAG + "parity_top1_agreement": f"{p.top1_agreement:.4f}", TAG + "dynamic_batch": str(dynamic_batch).lower(),

@@ -23,17 +23,24 @@ class Runner(Protocol):
 class TorchRunner:
     name = "pytorch"
 
-    def __init__(self, model: Any, *, threads: int = DEFAULT_THREADS) -> None:
+    def __init__(self, model: Any, *, threads: int = DEFAULT_THREADS, batch_one: bool = False) -> None:
+        """batch_one: the model only takes batch 1 (a pt2 graph logged with a batch-1 example)."""
         import torch
 
         torch.set_num_threads(threads)
-        self.model = model.eval()
+        self.batch_one = batch_one
+        if not isinstance(model, torch.fx.GraphModule):  # torch.export graphs refuse .eval() and need none
+            model.eval()
+        self.model = model
         self.threads = threads
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         import torch
 
         with torch.inference_mode():
+            if self.batch_one:
+                return np.concatenate([self.model(torch.from_numpy(np.ascontiguousarray(x[i:i + 1]))).numpy()
+                                       for i in range(len(x))]).astype(np.float32)
             return self.model(torch.from_numpy(np.ascontiguousarray(x))).numpy().astype(np.float32)
 
 
@@ -50,10 +57,14 @@ class OnnxRunner:
         self.session = ort.InferenceSession(str(path) if isinstance(path, Path) else path, opts,
                                             providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
+        self.fixed_batch = self.session.get_inputs()[0].shape[0] == 1  # else a symbolic ("batch") axis
         self.threads = threads
 
     def logits(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: x.astype(np.float32)})[0]
+        x = x.astype(np.float32)
+        if self.fixed_batch and len(x) > 1:
+            return np.concatenate([self.session.run(None, {self.input_name: x[i:i + 1]})[0] for i in range(len(x))])
+        return self.session.run(None, {self.input_name: x})[0]
 
 
 class TFLiteRunner:

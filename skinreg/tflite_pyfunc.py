@@ -25,6 +25,8 @@ class TFLiteClassifier(PythonModel):
             self.preprocessing = json.load(f)
 
     def predict(self, context, model_input, params=None):
+        if isinstance(model_input, dict):  # a named-tensor signature hands over {"image": array}
+            model_input = next(iter(model_input.values()))
         x = np.asarray(model_input, dtype=np.float32)
         size = int(self.inp["shape"][1])
         if x.ndim == 3:

@@ -69,6 +69,7 @@ def plan(formats: list[Format], quantize: list[Precision], *, has_calibration: b
     float32 of every format is always made: it is the file the seed promises and the reference
     the quantized variants are compared with. Without --quantize, TFLite gets float16 too, and
     int8 when calibration images are given."""
+    formats, quantize = [Format(f) for f in formats], [Precision(p) for p in quantize]
     fmts = [Format.onnx, Format.tflite] if (not formats or Format.all in formats) else list(dict.fromkeys(formats))
     if quantize:
         extra = list(dict.fromkeys(quantize))

@@ -1,0 +1,206 @@
+"""Registry pipeline against a real MLflow SQLite store: export, lineage, idempotence, gates,
+promotion, consumers, and each bad input with its message."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from skinreg.cli import app
+from skinreg.errors import CheckpointError, InputError, RegistryError
+from skinreg.mlflow_io import log_source_model
+from skinreg.pipeline import ExportOptions, export_version, promote
+from skinreg.serving import SkinClassifier, pull
+
+runner = CliRunner()
+VARIANTS = ("onnx", "tflite-float32", "tflite-float16", "tflite-int8")
+
+
+def register(trained, demo_data, name="skin") -> str:
+    with mlflow.start_run():
+        example = trained.loaded.spec.preprocessing.batch(sorted((demo_data / "val").rglob("*.png"))[:2])
+        info = log_source_model(trained.loaded, registered_name=name, example=example)
+    return f"models:/{name}/{info.registered_model_version}"
+
+
+def full_options(demo_data, **kw) -> ExportOptions:
+    return ExportOptions(calibration_dir=demo_data / "calibration", eval_dir=demo_data / "val", latency_runs=3, **kw)
+
+
+@pytest.fixture()
+def exported(tracking, trained, demo_data):
+    uri = register(trained, demo_data)
+    return uri, export_version(uri, full_options(demo_data))
+
+
+def test_export_registers_every_variant_with_lineage_metrics_and_candidate(exported, trained):
+    uri, res = exported
+    client = MlflowClient()
+    assert res.status == "passed" and set(res.variants) == set(VARIANTS) and not res.failed
+    for variant in VARIANTS:
+        name = f"skin-{variant}"
+        model = client.get_registered_model(name)
+        assert model.aliases == {"candidate": 1} and model.tags["skinreg.variant_of"] == "skin"
+        mv = client.get_model_version(name, "1")
+        t = mv.tags
+        assert (t["skinreg.source_name"], t["skinreg.source_version"], t["skinreg.gate"]) == ("skin", "1", "passed")
+        assert t["skinreg.export_run"] == res.run_id and t["skinreg.variant"] == variant
+        assert int(t["skinreg.size_bytes"]) > 0 and float(t["skinreg.latency_p50_ms"]) > 0
+        assert "onnx2tf" in t["skinreg.converter_version"] or variant == "onnx"
+        local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/1"))
+        model_file = next(p for p in local.rglob("*") if p.suffix in (".onnx", ".tflite"))
+        assert hashlib.sha256(model_file.read_bytes()).hexdigest() == t["skinreg.sha256"]
+    src = client.get_model_version("skin", "1").tags
+    assert src["skinreg.export.status"] == "passed" and src["skinreg.export.run_id"] == res.run_id
+    assert json.loads(src["skinreg.export.variants"])["tflite-int8"] == "skin-tflite-int8/1"
+    run = client.get_run(res.run_id)
+    for variant in VARIANTS:
+        assert run.data.metrics[f"{variant}.size_bytes"] > 0 and f"{variant}.parity_top1_agreement" in run.data.metrics
+    assert run.data.params["version.onnx2tf"] == "1.29.24"
+    arts = {a.path for a in client.list_artifacts(res.run_id, "report")}
+    assert {"report/skin_report.json", "report/skin_report.md", "report/skin_variants.png"} <= arts
+    logged = mlflow.get_logged_model(mlflow.models.get_model_info("models:/skin-tflite-int8/1").model_id)
+    assert {m.key for m in logged.metrics} >= {"size_bytes", "latency_p50_ms", "parity_max_abs", "accuracy_drop"}
+
+
+def test_same_settings_again_creates_no_duplicate_versions(exported, demo_data):
+    uri, first = exported
+    again = export_version(uri, full_options(demo_data))
+    assert again.status == "skipped" and {k: v.uri for k, v in again.variants.items()} == \
+        {k: v.uri for k, v in first.variants.items()}
+    assert len(MlflowClient().search_model_versions("name='skin-onnx'")) == 1
+
+
+def test_promote_moves_alias_on_source_and_variants_and_mirrors_stages(exported):
+    uri, _ = exported
+    res = runner.invoke(app, ["promote", "--model-uri", uri, "--alias", "production", "--stages"])
+    assert res.exit_code == 0, res.output
+    client = MlflowClient()
+    for name in ["skin", *[f"skin-{v}" for v in VARIANTS]]:
+        assert client.get_registered_model(name).aliases["production"] == 1
+        assert client.get_model_version(name, "1").current_stage == "Production"
+
+
+def test_consumers_load_by_alias_and_agree_with_pytorch(exported, trained, demo_data, tmp_path):
+    uri, _ = exported
+    promote(uri, "production")
+    images = sorted((demo_data / "val").rglob("*.png"))[::12]
+    pre = trained.loaded.spec.preprocessing
+    x = pre.batch(images)
+    with torch.inference_mode():
+        ref = trained.loaded.model(torch.from_numpy(x)).numpy()
+    clf = SkinClassifier.from_uri("models:/skin-onnx@production")
+    preds = clf.predict_batch(images)
+    assert [p.class_id for p in preds] == list(ref.argmax(1))
+    assert preds[0].label == pre.labels[preds[0].class_id] and 0 < preds[0].confidence <= 1
+    assert np.abs(np.array([p.logits for p in preds]) - ref).max() < 1e-3
+    onnx_pyfunc = mlflow.pyfunc.load_model("models:/skin-onnx@production")
+    assert np.abs(onnx_pyfunc.predict(x)["logits"] - ref).max() < 1e-3
+    tflite_pyfunc = mlflow.pyfunc.load_model("models:/skin-tflite-float32@production")
+    assert (tflite_pyfunc.predict(x.transpose(0, 2, 3, 1)).argmax(1) == ref.argmax(1)).all()
+    files = pull("models:/skin-tflite-int8@production", tmp_path / "app")
+    assert files["model"].suffix == ".tflite" and files["labels"].read_text().split() == list(pre.labels)
+    assert json.loads(files["preprocessing"].read_text())["layout"] == "NHWC"
+    out = runner.invoke(app, ["predict", "models:/skin-tflite-int8@production", str(images[0])])
+    assert out.exit_code == 0 and pre.labels[int(ref[0].argmax())] in out.stdout
+
+
+def test_failed_gate_registers_nothing_for_that_variant_and_promote_refuses(tracking, trained, demo_data):
+    uri = register(trained, demo_data)
+    res = export_version(uri, full_options(demo_data, gate_overrides={"int8.min_top1_agreement": 1.01}))
+    assert res.status == "failed" and "tflite-int8" in res.failed and "tflite-int8" not in res.variants
+    client = MlflowClient()
+    assert not client.search_registered_models("name='skin-tflite-int8'")
+    src = client.get_model_version("skin", "1").tags
+    assert "tflite-int8: top-1 agreement" in src["skinreg.export.reason"]
+    assert "tflite-int8" in client.get_run(res.run_id).data.tags["skinreg.failure"]
+    moved = promote(uri, "production")
+    assert "tflite-int8" in moved.refused and "top-1 agreement" in moved.refused["tflite-int8"]
+    assert client.get_registered_model("skin-onnx").aliases["production"] == 1
+
+
+def test_failed_export_moves_nothing_and_leaves_the_reason(tracking, trained, demo_data):
+    uri = register(trained, demo_data)
+    with pytest.raises(InputError, match="--opset 7 is out of range"):
+        export_version(uri, ExportOptions(opset=7))
+    client = MlflowClient()
+    assert client.search_registered_models() and [m.name for m in client.search_registered_models()] == ["skin"]
+    tags = client.get_model_version("skin", "1").tags
+    assert tags["skinreg.export.status"] == "error" and "--opset 7" in tags["skinreg.export.reason"]
+    run = client.search_runs([client.get_experiment_by_name("skinreg-exports").experiment_id])[0]
+    assert "--opset 7" in run.data.tags["skinreg.failure"] and run.info.status == "FAILED"
+
+
+def test_hand_registered_pt2_with_batch_one_example(tracking, trained):
+    model = trained.loaded.model
+    with mlflow.start_run():  # plain MLflow, no skinreg metadata, a batch-1 example: batch fixed at 1
+        mlflow.pytorch.log_model(model, name="model", registered_model_name="hand",
+                                 input_example=np.zeros((1, 3, 64, 64), np.float32))
+    res = export_version("models:/hand/1", ExportOptions(formats=["onnx"], latency_runs=2))
+    assert res.status == "passed"
+    assert res.variants["onnx"].tags["skinreg.dynamic_batch"] == "false"
+    assert any("batch fixed at 1" in n for n in res.export.notes)
+    rebuilt = export_version("models:/hand/1", ExportOptions(formats=["onnx"], latency_runs=2, arch="tiny_cnn"))
+    assert rebuilt.variants["onnx"].tags["skinreg.dynamic_batch"] == "true"
+
+
+def test_pickle_needs_opt_in_and_raw_pth_artifact_works(tracking, trained, trained_ckpt):
+    with mlflow.start_run():
+        mlflow.pytorch.log_model(trained.loaded.model, name="model", registered_model_name="pickled",
+                                 serialization_format="pickle")
+    with pytest.raises(RegistryError, match="pickled PyTorch model.*--allow-pickle"):
+        export_version("models:/pickled/1", ExportOptions(formats=["onnx"]))
+    ok = export_version("models:/pickled/1", ExportOptions(formats=["onnx"], allow_pickle=True, input_size=64,
+                                                          latency_runs=2))
+    assert ok.status == "passed"
+    with mlflow.start_run() as run:
+        mlflow.log_artifact(str(trained_ckpt), "checkpoint")
+    # MLflow 3's register_model wants a logged model; a plain artifact folder is registered by source URI
+    client = MlflowClient()
+    client.create_registered_model("raw")
+    client.create_model_version("raw", f"{run.info.artifact_uri}/checkpoint", run_id=run.info.run_id)
+    raw = export_version("models:/raw/1", ExportOptions(formats=["onnx"], latency_runs=2))
+    assert raw.status == "passed" and raw.export.spec.arch == "tiny_cnn"
+
+
+def test_bad_inputs_each_have_a_one_line_message(tracking, trained, demo_data):
+    register(trained, demo_data)
+    with mlflow.start_run():
+        info = mlflow.onnx.log_model(__import__("onnx").helper.make_model(__import__("onnx").helper.make_graph(
+            [], "g", [], [])), name="m", registered_model_name="not-torch")
+    cases = [
+        (["--model-uri", "models:/nope/1"], "registered model 'nope' not found"),
+        (["--model-uri", "models:/skin@nonexistent"], "alias 'nonexistent' of 'skin' not found"),
+        (["--model-uri", "skin"], "bad model URI 'skin': expected models:/NAME/VERSION or models:/NAME@ALIAS"),
+        (["--model-uri", "models:/not-torch/1"], "is not a PyTorch model (flavors:"),
+    ]
+    for args, message in cases:
+        res = runner.invoke(app, ["export-version", *args])
+        assert res.exit_code != 0 and message in res.stderr, (args, res.stderr)
+        assert len(res.stderr.strip().splitlines()[-1:]) == 1 and res.stderr.strip().splitlines()[-1].startswith("error:")
+    res = runner.invoke(app, ["promote", "--model-uri", "models:/skin/1", "--alias", "production"])
+    assert res.exit_code != 0 and "nothing to promote" in res.stderr
+    assert "production" not in MlflowClient().get_registered_model("skin").aliases
+
+
+def test_unreachable_server_is_one_line(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", "http://127.0.0.1:9")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    mlflow.set_tracking_uri("http://127.0.0.1:9")
+    mlflow.set_registry_uri("http://127.0.0.1:9")
+    try:
+        res = runner.invoke(app, ["export-version", "--model-uri", "models:/skin/1"])
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+    assert res.exit_code == 5 and "cannot reach the MLflow tracking server at http://127.0.0.1:9" in res.stderr
