@@ -22,8 +22,9 @@ app = typer.Typer(help="Export PyTorch image classifiers to validated ONNX and T
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 
 
-def command(name: str | None = None, **kw):
-    """app.command, with SkinregError turned into one stderr line and the error's exit code."""
+def command(name: str | None = None, *, typer_app: typer.Typer | None = None, **kw):
+    """app.command (or typer_app.command), with SkinregError turned into one stderr line and the
+    error's exit code. Every skinreg command, registry_hooks' included, is declared through this."""
 
     def deco(fn: Callable) -> Callable:
         @functools.wraps(fn)
@@ -46,7 +47,7 @@ def command(name: str | None = None, **kw):
                 typer.echo(f"error: MLflow: {first}", err=True)
                 raise typer.Exit(5) from None
 
-        return app.command(name, **kw)(wrapper)
+        return (typer_app or app).command(name, **kw)(wrapper)
 
     return deco
 
@@ -276,6 +277,16 @@ def demo_cmd(
     if res.failed or moved.refused:
         typer.echo("not promoted: " + "; ".join(f"{k}: {v}" for k, v in {**res.failed, **moved.refused}.items()), err=True)
     typer.echo(f"open the MLflow UI: mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}", err=True)
+
+
+def _mount_hooks() -> None:
+    """`skinreg hooks ...` and `skinreg reconcile` live in registry_hooks (imports stay light)."""
+    from registry_hooks.cli import register
+
+    register(app, command)
+
+
+_mount_hooks()
 
 
 def main() -> None:

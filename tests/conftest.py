@@ -37,6 +37,17 @@ def trained_ckpt(trained, tmp_path_factory) -> Path:
     return save_checkpoint(trained.loaded, tmp_path_factory.mktemp("ckpt") / "skin_classifier.pth")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_mlflow_state(monkeypatch):
+    """mlflow.set_experiment caches the experiment (and exports MLFLOW_EXPERIMENT_ID): start clean."""
+    import mlflow
+
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    yield
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+
+
 @pytest.fixture()
 def tracking(tmp_path, monkeypatch):
     """A fresh SQLite-backed MLflow store (registry included) in a temporary directory."""
@@ -44,8 +55,6 @@ def tracking(tmp_path, monkeypatch):
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)

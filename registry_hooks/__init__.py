@@ -1,0 +1,1 @@
+"""registry_hooks: a signed-webhook receiver that turns MLflow registry events into skinreg work."""
