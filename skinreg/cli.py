@@ -279,6 +279,21 @@ def demo_cmd(
     typer.echo(f"open the MLflow UI: mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}", err=True)
 
 
+@command("benchmark")
+def benchmark_cmd(
+    arch: Annotated[str, typer.Option()] = "efficientnet_b0",
+    input_size: Annotated[int, typer.Option()] = 224,
+    epochs: Annotated[int, typer.Option()] = 2,
+    latency_runs: Annotated[int, typer.Option()] = 50,
+    work_dir: Annotated[Optional[Path], typer.Option(help="Keep data, files and benchmark.json here.")] = None,
+) -> None:
+    """Train briefly on the demo data, export, and print size/latency ratios measured side by side."""
+    from .benchmark import format_summary, run
+
+    typer.echo(format_summary(run(arch=arch, input_size=input_size, epochs=epochs, latency_runs=latency_runs,
+                                  work_dir=work_dir, progress=_progress())))
+
+
 def _mount_hooks() -> None:
     """`skinreg hooks ...` and `skinreg reconcile` live in registry_hooks (imports stay light)."""
     from registry_hooks.cli import register

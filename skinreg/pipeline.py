@@ -115,6 +115,7 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                          TAG + "settings": settings})
         reg.set_version_tags(ref.name, ref.version, {TAG + "export.status": "running", TAG + "export.run_id": run_id})
         registered: list[VersionRef] = []
+        reused: list[VersionRef] = []
         try:
             with tempfile.TemporaryDirectory(prefix="skinreg-src-") as tmp:
                 progress(f"loading {ref.uri}")
@@ -136,11 +137,16 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                     progress(f"logging {v.file.variant}")
                     v.model_uri, v.sha256 = log_variant(v, result)
                 for v in passing:
-                    progress(f"registering {variant_model_name(ref.name, v.file.variant, opts.name_pattern)}")
-                    registered.append(reg.register(
-                        variant_model_name(ref.name, v.file.variant, opts.name_pattern), v.model_uri,
-                        tags=_variant_tags(ref, v, run_id, settings, dynamic_batch),
-                        model_tags={TAG + "variant_of": ref.name}))
+                    name = variant_model_name(ref.name, v.file.variant, opts.name_pattern)
+                    earlier = _earlier_version(reg, name, ref, settings)
+                    if earlier is not None:  # an interrupted earlier run got this far: reuse, never duplicate
+                        progress(f"{name}: reusing version {earlier.version} from an interrupted export")
+                        reused.append(earlier)
+                        continue
+                    progress(f"registering {name}")
+                    registered.append(reg.register(name, v.model_uri,
+                                                   tags=_variant_tags(ref, v, run_id, settings, dynamic_batch),
+                                                   model_tags={TAG + "variant_of": ref.name}))
         except BaseException as exc:
             for mv in registered:  # never leave a half-registered export behind
                 reg.delete_version(mv.name, mv.version)
@@ -149,7 +155,7 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
             reg.set_version_tags(ref.name, ref.version, {TAG + "export.status": "error",
                                                           TAG + "export.reason": reason[:5000]})
             raise
-        variants = {v.tags[TAG + "variant"]: v for v in registered}
+        variants = {v.tags[TAG + "variant"]: v for v in reused + registered}
         status = "failed" if failed else "passed"
         reg.set_version_tags(ref.name, ref.version, {
             TAG + "export.status": status, TAG + "export.settings": settings,
@@ -165,6 +171,17 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                 reg.set_alias(v.name, opts.candidate_alias, v.version)
     return PipelineResult(source=reg.get(ref.name, ref.version), run_id=run_id, status=status,
                           variants=variants, failed=failed, export=result, report=report_text)
+
+
+def _earlier_version(reg: Registry, name: str, ref: VersionRef, settings: str) -> VersionRef | None:
+    """A version of variant model `name` made from the same source version with the same settings."""
+    if not reg.exists(name):
+        return None
+    for v in reg.versions(name):
+        if v.tags.get(TAG + "source_version") == ref.version and v.tags.get(TAG + "settings") == settings \
+                and v.tags.get(TAG + "source_name") == ref.name:
+            return v
+    return None
 
 
 def run_context(name: str, experiment: str):
