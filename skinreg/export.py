@@ -134,6 +134,7 @@ def run_export(req: ExportRequest, *, progress: Progress = lambda msg: None) -> 
     torch_runner = TorchRunner(model, threads=req.threads, batch_one=not req.dynamic_batch)
     reference = torch_runner.logits(x_val)
     pt_acc = float((reference.argmax(1) == y_val).mean() * 100) if y_val is not None else None
+    val_info["reference_max_abs_logit"] = float(np.abs(reference).max())  # scale for the max-abs numbers
     pt_latency = latency(torch_runner, x_val[:1], runs=req.latency_runs)
     calibration_info = None
     if calib is not None:

@@ -43,7 +43,8 @@ def markdown(result: "ExportResult") -> str:
         "",
         f"Latency: batch 1, {result.pytorch_latency.threads} threads, median (p90) of "
         f"{result.pytorch_latency.runs} runs after warm-up. Parity vs PyTorch on {result.validation['count']} "
-        f"images from {result.validation['source']}.",
+        f"images from {result.validation['source']} (largest |PyTorch logit| "
+        f"{result.validation.get('reference_max_abs_logit', float('nan')):.3g}).",
         "",
         "| format | precision | size MB | latency ms (p90) | × PyTorch | max abs | top-1 agree | accuracy % | drop pts | gate |",
         "|---|---|---|---|---|---|---|---|---|---|",
