@@ -1,11 +1,180 @@
-"""CLI commands of registry_hooks, mounted into `skinreg` by skinreg.cli (module-level imports: typer only)."""
+"""CLI commands of registry_hooks, mounted into `skinreg` by skinreg.cli (module-level imports: typer only).
+
+  skinreg hooks serve      the receiver (+ a worker thread and the periodic reconciler by default)
+  skinreg hooks worker     a worker process (run several for more throughput)
+  skinreg hooks status     jobs and their state
+  skinreg hooks install    create or update the MLflow webhook
+  skinreg reconcile        queue the work the registry says is missing
+
+Every setting also reads SKINREG_HOOKS_<NAME> (see registry_hooks/config.py); options win.
+"""
 
 from __future__ import annotations
 
-from typing import Callable
+from pathlib import Path
+from typing import Annotated, Callable, Optional
 
 import typer
+
+Sources = Annotated[list[str], typer.Option("--source", help="Source registered model to act on (repeatable; "
+                                                             "env SKINREG_HOOKS_SOURCES, comma-separated).")]
+QueuePath = Annotated[Optional[Path], typer.Option("--queue", help="SQLite job queue file "
+                                                                   "(env SKINREG_HOOKS_QUEUE_PATH; default ./skinreg-hooks.db).")]
+ExecutorOpt = Annotated[Optional[str], typer.Option("--executor", help="inprocess | subprocess | mlflow-run "
+                                                                       "(env SKINREG_HOOKS_EXECUTOR).")]
+Formats = Annotated[list[str], typer.Option("--format", help="Export formats: onnx, tflite, all (repeatable; "
+                                                             "env SKINREG_HOOKS_FORMATS).")]
+LatencyRuns = Annotated[Optional[int], typer.Option(help="Timed runs per variant (env SKINREG_HOOKS_LATENCY_RUNS).")]
+
+DEFAULT_EVENTS = ["model_version.created", "model_version_alias.created", "model_version_alias.deleted"]
+
+
+def _config(**overrides):
+    from .config import Executor, from_env
+
+    if overrides.get("executor"):
+        try:
+            overrides["executor"] = Executor(overrides["executor"])
+        except ValueError:
+            from skinreg.errors import InputError
+
+            raise InputError(f"bad --executor {overrides['executor']!r}: expected "
+                             f"{', '.join(e.value for e in Executor)}") from None
+    overrides = {k: (v or None) if isinstance(v, list) else v for k, v in overrides.items()}
+    return from_env().with_overrides(**overrides).validate()
 
 
 def register(app: typer.Typer, command: Callable) -> None:
     """Add `skinreg hooks ...` and `skinreg reconcile` to the skinreg app."""
+    hooks_app = typer.Typer(help="Registry webhooks: a signed receiver, a durable job queue and its workers.",
+                            no_args_is_help=True)
+    app.add_typer(hooks_app, name="hooks")
+
+    @command("serve", typer_app=hooks_app)
+    def serve_cmd(
+        source: Sources = [],
+        queue: QueuePath = None,
+        host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+        port: Annotated[int, typer.Option(help="Port to listen on.")] = 8731,
+        worker: Annotated[bool, typer.Option(help="Run a worker thread in this process (--no-worker: "
+                                                  "only receive; run `skinreg hooks worker` processes).")] = True,
+        reconcile_interval: Annotated[Optional[float], typer.Option(
+            help="Seconds between reconciler passes, the first at start-up; 0 turns it off "
+                 "(env SKINREG_HOOKS_RECONCILE_INTERVAL_S; default 300).")] = None,
+        tolerance: Annotated[Optional[int], typer.Option(help="Accepted clock skew of a delivery, seconds "
+                                                              "(env SKINREG_HOOKS_TOLERANCE_S; default 300).")] = None,
+        executor: ExecutorOpt = None,
+        format: Formats = [],
+        latency_runs: LatencyRuns = None,
+    ) -> None:
+        """Receive MLflow registry webhooks (POST /webhook); GET /jobs and GET /health for operators."""
+        import uvicorn
+
+        from .app import create_app
+
+        cfg = _config(sources=source, queue_path=queue, reconcile_interval_s=reconcile_interval,
+                      tolerance_s=tolerance, executor=executor, formats=format, latency_runs=latency_runs)
+        if not cfg.sources:
+            typer.echo("warning: no --source / SKINREG_HOOKS_SOURCES: every delivery will be ignored", err=True)
+        app_ = create_app(cfg, run_worker=worker, run_reconciler=True)
+        uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+    @command("worker", typer_app=hooks_app)
+    def worker_cmd(
+        source: Sources = [],
+        queue: QueuePath = None,
+        executor: ExecutorOpt = None,
+        format: Formats = [],
+        latency_runs: LatencyRuns = None,
+        until_idle: Annotated[bool, typer.Option(help="Exit once no job is due (for cron or a batch job).")] = False,
+    ) -> None:
+        """Run queued jobs: retries with backoff; takes over jobs a killed worker left running."""
+        import signal
+        import threading
+
+        from .queue import JobQueue
+        from .worker import Worker
+
+        cfg = _config(sources=source, queue_path=queue, executor=executor, formats=format, latency_runs=latency_runs)
+        w = Worker(cfg, JobQueue(cfg.queue_path, max_attempts=cfg.max_attempts))
+        if until_idle:
+            for job in w.run_until_idle(timeout_s=86400):
+                typer.echo(f"job {job.id} {job.key}: {job.state} {job.outcome or job.last_error or ''}")
+            return
+        stop = threading.Event()
+        # SIGTERM: finish the current job, then exit (a SIGKILL instead leaves it for the next worker)
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            w.run_forever(stop)
+        except KeyboardInterrupt:
+            stop.set()
+
+    @command("status", typer_app=hooks_app)
+    def status_cmd(
+        queue: QueuePath = None,
+        state: Annotated[Optional[str], typer.Option(help="Only jobs in this state: pending, running, done, dead.")] = None,
+        limit: Annotated[int, typer.Option(help="Newest jobs to show.")] = 50,
+        as_json: Annotated[bool, typer.Option("--json", help="One JSON object per job.")] = False,
+    ) -> None:
+        """List jobs and their state (newest first)."""
+        import json
+        import time
+
+        from .queue import JobQueue
+
+        cfg = _config(queue_path=queue)
+        if not cfg.queue_path.exists():
+            from skinreg.errors import InputError
+
+            raise InputError(f"no job queue at {cfg.queue_path}: pass --queue or set SKINREG_HOOKS_QUEUE_PATH")
+        q = JobQueue(cfg.queue_path, max_attempts=cfg.max_attempts)
+        jobs = q.jobs(state=state, limit=limit)
+        if as_json:
+            for j in jobs:
+                typer.echo(json.dumps(j.to_dict()))
+            return
+        typer.echo(f"{'id':>5}  {'state':8} {'key':42} {'tries':>5} {'dup':>3}  {'run':32}  outcome")
+        for j in jobs:
+            detail = j.outcome or j.last_error or ""
+            if j.state == "pending" and j.next_run_at > time.time():
+                detail = f"retry in {j.next_run_at - time.time():.0f}s; {detail}"
+            typer.echo(f"{j.id:>5}  {j.state:8} {j.key[:42]:42} {j.attempts:>5} {j.deliveries - 1:>3}  "
+                       f"{(j.run_id or '-'):32}  {detail[:120]}")
+        typer.echo("totals: " + ", ".join(f"{k} {v}" for k, v in sorted(q.counts().items())), err=True)
+
+    @command("install", typer_app=hooks_app)
+    def install_cmd(
+        url: Annotated[str, typer.Option(help="The receiver's URL as MLflow reaches it, e.g. http://hooks:8731/webhook.")],
+        name: Annotated[str, typer.Option(help="Webhook name (the key that makes install idempotent).")] = "skinreg-hooks",
+        event: Annotated[list[str], typer.Option(help="Events (repeatable). Default: the three the hooks act on; "
+                                                      "tag events would only add ignored deliveries.")] = [],
+    ) -> None:
+        """Create the MLflow webhook, or update it (URL, events, secret) if one with this name exists."""
+        from .install import install
+
+        cfg = _config()
+        res = install(url=url, name=name, events=event or DEFAULT_EVENTS, secret=cfg.require_secret())
+        typer.echo(f"{res.action} webhook {res.webhook_id} ({name}) -> {url}: {', '.join(res.events)}")
+
+    @command("reconcile")
+    def reconcile_cmd(
+        source: Sources = [],
+        queue: QueuePath = None,
+        include_dead: Annotated[bool, typer.Option(help="Queue again work whose last job used up its retries.")] = False,
+    ) -> None:
+        """Queue the exports and alias moves the registry is missing (recovers deliveries lost while the
+        receiver was down); a running worker then does them."""
+        from .queue import JobQueue
+        from .reconcile import reconcile
+
+        cfg = _config(sources=source, queue_path=queue)
+        if not cfg.sources:
+            from skinreg.errors import InputError
+
+            raise InputError("no source models: pass --source NAME or set SKINREG_HOOKS_SOURCES")
+        report = reconcile(cfg, JobQueue(cfg.queue_path, max_attempts=cfg.max_attempts), include_dead=include_dead)
+        for item in report.queued:
+            typer.echo(f"{'already queued' if item.merged else 'queued'} job {item.job_id} {item.spec.key}: {item.why}")
+        for note in report.notes:
+            typer.echo(f"note: {note}", err=True)
+        typer.echo(f"checked {report.checked_versions} version(s); {len(report.queued)} job(s) queued", err=True)
