@@ -1,0 +1,107 @@
+"""The HTTP service: POST /webhook (MLflow deliveries), GET /jobs, GET /jobs/{id}, GET /health.
+
+A delivery is answered 2xx only after its jobs are committed to the queue; the work itself runs
+in the worker (a thread of this service, or separate `skinreg hooks worker` processes)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from .config import HooksConfig
+from .events import PayloadError, decide, parse
+from .queue import JobQueue
+from .signature import SignatureError, verify
+
+log = logging.getLogger(__name__)
+
+
+def create_app(cfg: HooksConfig, *, queue: JobQueue | None = None, run_worker: bool = False,
+               run_reconciler: bool = False) -> FastAPI:
+    secret = cfg.require_secret()
+    q = queue or JobQueue(cfg.queue_path, max_attempts=cfg.max_attempts)
+    stop = threading.Event()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        threads = []
+        if run_worker:
+            from .worker import Worker
+
+            worker = Worker(cfg, q)
+            threads.append(threading.Thread(target=worker.run_forever, args=(stop,), name="hooks-worker", daemon=True))
+        if run_reconciler and cfg.reconcile_interval_s > 0:
+            from .reconcile import reconcile_forever
+
+            threads.append(threading.Thread(target=reconcile_forever, args=(cfg, q, stop), name="hooks-reconciler",
+                                            daemon=True))
+        await run_in_threadpool(q.prune_deliveries, cfg.tolerance_s)
+        for t in threads:
+            t.start()
+        log.info("receiver: sources %s, queue %s, worker %s, reconciler every %ss", ", ".join(cfg.sources) or "(none)",
+                 q.path, "on" if run_worker else "off", cfg.reconcile_interval_s if run_reconciler else "off")
+        yield
+        stop.set()
+        for t in threads:
+            # A job that outlasts this wait is left 'running' and taken over at the next start.
+            t.join(timeout=10)
+
+    app = FastAPI(title="skinreg registry hooks", lifespan=lifespan)
+    app.state.queue = q
+
+    @app.post("/webhook")
+    async def webhook(request: Request) -> JSONResponse:
+        body = await request.body()  # the raw bytes: the signature covers them exactly
+        try:
+            delivery = verify(secret=secret, headers=dict(request.headers), body=body, tolerance_s=cfg.tolerance_s)
+            doc = parse(body)
+        except SignatureError as exc:
+            log.warning("rejected delivery %s: %s", request.headers.get("x-mlflow-delivery-id"), exc)
+            return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        except PayloadError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        decision = decide(doc, sources=cfg.sources, name_pattern=cfg.name_pattern)
+        accepted = await run_in_threadpool(q.accept, delivery_id=delivery.delivery_id, timestamp=delivery.timestamp,
+                                           event=decision.event, jobs=decision.jobs,
+                                           outcome="queued" if decision.jobs else f"ignored: {decision.reason}")
+        if accepted.replay:
+            status = "replay"  # acknowledged (so MLflow stops retrying), not acted on again
+        elif not decision.jobs:
+            status = "ignored"
+        elif len(accepted.merged) == len(accepted.job_ids):
+            status = "duplicate"
+        else:
+            status = "queued"
+        log.info("delivery %s %s: %s %s", delivery.delivery_id, decision.event, status,
+                 accepted.job_ids or decision.reason)
+        return JSONResponse({"status": status, "event": decision.event, "jobs": accepted.job_ids,
+                             "reason": decision.reason})
+
+    @app.get("/jobs")
+    async def jobs(state: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        return [j.to_dict() for j in await run_in_threadpool(q.jobs, state=state, limit=limit)]
+
+    @app.get("/jobs/{job_id}")
+    async def job(job_id: int) -> JSONResponse:
+        found = await run_in_threadpool(q.get, job_id)
+        if found is None:
+            return JSONResponse({"error": f"no job {job_id}"}, status_code=404)
+        return JSONResponse(found.to_dict())
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        # Answers from the queue alone (no MLflow call): a slow registry must not take the receiver
+        # out of a load balancer, since accepting deliveries needs only the queue.
+        try:
+            counts = await run_in_threadpool(q.counts)
+        except Exception as exc:
+            return JSONResponse({"status": "unavailable", "error": str(exc)}, status_code=503)
+        return JSONResponse({"status": "ok", "jobs": counts})
+
+    return app

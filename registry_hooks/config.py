@@ -1,0 +1,127 @@
+"""Configuration of the receiver, the queue and the worker: one dataclass, filled from environment
+variables (SKINREG_HOOKS_*, SKINREG_WEBHOOK_SECRET) and overridden by CLI options."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from pathlib import Path
+from typing import Any, Mapping
+
+from skinreg.errors import InputError
+
+ENV_SECRET = "SKINREG_WEBHOOK_SECRET"
+ENV_PREFIX = "SKINREG_HOOKS_"
+
+
+class Executor(str, Enum):
+    """Where a job's pipeline work runs (see README.md, "Scaling")."""
+
+    inprocess = "inprocess"  # skinreg.pipeline called in the worker process
+    subprocess = "subprocess"  # `skinreg export-version` / `skinreg promote` child processes
+    mlflow_run = "mlflow-run"  # `mlflow run <project> -e export|promote [--backend ...]`
+
+
+@dataclass
+class HooksConfig:
+    # -- receiver ------------------------------------------------------------------------------
+    sources: list[str] = field(default_factory=list)  # registered models the hooks act on; empty = none
+    secret: str = ""  # the webhook's signing secret; the receiver refuses to start without one
+    tolerance_s: int = 300  # max |now - X-MLflow-Timestamp|; replays older than this are rejected outright
+    # -- queue -----------------------------------------------------------------------------------
+    queue_path: Path = Path("skinreg-hooks.db")
+    # -- worker ----------------------------------------------------------------------------------
+    executor: Executor = Executor.inprocess
+    max_attempts: int = 5  # a job killed or failing this often is parked as 'dead' (poison-pill guard)
+    backoff_s: float = 10.0  # first retry delay; doubles per attempt
+    backoff_max_s: float = 300.0
+    lease_s: float = 60.0  # a running job whose lease is not renewed for this long is taken over
+    poll_s: float = 0.5  # idle worker polling interval (a local SQLite read)
+    stale_running_s: float = 7200.0  # an export marked 'running' this long, by a run we do not own, is dead
+    # -- export settings passed to skinreg.pipeline.ExportOptions --------------------------------
+    formats: list[str] = field(default_factory=lambda: ["all"])
+    quantize: list[str] = field(default_factory=list)
+    calibration_dir: Path | None = None
+    eval_dir: Path | None = None
+    gates: dict[str, float] = field(default_factory=dict)
+    latency_runs: int = 30
+    name_pattern: str = "{source}-{variant}"
+    candidate_alias: str = "candidate"
+    # -- mlflow-run executor ---------------------------------------------------------------------
+    project_uri: str = "."  # an MLproject with the `export` and `promote` entry points (this repo's)
+    backend: str = "local"  # mlflow run --backend: local | kubernetes | databricks
+    backend_config: str | None = None  # mlflow run --backend-config (JSON file or string)
+    # -- service ---------------------------------------------------------------------------------
+    reconcile_interval_s: float = 300.0  # periodic reconciler in `hooks serve`; 0 turns it off
+
+    def export_options(self) -> Any:
+        """The pipeline's own ExportOptions (imported lazily: it pulls in the exporters)."""
+        from skinreg.enums import Format, Precision
+        from skinreg.pipeline import ExportOptions
+
+        return ExportOptions(formats=[Format(f) for f in self.formats], quantize=[Precision(p) for p in self.quantize],
+                             calibration_dir=self.calibration_dir, eval_dir=self.eval_dir,
+                             gate_overrides=dict(self.gates), latency_runs=self.latency_runs,
+                             name_pattern=self.name_pattern, candidate_alias=self.candidate_alias or None)
+
+    def validate(self) -> "HooksConfig":
+        """Reject bad settings at start-up, not at the first job."""
+        from skinreg.enums import Format, Precision
+
+        for kind, values, enum in (("format", self.formats, Format), ("quantize", self.quantize, Precision)):
+            bad = [v for v in values if v not in {e.value for e in enum}]
+            if bad:
+                raise InputError(f"bad {kind} {', '.join(bad)}: expected one of {', '.join(e.value for e in enum)}")
+        if self.tolerance_s <= 0 or self.max_attempts < 1 or self.lease_s <= 0:
+            raise InputError("tolerance_s, lease_s must be > 0 and max_attempts >= 1")
+        if "{source}" not in self.name_pattern or "{variant}" not in self.name_pattern:
+            raise InputError(f"bad name pattern {self.name_pattern!r}: it needs {{source}} and {{variant}}")
+        return self
+
+    def with_overrides(self, **overrides: Any) -> "HooksConfig":
+        """CLI options win over the environment; None means 'not given'."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def require_secret(self) -> str:
+        if not self.secret:
+            raise InputError(f"no webhook secret: set {ENV_SECRET} (the same secret `skinreg hooks install` gives "
+                             "MLflow); the receiver never accepts unsigned deliveries")
+        return self.secret
+
+
+def _split(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _gates(value: str) -> dict[str, float]:
+    out = {}
+    for item in _split(value):
+        key, sep, num = item.partition("=")
+        try:
+            out[key] = float(num)
+        except ValueError:
+            raise InputError(f"bad {ENV_PREFIX}GATES item {item!r}: expected PRECISION.FIELD=VALUE") from None
+        if not sep:
+            raise InputError(f"bad {ENV_PREFIX}GATES item {item!r}: expected PRECISION.FIELD=VALUE")
+    return out
+
+
+def from_env(env: Mapping[str, str] | None = None) -> HooksConfig:
+    """HooksConfig from SKINREG_HOOKS_<FIELD> (upper case; lists comma-separated) and SKINREG_WEBHOOK_SECRET."""
+    env = os.environ if env is None else env
+    cfg = HooksConfig(secret=env.get(ENV_SECRET, ""))
+    casts = {"sources": _split, "formats": _split, "quantize": _split, "gates": _gates, "queue_path": Path,
+             "calibration_dir": Path, "eval_dir": Path, "executor": Executor, "tolerance_s": int,
+             "max_attempts": int, "latency_runs": int, "backoff_s": float, "backoff_max_s": float,
+             "lease_s": float, "poll_s": float, "stale_running_s": float, "reconcile_interval_s": float}
+    values: dict[str, Any] = {}
+    for name in HooksConfig.__dataclass_fields__:
+        raw = env.get(ENV_PREFIX + name.upper())
+        if raw is None or name == "secret":
+            continue
+        try:
+            values[name] = casts.get(name, str)(raw)
+        except ValueError as exc:
+            raise InputError(f"bad {ENV_PREFIX}{name.upper()}={raw!r}: {exc}") from None
+    return replace(cfg, **values)

@@ -1,0 +1,404 @@
+"""The worker: claims jobs from the queue, decides what each needs, and has an executor run the
+pipeline (in process, as a `skinreg` child process, or through `mlflow run`). It never converts or
+registers anything itself: that is skinreg.pipeline's job."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+from skinreg.errors import CheckpointError, ExportError, InputError, SkinregError, UnsupportedError
+from skinreg.registry import TAG, Registry, VersionRef
+
+from .config import Executor, HooksConfig
+from .events import JobKind
+from .queue import Job, JobQueue, current_owner
+
+log = logging.getLogger(__name__)
+
+PERMANENT = (InputError, UnsupportedError, CheckpointError)  # retrying cannot fix these
+BUSY_RETRY_S = 30.0  # how soon to look again at a version that another live run is exporting
+OUTPUT_TAIL = 2000  # characters of a failed child's stderr kept in the job's last_error
+
+
+class Busy(Exception):
+    """The work is being done elsewhere right now: look again later, without using up an attempt."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    text: str
+    run_id: str | None = None
+
+
+@dataclass(frozen=True)
+class ExportOutcome:
+    status: str  # passed | failed | skipped
+    run_id: str | None
+
+
+class JobExecutor(Protocol):
+    # True when the work runs in this worker or its children, which die with it (so an interrupted
+    # job's half-done export is known to be dead). False for `mlflow run`, which may outlive us.
+    local: bool
+
+    def export(self, ref: VersionRef, on_run: Callable[[str], None]) -> ExportOutcome: ...
+
+    def promote(self, ref: VersionRef, alias: str) -> list[str]: ...
+
+
+# -- executors ---------------------------------------------------------------------------------
+class InProcessExecutor:
+    """skinreg.pipeline called directly: no start-up cost; the worker's memory holds the model."""
+
+    local = True
+
+    def __init__(self, cfg: HooksConfig, registry: Registry) -> None:
+        self.cfg, self.registry = cfg, registry
+
+    def export(self, ref: VersionRef, on_run: Callable[[str], None]) -> ExportOutcome:
+        import mlflow
+
+        from skinreg.pipeline import export_version
+
+        seen: list[str] = []
+
+        def progress(msg: str) -> None:
+            log.info("%s: %s", ref.uri, msg)
+            run = mlflow.active_run()  # the pipeline's export run: record it as soon as it exists
+            if run is not None and not seen:
+                seen.append(run.info.run_id)
+                on_run(run.info.run_id)
+
+        res = export_version(ref.uri, self.cfg.export_options(), registry=self.registry, progress=progress)
+        return ExportOutcome(status=res.status, run_id=res.run_id)
+
+    def promote(self, ref: VersionRef, alias: str) -> list[str]:
+        from skinreg.pipeline import promote
+
+        return promote(ref.uri, alias, registry=self.registry).moved
+
+
+# A child that dies with its worker (Linux PR_SET_PDEATHSIG), set in the child itself because
+# Popen's preexec_fn is unsafe in a threaded process (the receiver runs the worker in a thread).
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG\n"
+    "if os.getppid() != int(sys.argv[1]): sys.exit(70)\n"  # the worker died before prctl
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def _run_child(cmd: list[str], *, what: str) -> subprocess.CompletedProcess:
+    wrapped = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *cmd] if sys.platform == "linux" else cmd
+    log.info("%s: %s", what, " ".join(cmd))
+    return subprocess.run(wrapped, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+
+
+def _export_flags(cfg: HooksConfig) -> list[str]:
+    flags: list[str] = []
+    for f in cfg.formats:
+        flags += ["--format", f]
+    for q in cfg.quantize:
+        flags += ["--quantize", q]
+    for k, v in cfg.gates.items():
+        flags += ["--gate", f"{k}={v}"]
+    if cfg.calibration_dir:
+        flags += ["--calibration-dir", str(cfg.calibration_dir)]
+    if cfg.eval_dir:
+        flags += ["--eval-dir", str(cfg.eval_dir)]
+    return flags + ["--latency-runs", str(cfg.latency_runs), "--name-pattern", cfg.name_pattern,
+                    "--candidate-alias", cfg.candidate_alias]
+
+
+class _ChildExecutor:
+    """Shared by the subprocess and mlflow-run executors: the outcome is read back from the registry
+    (the source version's skinreg.export.* tags), which is what the pipeline records."""
+
+    local = True
+
+    def __init__(self, cfg: HooksConfig, registry: Registry) -> None:
+        self.cfg, self.registry = cfg, registry
+
+    def _export_cmd(self, ref: VersionRef) -> list[str]:
+        raise NotImplementedError
+
+    def _promote_cmd(self, ref: VersionRef, alias: str) -> list[str]:
+        raise NotImplementedError
+
+    def export(self, ref: VersionRef, on_run: Callable[[str], None]) -> ExportOutcome:
+        proc = _run_child(self._export_cmd(ref), what=f"export {ref.uri}")
+        after = self.registry.get(ref.name, ref.version)
+        status = after.tags.get(TAG + "export.status")
+        run_id = after.tags.get(TAG + "export.run_id")
+        if run_id:
+            on_run(run_id)
+        # export-version exits 4 when some variants failed their gates: that is a result, not an error
+        if proc.returncode in (0, 4) and status in ("passed", "failed"):
+            # the pipeline skips a version already exported with these settings: same run as before
+            skipped = ref.tags.get(TAG + "export.status") in ("passed", "failed") and \
+                ref.tags.get(TAG + "export.run_id") == run_id
+            return ExportOutcome(status="skipped" if skipped else status, run_id=run_id)
+        raise ExportError(f"export of {ref.uri} exited {proc.returncode} (export.status={status}): "
+                          f"{proc.stderr.strip()[-OUTPUT_TAIL:]}")
+
+    def promote(self, ref: VersionRef, alias: str) -> list[str]:
+        proc = _run_child(self._promote_cmd(ref, alias), what=f"promote {ref.uri} {alias}")
+        if proc.returncode != 0:
+            raise ExportError(f"promote {ref.uri} {alias} exited {proc.returncode}: {proc.stderr.strip()[-OUTPUT_TAIL:]}")
+        return [line.split("-> ", 1)[1] for line in proc.stdout.splitlines() if "-> " in line]
+
+
+class SubprocessExecutor(_ChildExecutor):
+    """`skinreg export-version` / `skinreg promote` children: a crash in a converter cannot take the
+    worker down, and memory is returned after every job."""
+
+    def _skinreg(self) -> str:
+        found = Path(sys.executable).with_name("skinreg")
+        return str(found) if found.exists() else "skinreg"
+
+    def _export_cmd(self, ref: VersionRef) -> list[str]:
+        return [self._skinreg(), "export-version", "--model-uri", ref.uri, *_export_flags(self.cfg)]
+
+    def _promote_cmd(self, ref: VersionRef, alias: str) -> list[str]:
+        return [self._skinreg(), "promote", "--model-uri", ref.uri, "--alias", alias]
+
+
+class MlflowRunExecutor(_ChildExecutor):
+    """`mlflow run <project> -e export|promote`: locally (--env-manager local) or on a project backend
+    (--backend kubernetes --backend-config ...), where the work may outlive this worker."""
+
+    def __init__(self, cfg: HooksConfig, registry: Registry) -> None:
+        super().__init__(cfg, registry)
+        self.local = False  # a remote run, or `mlflow run`'s own child, does not die with the worker
+
+    def _mlflow_run(self, entry: str, params: dict[str, str]) -> list[str]:
+        mlflow_bin = Path(sys.executable).with_name("mlflow")
+        cmd = [str(mlflow_bin) if mlflow_bin.exists() else "mlflow", "run", self.cfg.project_uri, "-e", entry,
+               "--experiment-name", "skinreg-exports"]
+        if self.cfg.backend == "local":
+            cmd += ["--env-manager", "local"]
+        else:
+            cmd += ["--backend", self.cfg.backend]
+            if self.cfg.backend_config:
+                cmd += ["--backend-config", self.cfg.backend_config]
+        for k, v in params.items():
+            if v:
+                cmd += ["-P", f"{k}={v}"]
+        return cmd
+
+    def _export_cmd(self, ref: VersionRef) -> list[str]:
+        c = self.cfg
+        # The MLproject `export` entry point takes comma-separated lists (mlflow_project/_args.py)
+        return self._mlflow_run("export", {
+            "model_uri": ref.uri, "formats": ",".join(c.formats), "quantize": ",".join(c.quantize),
+            "calibration_dir": str(c.calibration_dir or ""), "eval_dir": str(c.eval_dir or ""),
+            "gates": ",".join(f"{k}={v}" for k, v in c.gates.items())})
+
+    def _promote_cmd(self, ref: VersionRef, alias: str) -> list[str]:
+        return self._mlflow_run("promote", {"model_uri": ref.uri, "alias": alias})
+
+
+EXECUTORS: dict[Executor, type] = {Executor.inprocess: InProcessExecutor, Executor.subprocess: SubprocessExecutor,
+                                   Executor.mlflow_run: MlflowRunExecutor}
+
+
+# -- the worker ----------------------------------------------------------------------------------
+class Worker:
+    def __init__(self, cfg: HooksConfig, queue: JobQueue, *, registry: Registry | None = None) -> None:
+        self.cfg, self.queue = cfg, queue
+        self.registry = registry or Registry()
+        self.executor: JobExecutor = EXECUTORS[cfg.executor](cfg, self.registry)
+        self.owner = current_owner()
+
+    # -- loops ----------------------------------------------------------------------------------
+    def run_once(self) -> Job | None:
+        """Run the next due job, if any; return its row afterwards."""
+        job = self.queue.claim(self.owner, self.cfg.lease_s)
+        if job is None:
+            return None
+        self._execute(job)
+        return self.queue.get(job.id)
+
+    def run_forever(self, stop: threading.Event) -> None:
+        log.info("worker %s: executor %s, queue %s", self.owner, self.cfg.executor.value, self.queue.path)
+        while not stop.is_set():
+            try:
+                ran = self.run_once()
+            except Exception:  # the queue itself failed (disk, lock timeout): keep the worker alive
+                log.exception("worker loop")
+                ran = None
+            if ran is None:
+                stop.wait(self.cfg.poll_s)
+
+    def run_until_idle(self, *, timeout_s: float) -> list[Job]:
+        """Run due jobs until none is due (or timeout_s has passed): for cron-style workers."""
+        done, deadline = [], time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            job = self.run_once()
+            if job is None:
+                break
+            done.append(job)
+        return done
+
+    # -- one job --------------------------------------------------------------------------------
+    def _execute(self, job: Job) -> None:
+        stop = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(job.id, stop), daemon=True, name=f"lease-{job.id}")
+        beat.start()
+        log.info("job %s %s: attempt %s%s", job.id, job.key, job.attempts,
+                 f" (after {job.interrupted} interruption(s))" if job.interrupted else "")
+        try:
+            out = self.handle(job)
+        except Busy as exc:
+            log.info("job %s %s: %s; again in %.0fs", job.id, job.key, exc, BUSY_RETRY_S)
+            self.queue.defer(job.id, self.owner, reason=str(exc), delay_s=BUSY_RETRY_S)
+        except Exception as exc:
+            permanent = isinstance(exc, PERMANENT)
+            delay = min(self.cfg.backoff_s * 2 ** max(job.attempts - 1, 0), self.cfg.backoff_max_s)
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            state = self.queue.fail(job.id, self.owner, error=f"{type(exc).__name__}: {msg}",
+                                    retry_in=None if permanent else delay)
+            level = logging.ERROR if state == "dead" else logging.WARNING
+            log.log(level, "job %s %s failed (attempt %s): %s -> %s", job.id, job.key, job.attempts, msg,
+                    state if state == "dead" else f"retry in {delay:.0f}s",
+                    exc_info=not isinstance(exc, SkinregError))
+        else:
+            self.queue.finish(job.id, self.owner, outcome=out.text, run_id=out.run_id)
+            log.info("job %s %s: %s", job.id, job.key, out.text)
+        finally:
+            stop.set()
+            beat.join()
+
+    def _heartbeat(self, job_id: int, stop: threading.Event) -> None:
+        while not stop.wait(self.cfg.lease_s / 3):
+            try:
+                if not self.queue.heartbeat(job_id, self.owner, self.cfg.lease_s):
+                    log.warning("job %s: lease lost (another worker took it over)", job_id)
+                    return
+            except Exception:
+                log.exception("job %s: heartbeat", job_id)
+
+    def handle(self, job: Job) -> Outcome:
+        spec = self.registry_guard(job)
+        if spec is not None:
+            return spec
+        kind = job.spec.kind
+        if kind is JobKind.export:
+            return self._export(job)
+        if kind is JobKind.alias:
+            return self._alias(job)
+        return self._unalias(job)
+
+    def registry_guard(self, job: Job) -> Outcome | None:
+        """Second loop guard (the receiver checked names and payload tags): a model that skinreg made."""
+        tags = self.registry.registered_model_tags(job.spec.name)
+        if TAG + "variant_of" in tags:
+            return Outcome(f"ignored: {job.spec.name} is a skinreg variant of {tags[TAG + 'variant_of']}")
+        return None
+
+    def _record_run(self, job: Job) -> Callable[[str], None]:
+        return lambda run_id: self.queue.set_run_id(job.id, run_id)
+
+    def _export(self, job: Job) -> Outcome:
+        ref = self.registry.get(job.spec.name, job.spec.version or "")
+        self._recover_interrupted(job, ref)
+        res = self.executor.export(ref, self._record_run(job))
+        return Outcome(f"export {res.status}", run_id=res.run_id)
+
+    def _alias(self, job: Job) -> Outcome:
+        name, version, alias = job.spec.name, job.spec.version or "", job.spec.alias or ""
+        current = self.registry.aliases(name).get(alias)
+        if current is None or str(current) != version:
+            # A later event moved or deleted the alias; its own job (or the reconciler) handles that.
+            return Outcome(f"superseded: {alias} is now on version {current}" if current else
+                           f"superseded: {alias} was deleted")
+        ref = self.registry.get(name, version)
+        self._recover_interrupted(job, ref)
+        ref = self.registry.get(name, version)
+        run_id = ref.tags.get(TAG + "export.run_id")
+        if ref.tags.get(TAG + "export.status") not in ("passed", "failed"):
+            res = self.executor.export(ref, self._record_run(job))  # the alias follows to variants: make them
+            ref, run_id = self.registry.get(name, version), res.run_id
+        recorded = json.loads(ref.tags.get(TAG + "export.variants", "{}"))
+        if not recorded:
+            return Outcome(f"nothing to follow: {ref.uri} has no passing variants "
+                           f"({ref.tags.get(TAG + 'export.reason', 'no export')})", run_id=run_id)
+        # Already in place: promote would only set the same aliases again (and fire the same webhook)
+        if all(str(self.registry.aliases(nv.split("/", 1)[0]).get(alias)) == nv.split("/", 1)[1]
+               for nv in recorded.values()):
+            return Outcome(f"{alias} already on " + ", ".join(sorted(recorded.values())), run_id=run_id)
+        moved = self.executor.promote(ref, alias)
+        return Outcome(f"{alias} -> " + ", ".join(moved), run_id=run_id)
+
+    def _unalias(self, job: Job) -> Outcome:
+        from skinreg.pipeline import demote
+
+        name, alias = job.spec.name, job.spec.alias or ""
+        if alias in self.registry.aliases(name):
+            return Outcome(f"superseded: {alias} was set again on {name}")
+        # Always in process: a few registry calls, no model work; there is no `skinreg demote` command.
+        removed = demote(name, alias, registry=self.registry)
+        return Outcome(f"{alias} removed from " + (", ".join(removed) if removed else "no variant"))
+
+    def _recover_interrupted(self, job: Job, ref: VersionRef) -> None:
+        """Undo what a dead export left behind, so that exporting again registers each variant once.
+
+        The pipeline rolls back a failed export itself, but a SIGKILL skips that, and its last steps
+        (source tags, then `candidate` aliases) are separate registry calls. Two cases:
+        - the source version says 'running': the export is live elsewhere (Busy), or its run is dead
+          (this job's own interrupted attempt, a finished/killed run, or older than stale_running_s);
+        - this job was interrupted after the pipeline had started writing its result: the result is
+          checked for completeness (every variant the run registered is recorded, with its alias).
+        A dead export is rolled back like the pipeline would have: the run's variant versions are
+        deleted, the run is marked KILLED and the source version 'error', then it is exported again."""
+        status = ref.tags.get(TAG + "export.status")
+        run_id = ref.tags.get(TAG + "export.run_id")
+        ours = job.interrupted > 0 and self.executor.local and bool(run_id) and job.run_id in (None, run_id)
+        if status == "running":
+            state = self.registry.run_state(run_id) if run_id else None
+            too_old = state is not None and time.time() - state.start_time_ms / 1000 > self.cfg.stale_running_s
+            if state is not None and state.status == "RUNNING" and not ours and not too_old:
+                raise Busy(f"{ref.uri} is being exported by run {run_id}")
+        elif not (ours and status in ("passed", "failed")) or self._export_complete(ref, run_id or ""):
+            return
+        self._roll_back(ref, run_id)
+
+    def _run_versions(self, source: str, run_id: str) -> list[VersionRef]:
+        from skinreg.pipeline import variant_models
+
+        return [v for name in variant_models(source, registry=self.registry) for v in self.registry.versions(name)
+                if v.tags.get(TAG + "export_run") == run_id]
+
+    def _export_complete(self, ref: VersionRef, run_id: str) -> bool:
+        try:
+            recorded = set(json.loads(ref.tags[TAG + "export.variants"]).values())
+            json.loads(ref.tags[TAG + "export.failed"])
+        except (KeyError, ValueError):
+            return False
+        registered = {f"{v.name}/{v.version}" for v in self._run_versions(ref.name, run_id)}
+        alias = self.cfg.candidate_alias
+        return recorded == registered and (not alias or all(
+            str(self.registry.aliases(nv.split("/", 1)[0]).get(alias)) == nv.split("/", 1)[1] for nv in recorded))
+
+    def _roll_back(self, ref: VersionRef, run_id: str | None) -> None:
+        removed = []
+        if run_id:
+            for v in self._run_versions(ref.name, run_id):
+                self.registry.delete_version(v.name, v.version)
+                removed.append(v.uri)
+            if self.registry.run_state(run_id).status == "RUNNING":
+                self.registry.terminate_run(run_id, "KILLED")
+        self.registry.set_version_tags(ref.name, ref.version, {
+            TAG + "export.status": "error", TAG + "export.reason": f"export run {run_id} was interrupted"})
+        log.warning("%s: export run %s was interrupted; rolled back %s; exporting again", ref.uri, run_id,
+                    ", ".join(removed) or "no variant versions")

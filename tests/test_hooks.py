@@ -1,0 +1,443 @@
+"""registry_hooks: signed webhooks from a real `mlflow server` (SQLite store) to a real receiver
+(`skinreg hooks serve`, uvicorn) and worker processes (`skinreg hooks worker`), all on 127.0.0.1;
+and the signature checks as plain HTTP requests to a real uvicorn receiver in this process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import mlflow
+import pytest
+import requests
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from typer.testing import CliRunner
+
+from registry_hooks.app import create_app
+from registry_hooks.cli import DEFAULT_EVENTS
+from registry_hooks.config import Executor, HooksConfig
+from registry_hooks.events import JobKind, JobSpec
+from registry_hooks.queue import JobQueue
+from registry_hooks.reconcile import reconcile
+from registry_hooks.signature import sign
+from registry_hooks.worker import Worker
+from servers import free_port, mlflow_server, wait_http
+from skinreg.cli import app
+from skinreg.mlflow_io import log_source_model
+
+SECRET = "skinreg-hooks-test-secret"
+SOURCES = ["hk-a", "hk-b", "hk-c"]  # the stack's sources; hk-d and hk-x run on queues of their own
+SKINREG = Path(sys.executable).with_name("skinreg")
+runner = CliRunner()
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def wait_for(what: str, check: Callable[[], Any], *, timeout: float, interval: float = 0.2) -> Any:
+    """Poll until check() is truthy (bounded by `timeout`) and return its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def body(entity: str, action: str, data: dict) -> bytes:
+    # serialized the way MLflow does (json.dumps defaults): the signature covers these exact bytes
+    return json.dumps({"entity": entity, "action": action, "timestamp": "2026-01-01T00:00:00+00:00",
+                       "data": data}).encode()
+
+
+def version_created(name: str, version: str, tags: dict | None = None) -> bytes:
+    return body("model_version", "created", {"name": name, "version": version, "source": "models:/m-0",
+                                             "run_id": None, "tags": tags or {}, "description": None})
+
+
+def deliver(url: str, raw: bytes, *, secret: str = SECRET, delivery_id: str | None = None,
+            timestamp: int | None = None, signature: str | None = None) -> requests.Response:
+    delivery_id = str(uuid.uuid4()) if delivery_id is None else delivery_id
+    timestamp = int(time.time()) if timestamp is None else timestamp
+    headers = {"Content-Type": "application/json", "X-MLflow-Delivery-Id": delivery_id,
+               "X-MLflow-Timestamp": str(timestamp)}
+    sig = sign(secret, delivery_id, timestamp, raw) if signature is None else signature
+    if sig:
+        headers["X-MLflow-Signature"] = sig
+    return requests.post(f"{url}/webhook", data=raw, headers=headers, timeout=10)
+
+
+def aliases(name: str) -> dict[str, str]:
+    try:
+        return {k: str(v) for k, v in MlflowClient().get_registered_model(name).aliases.items()}
+    except MlflowException:
+        return {}
+
+
+def register(trained, demo_data, name: str) -> str:
+    with mlflow.start_run():
+        example = trained.loaded.spec.preprocessing.batch(sorted((demo_data / "val").rglob("*.png"))[:2])
+        info = log_source_model(trained.loaded, registered_name=name, example=example)
+    return str(info.registered_model_version)
+
+
+# -- the signature check, on a real uvicorn receiver in this process (no MLflow server) ----------------
+@pytest.fixture()
+def receiver(tmp_path):
+    import uvicorn
+
+    # "skin-tflite-int8" is listed by mistake: the loop guard must still treat it as a variant of "skin"
+    cfg = HooksConfig(sources=["skin", "skin-tflite-int8"], secret=SECRET, queue_path=tmp_path / "queue.db")
+    server = uvicorn.Server(uvicorn.Config(create_app(cfg), host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.config.port}"
+    try:
+        wait_http(f"{url}/health", timeout=30)
+        yield url, JobQueue(cfg.queue_path)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_signature_matches_mlflows_own_signer():
+    from mlflow.webhooks.delivery import _generate_hmac_signature
+
+    raw = version_created("skin", "1")
+    assert sign(SECRET, "d-1", 1767225600, raw) == _generate_hmac_signature(SECRET, "d-1", "1767225600", raw.decode())
+
+
+def test_a_signed_delivery_is_queued_before_the_answer_and_a_replay_is_not_queued_again(receiver):
+    url, queue = receiver
+    raw = version_created("skin", "3")
+    first = deliver(url, raw, delivery_id="d-1")
+    assert first.status_code == 200 and first.json()["status"] == "queued", first.text
+    [job] = queue.jobs()  # committed before the 200 came back
+    assert (job.key, job.state, job.deliveries, job.origin) == ("export:skin:3", "pending", 1, "webhook")
+    assert first.json()["jobs"] == [job.id]
+    again = deliver(url, raw, delivery_id="d-1")  # same id, fresh timestamp and signature: a replay
+    assert again.status_code == 200 and again.json()["status"] == "replay"
+    assert [(j.id, j.deliveries) for j in queue.jobs()] == [(job.id, 1)]
+    assert [(d.delivery_id, d.job_ids) for d in queue.deliveries()] == [("d-1", [job.id])]
+    listed = requests.get(f"{url}/jobs", timeout=5).json()
+    assert [(j["key"], j["state"], j["attempts"]) for j in listed] == [("export:skin:3", "pending", 0)]
+    assert requests.get(f"{url}/health", timeout=5).json() == {"status": "ok", "jobs": {"pending": 1}}
+
+
+def test_bad_signature_and_stale_or_future_timestamps_are_rejected_and_change_nothing(receiver):
+    url, queue = receiver
+    raw = body("model_version_alias", "created", {"name": "skin", "alias": "production", "version": "1"})
+    now = int(time.time())
+    answers = [
+        deliver(url, raw, secret="not-the-secret").status_code,
+        deliver(url, raw, signature="").status_code,  # unsigned
+        deliver(url, raw, signature="v1,AAAA").status_code,
+        deliver(url, raw.replace(b"production", b"productioN"), delivery_id="d-t", timestamp=now,
+                signature=sign(SECRET, "d-t", now, raw)).status_code,  # body changed after signing
+        deliver(url, raw, delivery_id="d-t", timestamp=now + 1, signature=sign(SECRET, "d-t", now, raw)).status_code,
+        deliver(url, raw, delivery_id="d-old", timestamp=now - 301).status_code,  # stale, correctly signed
+        deliver(url, raw, delivery_id="d-future", timestamp=now + 301).status_code,
+        deliver(url, raw, delivery_id="", timestamp=now).status_code,
+    ]
+    assert answers == [401, 401, 401, 401, 401, 400, 400, 400]
+    assert queue.jobs() == [] and queue.deliveries() == []
+    # a rejected id is not burned: the genuine delivery, inside the 5-minute tolerance, is accepted
+    ok = deliver(url, raw, delivery_id="d-old", timestamp=now - 240)
+    assert ok.status_code == 200 and ok.json()["status"] == "queued"
+    assert [j.key for j in queue.jobs()] == ["alias:skin:production:1"]
+
+
+def test_only_configured_sources_act_never_variants_and_duplicates_merge(receiver):
+    url, queue = receiver
+
+    def answer(raw: bytes) -> dict:
+        r = deliver(url, raw)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    ignored = [
+        version_created("other-model", "1"),
+        version_created("skin-onnx", "1", {"skinreg.variant_of": "skin"}),  # what skinreg registers
+        version_created("skin-tflite-int8", "2"),  # a variant name, even though it is listed as a source
+        body("model_version_alias", "created", {"name": "skin-onnx", "alias": "candidate", "version": "1"}),
+        body("registered_model", "created", {"name": "skin", "tags": {}, "description": None}),
+        body("model_version_tag", "set", {"name": "skin", "version": "1", "key": "k", "value": "v"}),
+        body("model_version_tag", "deleted", {"name": "skin", "version": "1", "key": "k"}),
+    ]
+    assert [answer(raw)["status"] for raw in ignored] == ["ignored"] * len(ignored)
+    assert queue.jobs() == []
+    first = answer(version_created("skin", "2"))
+    dup = answer(version_created("skin", "2"))  # the same work under another delivery id
+    assert (first["status"], dup["status"], dup["jobs"]) == ("queued", "duplicate", first["jobs"])
+    removed = answer(body("model_version_alias", "deleted", {"name": "skin", "alias": "production"}))
+    assert removed["status"] == "queued"
+    assert sorted((j.key, j.deliveries) for j in queue.jobs()) == [("export:skin:2", 2), ("unalias:skin:production", 1)]
+    bad = deliver(url, b"not json")  # signed, but not an MLflow body
+    assert bad.status_code == 400 and len(queue.jobs()) == 2
+
+
+# -- end to end: mlflow server -> webhook -> receiver -> queue -> worker -> pipeline ------------------
+class Proc:
+    """A `skinreg ...` process with its output in a log file."""
+
+    def __init__(self, args: list[str], env: dict, log: Path) -> None:
+        self.args, self.env, self.log_path = args, env, log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.log_path, "a") as log:
+            self.proc = subprocess.Popen([str(SKINREG), *self.args], env=self.env, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.running():
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=20)
+
+    def kill(self) -> None:
+        """SIGKILL: no handler, no cleanup, no `finally` runs in the process."""
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=20)
+
+
+class Stack:
+    def __init__(self, tmp: Path, mlflow_url: str) -> None:
+        self.tmp, self.mlflow_url = tmp, mlflow_url
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_TRACKING_URI": mlflow_url,
+                    "SKINREG_WEBHOOK_SECRET": SECRET, "SKINREG_HOOKS_SOURCES": ",".join(SOURCES),
+                    "SKINREG_HOOKS_QUEUE_PATH": str(tmp / "queue.db"), "SKINREG_HOOKS_FORMATS": "onnx",
+                    "SKINREG_HOOKS_LATENCY_RUNS": "2", "SKINREG_HOOKS_RECONCILE_INTERVAL_S": "0",
+                    "SKINREG_HOOKS_POLL_S": "0.2", "SKINREG_HOOKS_BACKOFF_S": "1"}
+        env = {**os.environ, **self.env}
+        env.pop("MLFLOW_REGISTRY_URI", None)
+        self.receiver = Proc(["hooks", "serve", "--port", str(self.port), "--no-worker"], env, tmp / "receiver.log")
+        self.worker = Proc(["hooks", "worker"], env, tmp / "worker.log")
+        self.queue = JobQueue(tmp / "queue.db")
+        self.child_env = env
+
+    def start_receiver(self) -> None:
+        self.receiver.start()
+        wait_http(f"{self.url}/health", timeout=60, proc=self.receiver.proc)
+
+    def lost_deliveries(self) -> int:
+        """MLflow's own record of deliveries it gave up on (after its retries): its server log."""
+        return sum(f.read_text().count("Failed to send webhook") for f in self.tmp.glob("mlflow-server-*.log"))
+
+    def jobs(self, key: str) -> list:
+        return [j for j in self.queue.jobs() if j.key == key]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("hooks")
+    with mlflow_server(f"sqlite:///{tmp}/server.db", tmp) as mlflow_url, pytest.MonkeyPatch.context() as mp:
+        s = Stack(tmp, mlflow_url)
+        for key, value in s.env.items():  # this process (MlflowClient, CliRunner) sees the same settings
+            mp.setenv(key, value)
+        mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
+        mlflow.set_tracking_uri(mlflow_url)
+        mlflow.set_registry_uri(mlflow_url)
+        try:
+            s.start_receiver()
+            s.worker.start()
+            for expected in ("created", "updated"):  # install twice: the second only updates
+                res = subprocess.run([str(SKINREG), "hooks", "install", "--url", f"{s.url}/webhook"], env=s.child_env,
+                                     capture_output=True, text=True, timeout=120)
+                assert res.returncode == 0 and res.stdout.startswith(f"{expected} webhook"), res.stdout + res.stderr
+            yield s
+        finally:
+            s.worker.stop()
+            s.receiver.stop()
+            mlflow.set_tracking_uri(None)
+            mlflow.set_registry_uri(None)
+
+
+@pytest.fixture(scope="module")
+def hk_a(stack, trained, demo_data) -> str:
+    """hk-a v1, registered with no skinreg command: the hooks export it."""
+    version = register(trained, demo_data, "hk-a")
+    wait_for("hk-a-onnx@candidate", lambda: aliases("hk-a-onnx").get("candidate") == version, timeout=180)
+    return version
+
+
+def test_install_is_idempotent(stack):
+    hooks = [w for w in MlflowClient().list_webhooks() if w.name == "skinreg-hooks"]
+    assert len(hooks) == 1 and hooks[0].url == f"{stack.url}/webhook"
+    assert sorted(str(e) for e in hooks[0].events) == sorted(DEFAULT_EVENTS)
+
+
+def test_registering_a_source_version_yields_candidate_variants_without_any_command(stack, hk_a):
+    client = MlflowClient()
+    src = client.get_model_version("hk-a", hk_a).tags
+    [job] = stack.jobs(f"export:hk-a:{hk_a}")
+    assert (job.state, job.outcome, job.origin, job.attempts) == ("done", "export passed", "webhook", 1)
+    assert job.run_id == src["skinreg.export.run_id"] and src["skinreg.export.status"] == "passed"
+    assert json.loads(src["skinreg.export.variants"]) == {"onnx": "hk-a-onnx/1"}
+    assert client.get_registered_model("hk-a-onnx").tags["skinreg.variant_of"] == "hk-a"
+    assert client.get_run(job.run_id).info.status == "FINISHED"
+    # no loop: the variant's own registration and candidate alias were delivered, and ignored
+    wait_for("the variant's deliveries", lambda: {d.event for d in stack.queue.deliveries()
+                                                  if "'hk-a-onnx' is not a configured source" in d.outcome}
+             >= {"model_version.created", "model_version_alias.created"}, timeout=30)
+    assert not [j for j in stack.queue.jobs() if "hk-a-onnx" in j.key]
+    assert len(client.search_model_versions("name='hk-a-onnx'")) == 1
+    out = runner.invoke(app, ["hooks", "status"])
+    assert out.exit_code == 0 and f"export:hk-a:{hk_a}" in out.output and job.run_id in out.output
+    listed = requests.get(f"{stack.url}/jobs", timeout=5).json()
+    assert {"key": f"export:hk-a:{hk_a}", "state": "done"}.items() <= next(
+        j for j in listed if j["id"] == job.id).items()
+    assert requests.get(f"{stack.url}/health", timeout=5).json()["status"] == "ok"
+
+
+def test_production_set_through_the_server_follows_to_variants_and_its_deletion_too(stack, hk_a):
+    client = MlflowClient()
+    client.set_registered_model_alias("hk-a", "production", hk_a)  # the REST call the UI makes
+    wait_for("hk-a-onnx@production", lambda: aliases("hk-a-onnx").get("production") == "1", timeout=60)
+    key = f"alias:hk-a:production:{hk_a}"
+    # promote sets the alias on the source again and MLflow echoes that: merged, or a no-op job
+    jobs = wait_for("alias jobs settled", lambda: (js := stack.jobs(key)) and all(j.state == "done" for j in js) and js,
+                    timeout=30)
+    moved = [j for j in jobs if j.outcome.startswith("production ->")]
+    assert len(moved) == 1 and "hk-a-onnx/1" in moved[0].outcome and moved[0].run_id == \
+        client.get_model_version("hk-a", hk_a).tags["skinreg.export.run_id"]
+    assert all(j.outcome.startswith("production already on") for j in jobs if j is not moved[0])
+    assert len(client.search_model_versions("name='hk-a-onnx'")) == 1  # no re-export
+    client.delete_registered_model_alias("hk-a", "production")
+    wait_for("production removed from hk-a-onnx", lambda: "production" not in aliases("hk-a-onnx"), timeout=60)
+    assert aliases("hk-a-onnx") == {"candidate": "1"}
+    [unalias] = wait_for("unalias job", lambda: [j for j in stack.jobs("unalias:hk-a:production") if j.state == "done"],
+                         timeout=30)
+    assert unalias.outcome == "production removed from hk-a-onnx"
+
+
+def test_forged_stale_and_replayed_deliveries_change_nothing_end_to_end(stack, hk_a):
+    raw = body("model_version_alias", "created", {"name": "hk-a", "alias": "staging", "version": hk_a})
+    now = int(time.time())
+    assert deliver(stack.url, raw, secret="guessed").status_code == 401
+    assert deliver(stack.url, raw, timestamp=now - 3600).status_code == 400
+    assert deliver(stack.url, version_created("hk-a", "7"), secret="guessed").status_code == 401
+    assert not stack.jobs(f"alias:hk-a:staging:{hk_a}") and not stack.jobs("export:hk-a:7")
+    # a genuine duplicate of the finished export is merged into it; replaying that delivery is not
+    [before] = stack.jobs(f"export:hk-a:{hk_a}")
+    first = deliver(stack.url, version_created("hk-a", hk_a), delivery_id="replayed-id")
+    replay = deliver(stack.url, version_created("hk-a", hk_a), delivery_id="replayed-id")
+    assert (first.json()["status"], replay.json()["status"]) == ("duplicate", "replay")
+    [after] = stack.jobs(f"export:hk-a:{hk_a}")
+    assert (after.id, after.state, after.deliveries, after.attempts) == (before.id, "done", before.deliveries + 1, 1)
+    assert "staging" not in aliases("hk-a-onnx") and len(MlflowClient().search_model_versions("name='hk-a-onnx'")) == 1
+
+
+def test_deliveries_lost_while_the_receiver_is_down_are_recovered_by_reconcile(stack, trained, demo_data):
+    client = MlflowClient()
+    stack.receiver.stop()
+    try:
+        lost_before = stack.lost_deliveries()
+        version = register(trained, demo_data, "hk-b")
+        client.set_registered_model_alias("hk-b", "production", version)
+        # MLflow retries a delivery 3 times, then only logs it: wait until both are given up
+        wait_for("MLflow to give up both deliveries", lambda: stack.lost_deliveries() >= lost_before + 2, timeout=90)
+        assert not stack.jobs(f"export:hk-b:{version}") and aliases("hk-b-onnx") == {}
+        out = runner.invoke(app, ["reconcile"])
+        assert out.exit_code == 0, out.output
+        assert f"export:hk-b:{version}: never exported" in out.output
+        assert f"alias:hk-b:production:{version}: production on models:/hk-b/{version}, which has no variants" in out.output
+        wait_for("hk-b-onnx@production", lambda: aliases("hk-b-onnx") == {"candidate": "1", "production": "1"},
+                 timeout=180)
+    finally:
+        stack.start_receiver()
+    [export] = stack.jobs(f"export:hk-b:{version}")
+    alias_jobs = wait_for("alias job done", lambda: [j for j in stack.jobs(f"alias:hk-b:production:{version}")
+                                                     if j.origin == "reconcile" and j.state == "done"], timeout=30)
+    assert (export.origin, export.state, export.outcome) == ("reconcile", "done", "export passed")
+    assert alias_jobs[0].outcome.startswith("production -> hk-b-onnx/1")
+    assert len(client.search_model_versions("name='hk-b-onnx'")) == 1
+    again = runner.invoke(app, ["reconcile"])  # nothing is missing any more
+    assert again.exit_code == 0 and "0 job(s) queued" in again.output, again.output
+
+
+def test_a_worker_killed_mid_export_finishes_the_job_once_after_restart(stack, trained, demo_data):
+    client = MlflowClient()
+    stack.worker.stop()
+    try:
+        version = register(trained, demo_data, "hk-c")
+        job = wait_for("the export job", lambda: stack.queue.latest(f"export:hk-c:{version}"), timeout=30)
+        # a duplicate delivery of the same work (another delivery id) is merged into the queued job
+        dup = deliver(stack.url, version_created("hk-c", version))
+        assert (dup.json()["status"], dup.json()["jobs"]) == ("duplicate", [job.id])
+        stack.worker.start()
+        running = wait_for("the export run to start", lambda: (j := stack.queue.get(job.id)).run_id and j,
+                           timeout=90, interval=0.05)
+        stack.worker.kill()
+        killed_run = running.run_id
+        left = stack.queue.get(job.id)
+        assert (left.state, left.attempts) == ("running", 1)  # the dead worker's job, still leased
+        assert client.get_run(killed_run).info.status == "RUNNING"
+        assert client.get_model_version("hk-c", version).tags["skinreg.export.status"] == "running"
+    finally:
+        if not stack.worker.running():
+            stack.worker.start()
+    done = wait_for("the job to finish", lambda: (j := stack.queue.get(job.id)).state == "done" and j, timeout=180)
+    assert (done.attempts, done.interrupted, done.deliveries, done.outcome) == (2, 1, 2, "export passed")
+    src = client.get_model_version("hk-c", version).tags
+    assert done.run_id == src["skinreg.export.run_id"] != killed_run
+    assert client.get_run(killed_run).info.status == "KILLED"
+    [variant] = client.search_model_versions("name='hk-c-onnx'")  # exactly one variant version
+    assert variant.tags["skinreg.export_run"] == done.run_id
+    assert aliases("hk-c-onnx") == {"candidate": str(variant.version)}
+    assert json.loads(src["skinreg.export.variants"]) == {"onnx": f"hk-c-onnx/{variant.version}"}
+    assert len(stack.jobs(f"export:hk-c:{version}")) == 1
+
+
+def test_subprocess_executor_runs_export_and_promote_as_skinreg_children(stack, trained, demo_data, tmp_path):
+    # hk-d is not a source of the stack: its deliveries are ignored there; this test's queue drives it
+    version = register(trained, demo_data, "hk-d")
+    MlflowClient().set_registered_model_alias("hk-d", "production", version)
+    cfg = HooksConfig(sources=["hk-d"], secret=SECRET, queue_path=tmp_path / "queue.db",
+                      executor=Executor.subprocess, formats=["onnx"], latency_runs=2)
+    queue = JobQueue(cfg.queue_path)
+    report = reconcile(cfg, queue)
+    assert [(q.spec.key, q.merged) for q in report.queued] == [(f"export:hk-d:{version}", False),
+                                                               (f"alias:hk-d:production:{version}", False)]
+    jobs = Worker(cfg, queue).run_until_idle(timeout_s=240)
+    assert [(j.key, j.state) for j in jobs] == [(f"export:hk-d:{version}", "done"),
+                                               (f"alias:hk-d:production:{version}", "done")], jobs
+    src = MlflowClient().get_model_version("hk-d", version).tags
+    assert jobs[0].outcome == "export passed" and jobs[0].run_id == src["skinreg.export.run_id"]
+    assert jobs[1].outcome == f"production -> hk-d-onnx/1, hk-d/{version}"
+    assert aliases("hk-d-onnx") == {"candidate": "1", "production": "1"}
+    assert reconcile(cfg, queue).queued == []
+    assert not [j for j in stack.queue.jobs() if "hk-d" in j.key]
+
+
+def test_a_failing_job_is_retried_with_backoff_then_parked_dead(stack, tmp_path):
+    cfg = HooksConfig(sources=["hk-x"], secret=SECRET, queue_path=tmp_path / "queue.db", max_attempts=2,
+                      backoff_s=1.0)
+    queue = JobQueue(cfg.queue_path, max_attempts=cfg.max_attempts)
+    job_id, _ = queue.enqueue(JobSpec(JobKind.export, "hk-x", version="1"), origin="cli")
+    worker = Worker(cfg, queue)
+    first = worker.run_once()
+    assert (first.id, first.state, first.attempts) == (job_id, "pending", 1)
+    assert "'hk-x' not found" in first.last_error and first.next_run_at > time.time()
+    assert worker.run_once() is None  # not due before its backoff
+    second = wait_for("the retry", worker.run_once, timeout=10, interval=0.1)
+    assert (second.state, second.attempts) == ("dead", 2) and "'hk-x' not found" in second.last_error
+    out = runner.invoke(app, ["hooks", "status", "--queue", str(cfg.queue_path), "--state", "dead"])
+    assert out.exit_code == 0 and "export:hk-x:1" in out.output and "dead" in out.output
