@@ -114,7 +114,8 @@ def _validation_set(req: ExportRequest, calib: ImageSet | None, evalset: ImageSe
 def run_export(req: ExportRequest, *, progress: Progress = lambda msg: None) -> ExportResult:
     """Export, validate and measure every planned variant; raise GateError (after writing the report)
     if any variant fails its gate. Files of failed variants stay, marked failed in the report."""
-    from .exporters.onnx_export import DEFAULT_OPSET, check_opset, export_onnx
+    from .exporters.onnx_export import (DEFAULT_OPSET, check_opset, export_onnx, export_onnx_float16,
+                                        export_onnx_int8)
     from .report import write_plot, write_report
 
     started = time.perf_counter()
@@ -151,15 +152,23 @@ def run_export(req: ExportRequest, *, progress: Progress = lambda msg: None) -> 
         progress("exporting ONNX")
         onnx_file = export_onnx(model, spec, req.out_dir if want_onnx else work, stem=req.stem,
                                 opset=req.opset or DEFAULT_OPSET, dynamic_batch=req.dynamic_batch)
+        calib_x = pre.batch(calib.paths) if calib is not None else None
         if want_onnx:
             files.append(onnx_file)
+        for fmt, precision in pairs:
+            if fmt is Format.onnx and precision is Precision.float16:
+                progress("converting ONNX float16")
+                files.append(export_onnx_float16(onnx_file, req.out_dir, stem=req.stem))
+            elif fmt is Format.onnx and precision is Precision.int8:
+                progress("quantizing ONNX int8 (static QDQ)")
+                files.append(export_onnx_int8(onnx_file, req.out_dir, stem=req.stem, calibration=calib_x))
+                files[-1].details.update({"calibration": calibration_info})
         tflite_precisions = [p for f, p in pairs if f is Format.tflite]
         if tflite_precisions:
             from .exporters.tflite_export import export_tflite, saved_model_from_onnx
 
             progress("converting ONNX to a TF SavedModel (onnx2tf)")
             saved = saved_model_from_onnx(onnx_file.path, spec, work)
-            calib_x = pre.batch(calib.paths) if calib is not None else None
             for precision in tflite_precisions:
                 progress(f"converting TFLite {precision.value}")
                 exported = export_tflite(saved, spec, req.out_dir, stem=req.stem, precision=precision,

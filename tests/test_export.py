@@ -136,7 +136,7 @@ def test_tflite_export_of_a_real_torchvision_arch(tmp_path, demo_data):
 @pytest.mark.parametrize("args, message", [
     (["--converter", "onnx-tf"], "onnx-tf cannot run on current TensorFlow/onnx"),
     (["--quantize", "int8"], "--quantize int8 needs calibration images: pass --calibration-dir"),
-    (["--format", "onnx", "--quantize", "int8"], "--quantize int8 is not supported for --format onnx"),
+    (["--format", "onnx", "--quantize", "int8"], "--quantize int8 needs calibration images"),
     (["--num-classes", "9"], "class-count mismatch: expected 9 classes (--num-classes) but skin_classifier.pth has 4"),
     (["--arch", "resnet50"], "architecture mismatch: --arch resnet50 but skin_classifier.pth was saved from tiny_cnn"),
     (["--calibration-dir", "/nonexistent"], "calibration directory not found: /nonexistent"),
@@ -163,3 +163,21 @@ def test_missing_checkpoint_and_undecodable_only_calibration(tmp_path, trained_c
     res = runner.invoke(app, ["export", "--checkpoint", str(tmp_path / "m.pth"), "--calibration-dir",
                               str(tmp_path / "cal")])
     assert res.exit_code == 2 and "no usable calibration images" in res.stderr
+
+
+def test_onnx_float16_and_int8_variants_keep_float_io_and_pass_gates(trained_ckpt, demo_data, tmp_path):
+    res = runner.invoke(app, ["export", "--checkpoint", str(trained_ckpt), "--format", "onnx", "--quantize", "float16",
+                              "--quantize", "int8", "--calibration-dir", str(demo_data / "calibration"),
+                              "--eval-dir", str(demo_data / "val"), "--output-dir", str(tmp_path), "--latency-runs", "3"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "skin_classifier_report.json").read_text())
+    rows = {r["variant"]: r for r in report["variants"]}
+    assert set(rows) == {"pytorch", "onnx", "onnx-float16", "onnx-int8"}
+    assert rows["onnx-int8"]["size_bytes"] < 0.5 * rows["onnx"]["size_bytes"]
+    for name in ("skin_classifier_float16.onnx", "skin_classifier_int8.onnx"):
+        sess = ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"])
+        assert sess.get_inputs()[0].type == "tensor(float)" and sess.get_outputs()[0].type == "tensor(float)"
+        assert sess.run(None, {"image": np.zeros((3, 3, 64, 64), np.float32)})[0].shape == (3, 4)
+        assert "preprocessing" in {p.key for p in onnx.load(str(tmp_path / name)).metadata_props}
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "skin_classifier_int8.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops

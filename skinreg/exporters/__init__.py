@@ -35,13 +35,15 @@ class FormatInfo:
     format: Format
     precisions: tuple[Precision, ...]
     converter: str
-    needs_calibration: tuple[Precision, ...] = ()
+    default_extra: tuple[Precision, ...] = ()  # made without --quantize (int8 only with calibration)
 
 
 FORMATS: dict[Format, FormatInfo] = {
-    Format.onnx: FormatInfo(Format.onnx, (Precision.float32,), "torch.onnx"),
+    # ONNX float16 (onnxconverter-common, float32 I/O) and static QDQ int8 (onnxruntime) are opt-in.
+    Format.onnx: FormatInfo(Format.onnx, (Precision.float32, Precision.float16, Precision.int8),
+                            "torch.onnx (+onnxconverter-common / onnxruntime.quantization)"),
     Format.tflite: FormatInfo(Format.tflite, (Precision.float32, Precision.float16, Precision.int8),
-                              "onnx2tf+tf.lite", needs_calibration=(Precision.int8,)),
+                              "onnx2tf+tf.lite", default_extra=(Precision.float16, Precision.int8)),
 }
 
 # Converters users ask for by name, and why some cannot be used.
@@ -67,27 +69,20 @@ def plan(formats: list[Format], quantize: list[Precision], *, has_calibration: b
     """Which (format, precision) pairs to export, checked before any work.
 
     float32 of every format is always made: it is the file the seed promises and the reference
-    the quantized variants are compared with. Without --quantize, TFLite gets float16 too, and
-    int8 when calibration images are given."""
-    formats, quantize = [Format(f) for f in formats], [Precision(p) for p in quantize]
+    the quantized variants are compared with. --quantize applies to every chosen format; without
+    it, TFLite gets float16 too, and int8 when calibration images are given."""
+    formats, quantize = [Format(f) for f in formats], list(dict.fromkeys(Precision(p) for p in quantize))
     fmts = [Format.onnx, Format.tflite] if (not formats or Format.all in formats) else list(dict.fromkeys(formats))
-    if quantize:
-        extra = list(dict.fromkeys(quantize))
-    else:
-        defaults = [Precision.float16] + ([Precision.int8] if has_calibration else [])
-        extra = [p for p in defaults if any(p in FORMATS[f].precisions for f in fmts)]
-    for p in extra:
+    if Precision.int8 in quantize and not has_calibration:
+        raise UnsupportedError("--quantize int8 needs calibration images: pass --calibration-dir DIR "
+                               "with 50-200 representative JPG/PNG images")
+    for p in quantize:
         if not any(p in FORMATS[f].precisions for f in fmts):
-            supported = sorted({x.value for f in fmts for x in FORMATS[f].precisions})
             raise UnsupportedError(f"--quantize {p.value} is not supported for --format "
-                                   f"{'/'.join(f.value for f in fmts)} (supported: {', '.join(supported)}); "
-                                   "use --format tflite")
-        if p is Precision.int8 and not has_calibration:
-            raise UnsupportedError("--quantize int8 needs calibration images: pass --calibration-dir DIR "
-                                   "with 50-200 representative JPG/PNG images")
+                                   f"{'/'.join(f.value for f in fmts)}")
     pairs = []
     for fmt in fmts:
-        for p in dict.fromkeys([Precision.float32, *extra]):
-            if p in FORMATS[fmt].precisions:
-                pairs.append((fmt, p))
+        info = FORMATS[fmt]
+        extra = quantize or [p for p in info.default_extra if p is not Precision.int8 or has_calibration]
+        pairs += [(fmt, p) for p in dict.fromkeys([Precision.float32, *extra]) if p in info.precisions]
     return pairs
