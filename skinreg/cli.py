@@ -105,6 +105,8 @@ def export_cmd(
     gate: Annotated[list[str], typer.Option(help="Override a gate: PRECISION.FIELD=VALUE (repeatable).")] = [],
     latency_runs: Annotated[int, typer.Option(help="Timed runs per variant (after warm-up).")] = 30,
     threads: Annotated[int, typer.Option(help="Threads for every runtime.")] = 2,
+    calibration_size: Annotated[Optional[int], typer.Option(help="Subsample this many calibration images.")] = None,
+    calibration_seed: Annotated[int, typer.Option(help="Seed of the calibration subsample.")] = 0,
 ) -> None:
     """Export a checkpoint to ONNX and TFLite, validate every file against PyTorch, and report."""
     from .errors import InputError
@@ -121,7 +123,8 @@ def export_cmd(
     req = ExportRequest(loaded=loaded, out_dir=output_dir or checkpoint.parent, stem=checkpoint.stem,
                         formats=format, quantize=quantize, calibration_dir=calibration_dir, eval_dir=eval_dir,
                         opset=opset, gate_overrides=_parse_gates(gate), latency_runs=latency_runs,
-                        threads=threads, converter=converter)
+                        threads=threads, converter=converter, calibration_limit=calibration_size,
+                        calibration_seed=calibration_seed)
     try:
         result = run_export(req, progress=_progress())
     except SkinregError as exc:

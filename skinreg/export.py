@@ -111,6 +111,23 @@ def _validation_set(req: ExportRequest, calib: ImageSet | None, evalset: ImageSe
     return pre.batch(images), None, {"source": "synthetic (fixed seed)", "count": len(images), "labelled": False}
 
 
+def _calibration_classes(calib: ImageSet, labels: list[str]) -> dict[str, int] | None:
+    """Per-class counts when the calibration folders are named after the model's labels; a set drawn
+    from one class only calibrates activation ranges for that class and is refused."""
+    root = Path(calib.source)
+    counts: dict[str, int] = {}
+    for path in calib.paths:
+        top = path.relative_to(root).parts[0] if len(path.relative_to(root).parts) > 1 else None
+        counts[top] = counts.get(top, 0) + 1
+    if None in counts or not set(counts) <= set(labels):
+        return None  # labels unknown: nothing to check
+    if len(labels) > 1 and len(counts) == 1:
+        only = next(iter(counts))
+        raise InputError(f"calibration images in {root} are all of class {only!r}: expected images from several of "
+                         f"the {len(labels)} classes; pass --calibration-dir with a representative mix")
+    return counts
+
+
 def run_export(req: ExportRequest, *, progress: Progress = lambda msg: None) -> ExportResult:
     """Export, validate and measure every planned variant; raise GateError (after writing the report)
     if any variant fails its gate. Files of failed variants stay, marked failed in the report."""
@@ -141,7 +158,8 @@ def run_export(req: ExportRequest, *, progress: Progress = lambda msg: None) -> 
     if calib is not None:
         calibration_info = {"source": calib.source, "count": len(calib), "skipped": len(calib.skipped),
                             "file_list_sha256": calib.file_list_sha256(), "seed": req.calibration_seed,
-                            "limit": req.calibration_limit}
+                            "limit": req.calibration_limit, "preprocessing": pre.to_dict(),
+                            "class_counts": _calibration_classes(calib, list(pre.labels))}
 
     req.out_dir.mkdir(parents=True, exist_ok=True)
     files: list[ExportedFile] = []

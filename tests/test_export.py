@@ -181,3 +181,18 @@ def test_onnx_float16_and_int8_variants_keep_float_io_and_pass_gates(trained_ckp
         assert "preprocessing" in {p.key for p in onnx.load(str(tmp_path / name)).metadata_props}
     ops = {n.op_type for n in onnx.load(str(tmp_path / "skin_classifier_int8.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+
+
+def test_calibration_governance_subsample_record_and_one_class_refusal(trained_ckpt, demo_data, tmp_path):
+    res = runner.invoke(app, ["export", "--checkpoint", str(trained_ckpt), "--format", "onnx", "--quantize", "int8",
+                              "--calibration-dir", str(demo_data / "calibration"), "--calibration-size", "12",
+                              "--calibration-seed", "3", "--output-dir", str(tmp_path), "--latency-runs", "2"])
+    assert res.exit_code == 0, res.output
+    cal = json.loads((tmp_path / "skin_classifier_report.json").read_text())["calibration"]
+    assert cal["count"] == 12 and cal["seed"] == 3 and len(cal["file_list_sha256"]) == 64
+    assert sum(cal["class_counts"].values()) == 12 and cal["preprocessing"]["input_size"] == 64
+    one = tmp_path / "one_class"
+    shutil.copytree(demo_data / "calibration" / "melanoma", one / "melanoma")
+    res = runner.invoke(app, ["export", "--checkpoint", str(trained_ckpt), "--format", "onnx", "--quantize", "int8",
+                              "--calibration-dir", str(one), "--output-dir", str(tmp_path / "out")])
+    assert res.exit_code == 2 and "are all of class 'melanoma'" in res.stderr
