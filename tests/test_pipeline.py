@@ -204,3 +204,34 @@ def test_unreachable_server_is_one_line(monkeypatch):
         mlflow.set_tracking_uri(None)
         mlflow.set_registry_uri(None)
     assert res.exit_code == 5 and "cannot reach the MLflow tracking server at http://127.0.0.1:9" in res.stderr
+
+
+def test_mlflow_models_serve_answers_the_documented_request_body(exported, trained, demo_data, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import requests
+
+    from servers import free_port, wait_http
+
+    port = free_port()
+    # `mlflow models serve` execs `uvicorn` from PATH: the venv's bin must be on it, as when activated
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m",
+                             "models:/skin-onnx@candidate", "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                            env=env, stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", timeout=90, proc=proc)
+        x = trained.loaded.spec.preprocessing.batch(sorted((demo_data / "val").rglob("*.png"))[:3])
+        r = requests.post(f"http://127.0.0.1:{port}/invocations", json={"inputs": x.tolist()}, timeout=30)
+        assert r.status_code == 200, r.text
+        with torch.inference_mode():
+            ref = trained.loaded.model(torch.from_numpy(x)).numpy()
+        got = np.asarray(r.json()["predictions"]["logits"])
+        assert np.abs(got - ref).max() < 1e-3
+    finally:
+        os.killpg(proc.pid, 9)
+        proc.wait()
