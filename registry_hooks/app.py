@@ -51,6 +51,9 @@ def create_app(cfg: HooksConfig, *, queue: JobQueue | None = None, run_worker: b
         for t in threads:
             # A job that outlasts this wait is left 'running' and taken over at the next start.
             t.join(timeout=10)
+        alive = [t.name for t in threads if t.is_alive()]
+        log.info("receiver stopped%s", f" ({', '.join(alive)} still busy: its job is taken over at the next start)"
+                 if alive else "")
 
     app = FastAPI(title="skinreg registry hooks", lifespan=lifespan)
     app.state.queue = q

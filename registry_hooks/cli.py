@@ -133,12 +133,12 @@ def register(app: typer.Typer, command: Callable) -> None:
             for j in jobs:
                 typer.echo(json.dumps(j.to_dict()))
             return
-        typer.echo(f"{'id':>5}  {'state':8} {'key':42} {'tries':>5} {'dup':>3}  {'run':32}  outcome")
+        typer.echo(f"{'id':>5}  {'state':8} {'key':42} {'origin':9} {'tries':>5} {'dup':>3}  {'run':32}  outcome")
         for j in jobs:
             detail = j.outcome or j.last_error or ""
             if j.state == "pending" and j.next_run_at > time.time():
                 detail = f"retry in {j.next_run_at - time.time():.0f}s; {detail}"
-            typer.echo(f"{j.id:>5}  {j.state:8} {j.key[:42]:42} {j.attempts:>5} {j.deliveries - 1:>3}  "
+            typer.echo(f"{j.id:>5}  {j.state:8} {j.key[:42]:42} {j.origin:9} {j.attempts:>5} {j.deliveries - 1:>3}  "
                        f"{(j.run_id or '-'):32}  {detail[:120]}")
         typer.echo("totals: " + ", ".join(f"{k} {v}" for k, v in sorted(q.counts().items())), err=True)
 

@@ -18,7 +18,9 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
+from skinreg.errors import SkinregError
 from skinreg.registry import TAG, Registry, VersionRef
 
 from .config import HooksConfig
@@ -93,24 +95,32 @@ def reconcile(cfg: HooksConfig, queue: JobQueue, *, registry: Registry | None = 
         log.info("reconcile: %s job %s (%s)%s", spec.key, job_id, why, " [already queued]" if merged else "")
 
     for name in cfg.sources:
-        if not reg.exists(name):
-            report.notes.append(f"{name}: no such registered model (yet)")
-            continue
-        if TAG + "variant_of" in reg.registered_model_tags(name):
-            report.notes.append(f"{name}: is a skinreg variant; remove it from the sources")
-            continue
-        versions = {v.version: v for v in reg.versions(name)}
-        report.checked_versions += len(versions)
-        for version, ref in sorted(versions.items(), key=lambda kv: int(kv[0])):
-            why = _export_missing(reg, ref, cfg.stale_running_s)
-            if why:
-                want(JobSpec(JobKind.export, name, version=version), why)
-        for alias, version in reg.aliases(name).items():
-            ref = versions.get(str(version))
-            why = _alias_missing(reg, ref, alias) if ref is not None else None
-            if why:
-                want(JobSpec(JobKind.alias, name, version=str(version), alias=alias), why)
+        try:
+            _reconcile_source(reg, name, cfg, report, want)
+        except SkinregError as exc:  # one broken model (a deleted run, a renamed variant) must not stop the rest
+            report.notes.append(f"{name}: not reconciled: {exc}")
     return report
+
+
+def _reconcile_source(reg: Registry, name: str, cfg: HooksConfig, report: ReconcileReport,
+                      want: Callable[[JobSpec, str], None]) -> None:
+    if not reg.exists(name):
+        report.notes.append(f"{name}: no such registered model (yet)")
+        return
+    if TAG + "variant_of" in reg.registered_model_tags(name):
+        report.notes.append(f"{name}: is a skinreg variant; remove it from the sources")
+        return
+    versions = {v.version: v for v in reg.versions(name)}
+    report.checked_versions += len(versions)
+    for version, ref in sorted(versions.items(), key=lambda kv: int(kv[0])):
+        why = _export_missing(reg, ref, cfg.stale_running_s)
+        if why:
+            want(JobSpec(JobKind.export, name, version=version), why)
+    for alias, version in reg.aliases(name).items():
+        ref = versions.get(str(version))
+        why = _alias_missing(reg, ref, alias) if ref is not None else None
+        if why:
+            want(JobSpec(JobKind.alias, name, version=str(version), alias=alias), why)
 
 
 def reconcile_forever(cfg: HooksConfig, queue: JobQueue, stop: threading.Event) -> None:

@@ -26,7 +26,12 @@ log = logging.getLogger(__name__)
 
 PERMANENT = (InputError, UnsupportedError, CheckpointError)  # retrying cannot fix these
 BUSY_RETRY_S = 30.0  # how soon to look again at a version that another live run is exporting
-OUTPUT_TAIL = 2000  # characters of a failed child's stderr kept in the job's last_error
+TAIL_LINES = 6  # last lines of a failed child's stderr kept (on one line) in the job's last_error
+
+
+def _tail(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return " | ".join(lines[-TAIL_LINES:])
 
 
 class Busy(Exception):
@@ -100,8 +105,15 @@ _DIE_WITH_PARENT = (
 def _run_child(cmd: list[str], *, what: str) -> subprocess.CompletedProcess:
     wrapped = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *cmd] if sys.platform == "linux" else cmd
     log.info("%s: %s", what, " ".join(cmd))
+    # The worker's own interpreter first on PATH: `mlflow run --env-manager local` runs `python ...`
+    # through the shell, which must be this environment's python even when the venv is not activated.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    # mlflow.set_experiment (an in-process export) exports MLFLOW_EXPERIMENT_ID, and an MLFLOW_RUN_ID
+    # would make the child resume someone else's run: children pick their own experiment and run.
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME",
+                                                            "MLFLOW_RUN_ID")}
     return subprocess.run(wrapped, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+                          env={**env, "PATH": path, "MLFLOW_DISABLE_TELEMETRY": "true"})
 
 
 def _export_flags(cfg: HooksConfig) -> list[str]:
@@ -149,12 +161,12 @@ class _ChildExecutor:
                 ref.tags.get(TAG + "export.run_id") == run_id
             return ExportOutcome(status="skipped" if skipped else status, run_id=run_id)
         raise ExportError(f"export of {ref.uri} exited {proc.returncode} (export.status={status}): "
-                          f"{proc.stderr.strip()[-OUTPUT_TAIL:]}")
+                          f"{_tail(proc.stderr)}")
 
     def promote(self, ref: VersionRef, alias: str) -> list[str]:
         proc = _run_child(self._promote_cmd(ref, alias), what=f"promote {ref.uri} {alias}")
         if proc.returncode != 0:
-            raise ExportError(f"promote {ref.uri} {alias} exited {proc.returncode}: {proc.stderr.strip()[-OUTPUT_TAIL:]}")
+            raise ExportError(f"promote {ref.uri} {alias} exited {proc.returncode}: {_tail(proc.stderr)}")
         return [line.split("-> ", 1)[1] for line in proc.stdout.splitlines() if "-> " in line]
 
 
@@ -289,9 +301,9 @@ class Worker:
                 log.exception("job %s: heartbeat", job_id)
 
     def handle(self, job: Job) -> Outcome:
-        spec = self.registry_guard(job)
-        if spec is not None:
-            return spec
+        ignored = self.registry_guard(job)
+        if ignored is not None:
+            return ignored
         kind = job.spec.kind
         if kind is JobKind.export:
             return self._export(job)

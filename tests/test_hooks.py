@@ -275,6 +275,9 @@ def hk_a(stack, trained, demo_data) -> str:
     """hk-a v1, registered with no skinreg command: the hooks export it."""
     version = register(trained, demo_data, "hk-a")
     wait_for("hk-a-onnx@candidate", lambda: aliases("hk-a-onnx").get("candidate") == version, timeout=180)
+    # the alias is the pipeline's last step; the job row is closed right after it
+    wait_for("the export job closed", lambda: [j for j in stack.jobs(f"export:hk-a:{version}") if j.state == "done"],
+             timeout=30)
     return version
 
 
@@ -441,3 +444,26 @@ def test_a_failing_job_is_retried_with_backoff_then_parked_dead(stack, tmp_path)
     assert (second.state, second.attempts) == ("dead", 2) and "'hk-x' not found" in second.last_error
     out = runner.invoke(app, ["hooks", "status", "--queue", str(cfg.queue_path), "--state", "dead"])
     assert out.exit_code == 0 and "export:hk-x:1" in out.output and "dead" in out.output
+
+
+def test_the_service_alone_recovers_missed_work_with_its_worker_thread_and_reconciler(stack, trained, demo_data,
+                                                                                        tmp_path):
+    # hk-e is registered before a service for it exists: its delivery went nowhere (the stack ignores hk-e)
+    version = register(trained, demo_data, "hk-e")
+    port = free_port()
+    env = {**stack.child_env, "SKINREG_HOOKS_SOURCES": "hk-e", "SKINREG_HOOKS_QUEUE_PATH": str(tmp_path / "queue.db"),
+           "SKINREG_HOOKS_RECONCILE_INTERVAL_S": "600"}
+    service = Proc(["hooks", "serve", "--port", str(port)], env, tmp_path / "service.log")  # worker thread on
+    service.start()
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", timeout=60, proc=service.proc)
+        wait_for("hk-e-onnx@candidate", lambda: aliases("hk-e-onnx").get("candidate") == "1", timeout=180)
+        jobs = wait_for("the job row", lambda: [j for j in requests.get(f"http://127.0.0.1:{port}/jobs", timeout=5).json()
+                                                if j["state"] == "done"], timeout=30)
+        assert [(j["key"], j["origin"], j["outcome"]) for j in jobs] == [(f"export:hk-e:{version}", "reconcile",
+                                                                          "export passed")]
+    finally:
+        service.stop()
+    # SIGTERM: a graceful stop (uvicorn re-raises the signal once it has shut down)
+    assert service.proc.returncode == -signal.SIGTERM
+    assert "receiver stopped\n" in (tmp_path / "service.log").read_text()
