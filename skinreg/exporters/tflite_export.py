@@ -32,6 +32,15 @@ def tflite_path(out_dir: Path, stem: str, precision: Precision) -> Path:
     return out_dir / f"{stem}{suffix}.tflite"
 
 
+def _import_tensorflow_safely() -> None:
+    """Import torch and torchvision before TensorFlow: the other order segfaults in this stack
+    (`import tensorflow; import torchvision` dies in triton's C extension, exit 139; measured with
+    torch 2.14.1, torchvision 0.29.1, tensorflow 2.21.0). A process that converts to TFLite may
+    build a torchvision model later (the hooks worker does), so the order is fixed here."""
+    import torch  # noqa: F401
+    import torchvision  # noqa: F401
+
+
 def _versions() -> str:
     from importlib.metadata import version
 
@@ -54,6 +63,7 @@ def _offline_sample_data(work_dir: Path) -> None:
 def saved_model_from_onnx(onnx_path: Path, spec: ModelSpec, work_dir: Path) -> Path:
     """onnx2tf: NCHW ONNX -> NHWC SavedModel with batch fixed at 1 (the mobile contract)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    _import_tensorflow_safely()
     import onnx2tf
 
     size = spec.preprocessing.input_size
@@ -85,6 +95,7 @@ def saved_model_from_onnx(onnx_path: Path, spec: ModelSpec, work_dir: Path) -> P
 
 def convert(saved_model: Path, precision: Precision, *,
             representative: Callable[[], Iterator[list[np.ndarray]]] | None = None) -> bytes:
+    _import_tensorflow_safely()
     import tensorflow as tf
 
     conv = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
