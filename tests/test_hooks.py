@@ -12,8 +12,10 @@ import sys
 import threading
 import time
 import uuid
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import mlflow
 import pytest
@@ -35,7 +37,7 @@ from skinreg.cli import app
 from skinreg.mlflow_io import log_source_model
 
 SECRET = "skinreg-hooks-test-secret"
-SOURCES = ["hk-a", "hk-b", "hk-c"]  # the stack's sources; hk-d and hk-x run on queues of their own
+SOURCES = ["hk-a", "hk-b", "hk-c", "hk-f", "hk-g"]  # the stack's sources; hk-d, hk-e, hk-x use queues of their own
 SKINREG = Path(sys.executable).with_name("skinreg")
 runner = CliRunner()
 
@@ -214,6 +216,61 @@ class Proc:
         """SIGKILL: no handler, no cleanup, no `finally` runs in the process."""
         os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=20)
+
+
+class HoldingProxy:
+    """A pass-through HTTP proxy on 127.0.0.1 in front of the MLflow server that holds (never forwards)
+    the first request `hold` matches: a worker talking through it stops exactly there, so the test
+    can SIGKILL it at a chosen point of the pipeline instead of at a random one."""
+
+    HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
+
+    def __init__(self, target: str, hold: Callable[[str, str, bytes], bool]) -> None:
+        self.target, self.hold = target, hold
+        self.held = threading.Event()
+        self.release = threading.Event()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _any(self) -> None:
+                data = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if not proxy.held.is_set() and proxy.hold(self.command, self.path, data):
+                    proxy.held.set()
+                    proxy.release.wait(timeout=120)  # dropped, never forwarded: the caller is dead by then
+                    self.send_error(503)
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in proxy.HOP}
+                with requests.request(self.command, proxy.target + self.path, data=data, headers=headers,
+                                      stream=True, timeout=60) as resp:
+                    raw = resp.raw.read(decode_content=False)  # forwarded as sent (possibly gzip)
+                    self.send_response(resp.status_code)
+                    for k, v in resp.headers.items():
+                        if k.lower() not in proxy.HOP:
+                            self.send_header(k, v)
+                    self.send_header("Content-Length", str(len(raw)))
+                    self.end_headers()
+                    self.wfile.write(raw)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _any
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    @contextmanager
+    def running(self) -> Iterator["HoldingProxy"]:
+        thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self.release.set()
+            self.server.shutdown()
+            self.server.server_close()
+            thread.join(timeout=10)
 
 
 class Stack:
@@ -467,3 +524,53 @@ def test_the_service_alone_recovers_missed_work_with_its_worker_thread_and_recon
     # SIGTERM: a graceful stop (uvicorn re-raises the signal once it has shut down)
     assert service.proc.returncode == -signal.SIGTERM
     assert "receiver stopped\n" in (tmp_path / "service.log").read_text()
+
+
+def _json_request(path_end: str, **want: str) -> Callable[[str, str, bytes], bool]:
+    def match(method: str, path: str, data: bytes) -> bool:
+        return path.endswith(path_end) and all(json.loads(data).get(k) == v for k, v in want.items())
+    return match
+
+
+# Two worst moments, held at the proxy: the variant is registered but the source version still says
+# 'running'; or the pipeline has written its result but not yet the `candidate` alias.
+KILL_POINTS = {
+    "before-final-tags": ("hk-f", _json_request("/model-versions/set-tag", name="hk-f", key="skinreg.export.status",
+                                                value="passed"), "running"),
+    "before-candidate-alias": ("hk-g", _json_request("/registered-models/alias", name="hk-g-onnx", alias="candidate"),
+                               "passed"),
+}
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_a_worker_killed_after_registering_variants_leaves_no_duplicate(stack, trained, demo_data, point):
+    """The pipeline's own rollback never runs under SIGKILL: the next attempt must undo and redo."""
+    name, hold, status_left = KILL_POINTS[point]
+    client = MlflowClient()
+    stack.worker.stop()
+    proxy = HoldingProxy(stack.mlflow_url, hold)
+    victim = Proc(["hooks", "worker"], {**stack.child_env, "MLFLOW_TRACKING_URI": proxy.url},
+                  stack.tmp / f"victim-worker-{name}.log")
+    try:
+        with proxy.running():
+            version = register(trained, demo_data, name)
+            job = wait_for("the export job", lambda: stack.queue.latest(f"export:{name}:{version}"), timeout=30)
+            victim.start()
+            wait_for(f"the worker to reach {point}", proxy.held.is_set, timeout=150)
+            victim.kill()
+        killed_run = stack.queue.get(job.id).run_id
+        [orphan] = client.search_model_versions(f"name='{name}-onnx'")  # registered by the killed run
+        assert orphan.tags["skinreg.export_run"] == killed_run and aliases(f"{name}-onnx") == {}
+        assert client.get_model_version(name, version).tags["skinreg.export.status"] == status_left
+    finally:
+        victim.stop()
+        stack.worker.start()
+    done = wait_for("the job to finish", lambda: (j := stack.queue.get(job.id)).state == "done" and j, timeout=180)
+    assert (done.attempts, done.interrupted, done.outcome) == (2, 1, "export passed")
+    [variant] = client.search_model_versions(f"name='{name}-onnx'")  # the orphan was rolled back, one remains
+    assert variant.version != orphan.version and variant.tags["skinreg.export_run"] == done.run_id != killed_run
+    assert client.get_run(killed_run).info.status == "KILLED"
+    src = client.get_model_version(name, version).tags
+    assert (src["skinreg.export.status"], src["skinreg.export.run_id"]) == ("passed", done.run_id)
+    assert json.loads(src["skinreg.export.variants"]) == {"onnx": f"{name}-onnx/{variant.version}"}
+    assert aliases(f"{name}-onnx") == {"candidate": str(variant.version)}
