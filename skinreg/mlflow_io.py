@@ -206,9 +206,12 @@ def log_export_run(result: "ExportResult", *, source: "VersionRef") -> None:
     import mlflow
 
     mlflow.log_params({f"version.{k}": v for k, v in tool_versions().items()})
-    mlflow.log_params({"source_uri": source.uri, "arch": result.spec.arch, "input_size": result.spec.preprocessing.input_size,
-                       "num_classes": result.spec.num_classes, "validation_source": result.validation["source"],
-                       "validation_count": result.validation["count"]})
+    # Prefixed: `mlflow run -e export` already logs its own parameters (arch, input_size, ...) on this
+    # run, and MLflow refuses to change a param's value.
+    mlflow.log_params({"model.source_uri": source.uri, "model.arch": result.spec.arch,
+                       "model.input_size": result.spec.preprocessing.input_size,
+                       "model.num_classes": result.spec.num_classes, "validation.source": result.validation["source"],
+                       "validation.count": result.validation["count"]})
     metrics = {"pytorch.latency_p50_ms": result.pytorch_latency.p50_ms,
                "pytorch.latency_p90_ms": result.pytorch_latency.p90_ms, "export_wall_s": result.wall_s}
     if result.pytorch_accuracy is not None:

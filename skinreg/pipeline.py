@@ -215,8 +215,8 @@ def train_and_register(data_dir: Path, *, name: str = "skin-classifier", arch: s
     res = train(Path(data_dir), arch=arch, input_size=input_size, epochs=epochs, seed=seed, progress=progress)
     progress(f"val accuracy {res.val_accuracy:.1f}% (chance {res.chance:.1f}%); logging and registering {name}")
     with run_context(f"train {name}", experiment):
-        mlflow.log_params({"arch": arch, "input_size": input_size, "epochs": epochs, "seed": seed,
-                           "data_dir": str(data_dir)})
+        mlflow.log_params({"train.arch": arch, "train.input_size": input_size, "train.epochs": epochs,
+                           "train.seed": seed, "train.data_dir": str(data_dir)})  # prefixed: see log_export_run
         mlflow.log_metrics({"val_accuracy": res.val_accuracy, "train_accuracy": res.train_accuracy})
         example = res.loaded.spec.preprocessing.batch(sorted((Path(data_dir) / "val").rglob("*.png"))[:2])
         info = log_source_model(res.loaded, registered_name=name, example=example)

@@ -1,0 +1,40 @@
+"""The MLflow project itself: `mlflow run . -e export` / `-e promote` on a model registered by hand."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from mlflow import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _mlflow_run(entry: str, *params: str, tracking: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    args = [str(Path(sys.executable).with_name("mlflow")), "run", str(ROOT), "-e", entry, "--env-manager", "local"]
+    for p in params:
+        args += ["-P", p]
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_mlflow_run_export_and_promote_on_a_hand_registered_model(tracking, trained):
+    with mlflow.start_run():  # plain MLflow, batch-2 example, no skinreg metadata
+        mlflow.pytorch.log_model(trained.loaded.model, name="model", registered_model_name="byhand",
+                                 input_example=np.zeros((2, 3, 64, 64), np.float32))
+    out = _mlflow_run("export", "model_uri=models:/byhand/1", "formats=onnx", "arch=tiny_cnn", tracking=tracking)
+    assert out.returncode == 0, out.stderr[-3000:]
+    client = MlflowClient()
+    mv = client.get_model_version("byhand-onnx", "1")
+    assert mv.tags["skinreg.gate"] == "passed" and mv.tags["skinreg.dynamic_batch"] == "true"
+    run = client.get_run(mv.tags["skinreg.export_run"])
+    assert run.data.params["model_uri"] == "models:/byhand/1" and run.data.params["model.arch"] == "tiny_cnn"
+    out = _mlflow_run("promote", "model_uri=models:/byhand/1", "alias=production", tracking=tracking)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert str(client.get_registered_model("byhand-onnx").aliases["production"]) == "1"
+    out = _mlflow_run("export", "model_uri=models:/nothere/1", tracking=tracking)
+    assert out.returncode != 0 and "error: registered model 'nothere' not found" in out.stderr
