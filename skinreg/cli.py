@@ -105,6 +105,8 @@ def export_cmd(
     gate: Annotated[list[str], typer.Option(help="Override a gate: PRECISION.FIELD=VALUE (repeatable).")] = [],
     latency_runs: Annotated[int, typer.Option(help="Timed runs per variant (after warm-up).")] = 30,
     threads: Annotated[int, typer.Option(help="Threads for every runtime.")] = 2,
+    int8_strategy: Annotated[str, typer.Option(help="int8 recipe: auto (export all, keep the best passing) or "
+                                                "tf-per-channel / tf-per-tensor.")] = "tf-per-channel",
     calibration_size: Annotated[Optional[int], typer.Option(help="Subsample this many calibration images.")] = None,
     calibration_seed: Annotated[int, typer.Option(help="Seed of the calibration subsample.")] = 0,
 ) -> None:
@@ -124,7 +126,7 @@ def export_cmd(
                         formats=format, quantize=quantize, calibration_dir=calibration_dir, eval_dir=eval_dir,
                         opset=opset, gate_overrides=_parse_gates(gate), latency_runs=latency_runs,
                         threads=threads, converter=converter, calibration_limit=calibration_size,
-                        calibration_seed=calibration_seed)
+                        calibration_seed=calibration_seed, int8_strategy=int8_strategy)
     try:
         result = run_export(req, progress=_progress())
     except SkinregError as exc:
@@ -195,6 +197,7 @@ def export_version_cmd(
     candidate_alias: Annotated[str, typer.Option(help="Alias set on passing variants ('' for none).")] = "candidate",
     latency_runs: Annotated[int, typer.Option()] = 30,
     force: Annotated[bool, typer.Option(help="Export again even if this version was exported with these settings.")] = False,
+    int8_strategy: Annotated[str, typer.Option(help="auto, tf-per-channel or tf-per-tensor.")] = "tf-per-channel",
 ) -> None:
     """Export a registered PyTorch version: log validated variants with metrics, register them, alias `candidate`."""
     from .errors import GateError
@@ -204,7 +207,8 @@ def export_version_cmd(
                          opset=opset, gate_overrides=_parse_gates(gate), allow_pickle=allow_pickle, arch=arch,
                          num_classes=num_classes, input_size=input_size,
                          labels=labels.split(",") if labels else None, name_pattern=name_pattern,
-                         candidate_alias=candidate_alias or None, latency_runs=latency_runs, force=force)
+                         candidate_alias=candidate_alias or None, latency_runs=latency_runs, force=force,
+                         int8_strategy=int8_strategy)
     res = export_version(model_uri, opts, progress=_progress())
     if res.report:
         typer.echo(res.report)

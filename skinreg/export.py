@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,10 +19,11 @@ from .data import DEMO_CLASSES, ImageSet, _lesion, list_images, read_image_folde
 from .enums import Format, Precision
 from .errors import GateError, InputError
 from .exporters import ExportedFile, check_converter, plan
+from .exporters.int8_recipes import recipes_for
 from .measure import Latency, latency, size_bytes
 from .models import LoadedModel
 from .runtime import DEFAULT_THREADS, OnnxRunner, TFLiteRunner, TorchRunner
-from .validate import Parity, Verdict, compare, gates_with_overrides, judge
+from .validate import Candidate, Parity, Verdict, compare, gates_with_overrides, judge, rank_candidates
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class ExportRequest:
     calibration_limit: int | None = None
     calibration_seed: int = 0
     converter: str | None = None
+    int8_strategy: str = "tf-per-channel"  # or "auto": every recipe, validated, the best kept
     max_validation_images: int = 200
     dynamic_batch: bool = True  # False for a pt2 GraphModule whose batch was fixed at 1 when logged
     notes: list[str] = field(default_factory=list)
@@ -76,6 +78,7 @@ class ExportResult:
     validation: dict[str, Any]
     calibration: dict[str, Any] | None
     wall_s: float
+    int8_candidates: list[dict[str, Any]] = field(default_factory=list)
     report_json: Path | None = None
     report_md: Path | None = None
     plot_png: Path | None = None
@@ -128,6 +131,35 @@ def _calibration_classes(calib: ImageSet, labels: list[str]) -> dict[str, int] |
     return counts
 
 
+def _pick_int8(variants: list[VariantResult], req: ExportRequest) -> tuple[list[VariantResult], list[dict]]:
+    """With several int8 recipes, keep the best (validate.rank_candidates) under the seed's file name;
+    the others stay in int8_candidates/ for inspection and are listed in the report."""
+    import shutil
+
+    from .exporters.tflite_export import tflite_path
+
+    contenders = [v for v in variants if v.file.variant == "tflite-int8"]
+    if len(contenders) < 2:
+        return variants, []
+    by_recipe = {v.file.details["int8_recipe"]: v for v in contenders}
+    ranked = rank_candidates([Candidate(recipe=r, verdict=v.verdict, latency_ms=v.latency.p50_ms,
+                                        size_bytes=v.size_bytes) for r, v in by_recipe.items()])
+    winner = by_recipe[ranked[0].recipe]
+    final = tflite_path(req.out_dir, req.stem, Precision.int8)
+    shutil.copyfile(winner.file.path, final)
+    winner.file = replace(winner.file, path=final, sidecar=final.with_suffix(".json"))
+    req.loaded.spec.preprocessing.with_layout("NHWC").save(winner.file.sidecar)
+    table = []
+    for c in ranked:
+        v, p = by_recipe[c.recipe], by_recipe[c.recipe].verdict.parity
+        table.append({"recipe": c.recipe, "chosen": c is ranked[0], "why_lost": c.why_lost,
+                      "status": v.verdict.status, "size_bytes": v.size_bytes, "latency_p50_ms": v.latency.p50_ms,
+                      "parity_top1_agreement": p.top1_agreement, "parity_max_abs": p.max_abs,
+                      "accuracy": p.accuracy, "accuracy_drop": p.accuracy_drop})
+    winner.file.details["int8_candidates"] = table
+    return [v for v in variants if v.file.variant != "tflite-int8" or v is winner], table
+
+
 def run_export(req: ExportRequest, *, progress: Progress = lambda msg: None) -> ExportResult:
     """Export, validate and measure every planned variant; raise GateError (after writing the report)
     if any variant fails its gate. Files of failed variants stay, marked failed in the report."""
@@ -139,6 +171,7 @@ def run_export(req: ExportRequest, *, progress: Progress = lambda msg: None) -> 
     check_converter(req.converter)
     # Everything that can be rejected is rejected before any conversion starts.
     pairs = plan(req.formats, req.quantize, has_calibration=req.calibration_dir is not None)
+    recipes = recipes_for(req.int8_strategy)
     gates = gates_with_overrides(req.gate_overrides)
     check_opset(req.opset or DEFAULT_OPSET)
     calib = (list_images(req.calibration_dir, limit=req.calibration_limit, seed=req.calibration_seed)
@@ -188,12 +221,18 @@ def run_export(req: ExportRequest, *, progress: Progress = lambda msg: None) -> 
             progress("converting ONNX to a TF SavedModel (onnx2tf)")
             saved = saved_model_from_onnx(onnx_file.path, spec, work)
             for precision in tflite_precisions:
-                progress(f"converting TFLite {precision.value}")
-                exported = export_tflite(saved, spec, req.out_dir, stem=req.stem, precision=precision,
-                                         calibration=calib_x if precision is Precision.int8 else None)
-                if calibration_info and precision is Precision.int8:
+                if precision is not Precision.int8:
+                    progress(f"converting TFLite {precision.value}")
+                    files.append(export_tflite(saved, spec, req.out_dir, stem=req.stem, precision=precision))
+                    continue
+                for recipe in recipes:
+                    progress(f"converting TFLite int8 ({recipe.name})")
+                    path = (req.out_dir / "int8_candidates" / f"{req.stem}_int8_{recipe.name}.tflite"
+                            if len(recipes) > 1 else None)
+                    exported = export_tflite(saved, spec, req.out_dir, stem=req.stem, precision=precision,
+                                             calibration=calib_x, recipe=recipe, path=path)
                     exported.details.update({"calibration": calibration_info})
-                files.append(exported)
+                    files.append(exported)
 
     variants = []
     for f in files:
@@ -211,7 +250,9 @@ def run_export(req: ExportRequest, *, progress: Progress = lambda msg: None) -> 
         verdict = judge(f.variant, parity, gates[f.precision])
         variants.append(VariantResult(file=f, size_bytes=size_bytes(f.path), latency=timing, verdict=verdict))
 
+    variants, int8_candidates = _pick_int8(variants, req)
     result = ExportResult(spec=spec, stem=req.stem, out_dir=req.out_dir, variants=variants,
+                          int8_candidates=int8_candidates,
                           pytorch_latency=pt_latency, pytorch_accuracy=pt_acc, validation=val_info,
                           calibration=calibration_info, wall_s=time.perf_counter() - started, notes=notes)
     progress("writing report")

@@ -47,6 +47,7 @@ class ExportOptions:
     experiment: str = DEFAULT_EXPERIMENT
     candidate_alias: str | None = CANDIDATE
     force: bool = False
+    int8_strategy: str = "tf-per-channel"
 
     def settings_hash(self, calibration_sha: str | None) -> str:
         keep = {k: v for k, v in asdict(self).items() if k not in ("latency_runs", "threads", "force", "experiment")}
@@ -124,6 +125,7 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                                     formats=opts.formats, quantize=opts.quantize, calibration_dir=opts.calibration_dir,
                                     eval_dir=opts.eval_dir, opset=opts.opset, gate_overrides=opts.gate_overrides,
                                     latency_runs=opts.latency_runs, threads=opts.threads, dynamic_batch=dynamic_batch,
+                                    int8_strategy=opts.int8_strategy,
                                     notes=notes)
                 try:
                     result = run_export(req, progress=progress)

@@ -56,6 +56,15 @@ def markdown(result: "ExportResult") -> str:
             f"{_fmt(r['latency_ratio'], '.2f')} | {_fmt(r.get('parity_max_abs'), '.2e')} | "
             f"{_fmt(r.get('parity_top1_agreement'), '.3f')} | {_fmt(r['accuracy'], '.1f')} | "
             f"{_fmt(r.get('accuracy_drop'), '.2f')} | {r['status']} |")
+    if result.int8_candidates:
+        lines += ["", "## int8 candidates (--int8-strategy auto)", "",
+                  "| recipe | size MB | latency ms | top-1 agree | accuracy % | drop pts | gate | result |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for c in result.int8_candidates:
+            lines.append(f"| {c['recipe']} | {c['size_bytes'] / 1e6:.2f} | {c['latency_p50_ms']:.2f} | "
+                         f"{c['parity_top1_agreement']:.3f} | {_fmt(c['accuracy'], '.1f')} | "
+                         f"{_fmt(c['accuracy_drop'], '.2f')} | {c['status']} | "
+                         f"{'chosen' if c['chosen'] else c['why_lost']} |")
     failures = result.failures
     if failures:
         lines += ["", "## Gate failures", ""] + [f"- {f}" for f in failures]
@@ -73,6 +82,7 @@ def write_report(result: "ExportResult", gates: dict[Precision, "Gate"]) -> tupl
             "threads": result.pytorch_latency.threads, "latency_runs": result.pytorch_latency.runs,
             "gates": {p.value: asdict(g) for p, g in gates.items()},
             "status": "failed" if result.failures else "passed", "failures": result.failures,
+            "int8_candidates": result.int8_candidates,
             "variants": rows(result)}
     json_path = result.out_dir / f"{result.stem}_report.json"
     json_path.write_text(json.dumps(data, indent=2, default=str))

@@ -90,3 +90,36 @@ def judge(variant: str, parity: Parity, gate: Gate) -> Verdict:
             and parity.accuracy_drop > gate.max_accuracy_drop:
         failures.append(f"{variant}: accuracy drop {parity.accuracy_drop:.2f} points > {gate.max_accuracy_drop:.2f}")
     return Verdict(variant=variant, parity=parity, failures=failures)
+
+
+@dataclass
+class Candidate:
+    """One int8 recipe's validated file, competing for the int8 slot."""
+
+    recipe: str
+    verdict: Verdict
+    latency_ms: float
+    size_bytes: int
+    why_lost: str = ""
+
+    def quality(self) -> float:
+        p = self.verdict.parity
+        return p.accuracy if p.accuracy is not None else p.top1_agreement * 100
+
+
+def rank_candidates(candidates: list[Candidate]) -> list[Candidate]:
+    """Best first: passing its gate, then accuracy (agreement without labels), then latency, then
+    size. Every loser gets the reason it lost against the winner."""
+    ranked = sorted(candidates, key=lambda c: (not c.verdict.passed, -round(c.quality(), 6), c.latency_ms,
+                                               c.size_bytes))
+    best = ranked[0]
+    for c in ranked[1:]:
+        if not c.verdict.passed:
+            c.why_lost = "failed its gate: " + "; ".join(c.verdict.failures)
+        elif round(c.quality(), 6) < round(best.quality(), 6):
+            c.why_lost = f"lower accuracy/agreement ({c.quality():.2f} vs {best.quality():.2f})"
+        elif c.latency_ms > best.latency_ms:
+            c.why_lost = f"slower ({c.latency_ms:.2f} vs {best.latency_ms:.2f} ms)"
+        else:
+            c.why_lost = f"larger or equal ({c.size_bytes} vs {best.size_bytes} bytes)"
+    return ranked

@@ -142,6 +142,7 @@ def test_tflite_export_of_a_real_torchvision_arch(tmp_path, demo_data):
     (["--calibration-dir", "/nonexistent"], "calibration directory not found: /nonexistent"),
     (["--gate", "int8.speed=3"], "bad --gate 'int8.speed=3'"),
     (["--opset", "7"], "--opset 7 is out of range"),
+    (["--int8-strategy", "magic"], "unknown --int8-strategy 'magic': expected auto or one of tf-per-channel"),
     (["--device", "cuda"], "--device cuda: no CUDA device is available here; use --device cpu"),
 ])
 def test_bad_input_is_one_clear_line_and_writes_nothing(trained_ckpt, tmp_path, args, message):
@@ -196,3 +197,20 @@ def test_calibration_governance_subsample_record_and_one_class_refusal(trained_c
     res = runner.invoke(app, ["export", "--checkpoint", str(trained_ckpt), "--format", "onnx", "--quantize", "int8",
                               "--calibration-dir", str(one), "--output-dir", str(tmp_path / "out")])
     assert res.exit_code == 2 and "are all of class 'melanoma'" in res.stderr
+
+
+def test_int8_strategy_auto_validates_every_recipe_and_keeps_the_best(trained_ckpt, demo_data, tmp_path):
+    res = runner.invoke(app, ["export", "--checkpoint", str(trained_ckpt), "--format", "tflite", "--quantize", "int8",
+                              "--int8-strategy", "auto", "--calibration-dir", str(demo_data / "calibration"),
+                              "--eval-dir", str(demo_data / "val"), "--output-dir", str(tmp_path), "--latency-runs", "3"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "skin_classifier_report.json").read_text())
+    cands = report["int8_candidates"]
+    assert {c["recipe"] for c in cands} == {"tf-per-channel", "tf-per-tensor"}
+    chosen = [c for c in cands if c["chosen"]]
+    assert len(chosen) == 1 and all(c["why_lost"] for c in cands if not c["chosen"])
+    int8_row = next(r for r in report["variants"] if r["variant"] == "tflite-int8")
+    assert int8_row["details"]["int8_recipe"] == chosen[0]["recipe"]
+    assert int8_row["size_bytes"] == chosen[0]["size_bytes"] == (tmp_path / "skin_classifier_int8.tflite").stat().st_size
+    assert (tmp_path / "int8_candidates" / "skin_classifier_int8_tf-per-tensor.tflite").is_file()
+    assert "## int8 candidates" in res.stdout and "chosen" in res.stdout

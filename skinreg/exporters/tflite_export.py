@@ -12,7 +12,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -94,7 +94,8 @@ def saved_model_from_onnx(onnx_path: Path, spec: ModelSpec, work_dir: Path) -> P
 
 
 def convert(saved_model: Path, precision: Precision, *,
-            representative: Callable[[], Iterator[list[np.ndarray]]] | None = None) -> bytes:
+            representative: Callable[[], Iterator[list[np.ndarray]]] | None = None,
+            per_channel: bool = True) -> bytes:
     _import_tensorflow_safely()
     import tensorflow as tf
 
@@ -108,6 +109,7 @@ def convert(saved_model: Path, precision: Precision, *,
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
         conv.representative_dataset = representative
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        conv._experimental_disable_per_channel = not per_channel  # the converter's own (private) switch
         # inference_input_type / inference_output_type stay float32: the mobile contract.
     try:
         return conv.convert()
@@ -116,8 +118,9 @@ def convert(saved_model: Path, precision: Precision, *,
 
 
 def export_tflite(saved_model: Path, spec: ModelSpec, out_dir: Path, *, stem: str, precision: Precision,
-                  calibration: np.ndarray | None = None) -> ExportedFile:
-    """calibration: preprocessed NCHW float32 images (the same preprocessing as inference)."""
+                  calibration: np.ndarray | None = None, recipe: Any = None, path: Path | None = None) -> ExportedFile:
+    """calibration: preprocessed NCHW float32 images (the same preprocessing as inference).
+    recipe: an Int8Recipe for int8 (default per-channel); path: write there instead of the seed's name."""
     representative = None
     details: dict = {}
     if precision is Precision.int8:
@@ -130,9 +133,13 @@ def export_tflite(saved_model: Path, spec: ModelSpec, out_dir: Path, *, stem: st
                 yield [img[None]]
 
         details["calibration_count"] = int(len(nhwc))
-    data = convert(saved_model, precision, representative=representative)
+        if recipe is not None:
+            details["int8_recipe"] = recipe.name
+    data = convert(saved_model, precision, representative=representative,
+                   per_channel=recipe.per_channel if recipe is not None else True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = tflite_path(out_dir, stem, precision)
+    path = path or tflite_path(out_dir, stem, precision)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     sidecar = path.with_suffix(".json")
     spec.preprocessing.with_layout("NHWC").save(sidecar)
