@@ -85,10 +85,9 @@ def read_image_folder(directory: Path, *, flag: str = "--eval-dir") -> ImageSet:
         raise InputError(f"{directory} has no class folders; {flag} expects DIR/<class>/<image>.png")
     paths, labels, skipped = [], [], []
     for idx, name in enumerate(classes):
-        found = list_images(directory / name, what="eval", flag=flag) if any(
-            p.suffix.lower() in IMAGE_SUFFIXES for p in (directory / name).rglob("*")) else None
-        if found is None:
-            continue
+        if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in (directory / name).rglob("*")):
+            continue  # an empty class folder contributes nothing (list_images would refuse it)
+        found = list_images(directory / name, what="eval", flag=flag)
         paths += found.paths
         labels += [idx] * len(found.paths)
         skipped += found.skipped
@@ -132,6 +131,11 @@ def _lesion(rng: np.random.Generator, label: int, size: int) -> np.ndarray:
         lesion = np.ones_like(img) * colour
     img = img * (1 - mask[..., None]) + lesion * mask[..., None]
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+def synthetic_images(n: int, size: int, *, seed: int) -> list[np.ndarray]:
+    """n deterministic lesion-like HWC uint8 images, classes in turn (no files, no download)."""
+    return [_lesion(np.random.default_rng([seed, i]), i % len(DEMO_CLASSES), size) for i in range(n)]
 
 
 def generate_demo_data(out_dir: Path, *, per_class: dict[str, int] | None = None, size: int = 96,

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .data import DEMO_CLASSES, ImageSet, _lesion, list_images, read_image_folder
+from .data import ImageSet, list_images, read_image_folder, synthetic_images
 from .enums import Format, Precision
 from .errors import GateError, InputError
 from .exporters import ExportedFile, check_converter, plan
@@ -89,11 +89,6 @@ class ExportResult:
         return [f for v in self.variants for f in v.verdict.failures]
 
 
-def _synthetic_images(size: int, n: int) -> list[np.ndarray]:
-    """A fixed deterministic set (same seed every time) for parity when no images are given."""
-    return [_lesion(np.random.default_rng([1234, i]), i % len(DEMO_CLASSES), size) for i in range(n)]
-
-
 def _validation_set(req: ExportRequest, calib: ImageSet | None, evalset: ImageSet | None
                     ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
     pre = req.loaded.spec.preprocessing
@@ -110,7 +105,7 @@ def _validation_set(req: ExportRequest, calib: ImageSet | None, evalset: ImageSe
     if calib is not None:
         paths = calib.paths[: req.max_validation_images]
         return pre.batch(paths), None, {"source": calib.source, "count": len(paths), "labelled": False}
-    images = _synthetic_images(pre.input_size, SYNTHETIC_VALIDATION_IMAGES)
+    images = synthetic_images(SYNTHETIC_VALIDATION_IMAGES, pre.input_size, seed=1234)  # a fixed set
     return pre.batch(images), None, {"source": "synthetic (fixed seed)", "count": len(images), "labelled": False}
 
 

@@ -52,11 +52,11 @@ def _offline_sample_data(work_dir: Path) -> None:
     `calibration_image_sample_data_20x128x128x3_float32.npy` is in the working directory
     (onnx2tf/utils/common_functions.py: download_test_image_data). Never download: write our own
     synthetic images there, NHWC float32 in [0, 1]."""
-    from ..data import DEMO_CLASSES, _lesion
+    from ..data import synthetic_images
 
     path = work_dir / "calibration_image_sample_data_20x128x128x3_float32.npy"
     if not path.exists():
-        images = [_lesion(np.random.default_rng([77, i]), i % len(DEMO_CLASSES), 128) for i in range(20)]
+        images = synthetic_images(20, 128, seed=77)
         np.save(path, np.stack(images).astype(np.float32) / 255.0)
 
 
