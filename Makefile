@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -c constraints.txt onnx2tf
-	$(PY) -c "import torch, torchvision, skinreg, onnx2tf, tensorflow, mlflow, ai_edge_litert"  # torch first: see tflite_export._import_tensorflow_safely
+	$(PY) -c "import torch, torchvision, skinreg, litert_torch, onnx2tf, tensorflow, mlflow, ai_edge_litert"  # torch first: see tflite_export._import_tensorflow_safely
 	touch $(STAMP)
 
 # The main job end to end on the embedded default (SQLite registry ./mlflow.db, local artifacts):

@@ -1,5 +1,6 @@
-"""`skinreg benchmark`: EfficientNet-B0 (or another arch) trained briefly on the demo data, exported
-and measured in one run; prints each target as a ratio measured side by side on this machine."""
+"""`skinreg benchmark`: EfficientNet-B0 and MobileNetV3-large (or other archs) trained briefly on the demo
+data, exported with every int8 recipe (`--int8-strategy auto`) and measured in one run; prints each
+target as a ratio measured side by side on this machine, and every int8 candidate per model."""
 
 from __future__ import annotations
 
@@ -14,16 +15,22 @@ from typing import Callable
 log = logging.getLogger(__name__)
 
 
+DEFAULT_ARCHS = ("efficientnet_b0", "mobilenet_v3_large")
+
+
 @dataclass(frozen=True)
 class Target:
     name: str
-    measured: float
-    limit: float
+    measured: float | None
+    limit: float | None  # None: reported, no target
     unit: str = "x"
+    at_least: bool = False  # the measured value must be >= limit (agreement), else <= limit
 
     @property
-    def met(self) -> bool:
-        return self.measured <= self.limit
+    def met(self) -> bool | None:
+        if self.limit is None or self.measured is None:
+            return None
+        return self.measured >= self.limit if self.at_least else self.measured <= self.limit
 
 
 def opset_latencies(loaded, out_dir: Path, opsets: tuple[int, ...] = (11, 13, 17), runs: int = 50) -> dict[int, float]:
@@ -43,62 +50,106 @@ def opset_latencies(loaded, out_dir: Path, opsets: tuple[int, ...] = (11, 13, 17
     return out
 
 
-def run(*, arch: str = "efficientnet_b0", input_size: int = 224, epochs: int = 2, latency_runs: int = 50,
-        work_dir: Path | None = None, progress: Callable[[str], None] = lambda m: None) -> dict:
+def run(*, archs: tuple[str, ...] = DEFAULT_ARCHS, input_size: int = 224, epochs: int = 2, latency_runs: int = 50,
+        int8_strategy: str = "auto", opsets: bool = True, work_dir: Path | None = None,
+        progress: Callable[[str], None] = lambda m: None) -> dict:
     from .data import generate_demo_data
-    from .export import ExportRequest, run_export
-    from .train import train
 
     work = Path(work_dir or tempfile.mkdtemp(prefix="skinreg-bench-"))
     data = work / "data"
     if not (data / "train").is_dir():
         generate_demo_data(data)
-    progress(f"training {arch} at {input_size}px for {epochs} epochs on the synthetic demo data")
-    t0 = time.perf_counter()
-    trained = train(data, arch=arch, input_size=input_size, epochs=epochs, batch_size=16, progress=progress)
-    train_s = time.perf_counter() - t0
-    progress(f"val accuracy {trained.val_accuracy:.1f}% after {train_s:.0f}s; exporting")
-    req = ExportRequest(loaded=trained.loaded, out_dir=work / "export", stem=arch, calibration_dir=data / "calibration",
-                        eval_dir=data / "val", latency_runs=latency_runs)
-    from .errors import GateError
+    models = [run_one(arch, data=data, work=work / arch, input_size=input_size, epochs=epochs,
+                      latency_runs=latency_runs, int8_strategy=int8_strategy, opsets=opsets, progress=progress)
+              for arch in archs]
+    summary = {"archs": list(archs), "input_size": input_size, "epochs": epochs, "latency_runs": latency_runs,
+               "int8_strategy": int8_strategy, "models": models, "work_dir": str(work)}
+    (work / "benchmark.json").write_text(json.dumps(summary, indent=2))
+    return summary
 
+
+def run_one(arch: str, *, data: Path, work: Path, input_size: int, epochs: int, latency_runs: int,
+            int8_strategy: str, opsets: bool, progress: Callable[[str], None]) -> dict:
+    from .errors import GateError
+    from .export import ExportRequest, run_export
+    from .train import train
+
+    progress(f"[{arch}] training at {input_size}px for {epochs} epochs on the synthetic demo data")
+    t0 = time.perf_counter()
+    trained = train(data, arch=arch, input_size=input_size, epochs=epochs, batch_size=16,
+                    progress=lambda m: progress(f"[{arch}] {m}"))
+    train_s = time.perf_counter() - t0
+    progress(f"[{arch}] val accuracy {trained.val_accuracy:.1f}% after {train_s:.0f}s; exporting "
+             f"(--int8-strategy {int8_strategy})")
+    req = ExportRequest(loaded=trained.loaded, out_dir=work / "export", stem=arch, calibration_dir=data / "calibration",
+                        eval_dir=data / "val", latency_runs=latency_runs, int8_strategy=int8_strategy)
     t0 = time.perf_counter()
     try:
-        result = run_export(req, progress=progress)
+        result = run_export(req, progress=lambda m: progress(f"[{arch}] {m}"))
     except GateError as exc:  # a failed gate is a result too: report it, with the numbers
         result = exc.result
     export_s = time.perf_counter() - t0
     by = {v.file.variant: v for v in result.variants}
     pt = result.pytorch_latency.p50_ms
-    f32 = by["tflite-float32"]
+    f32, i8 = by["tflite-float32"], by["tflite-int8"]
+    n_recipes = max(1, len(result.int8_candidates))
     targets = [
         Target("ONNX Runtime fp32 latency / PyTorch eager", by["onnx"].latency.p50_ms / pt, 0.45),
-        Target("TFLite int8 latency / TFLite fp32", by["tflite-int8"].latency.p50_ms / f32.latency.p50_ms, 0.5),
+        Target(f"TFLite int8 latency / TFLite fp32 ({i8.file.details.get('int8_recipe')})",
+               i8.latency.p50_ms / f32.latency.p50_ms, 0.5),
         Target("TFLite fp16 size / TFLite fp32", by["tflite-float16"].size_bytes / f32.size_bytes, 0.52),
-        Target("TFLite int8 size / TFLite fp32", by["tflite-int8"].size_bytes / f32.size_bytes, 0.32),
-        Target("whole export (ONNX + 3 TFLite + validation + timing)", export_s, 90.0, "s"),
+        Target("TFLite int8 size / TFLite fp32", i8.size_bytes / f32.size_bytes, 0.32),
+        Target("int8 accuracy drop (points, held-out set)", i8.verdict.parity.accuracy_drop, 1.0, " pts"),
+        Target("int8 top-1 agreement with PyTorch", i8.verdict.parity.top1_agreement, 0.97, "", at_least=True),
+        Target(f"whole export, {n_recipes} int8 recipe(s) (ONNX + TFLite + validation + timing)", export_s,
+               90.0 if n_recipes == 1 else None, " s"),
     ]
-    progress("timing ONNX opsets 11 / 13 / 17")
-    opsets = opset_latencies(trained.loaded, work / "opsets", runs=latency_runs)
-    summary = {
-        "arch": arch, "input_size": input_size, "epochs": epochs, "train_s": train_s,
-        "val_accuracy": trained.val_accuracy, "export_s": export_s, "threads": result.pytorch_latency.threads,
-        "latency_runs": latency_runs, "report_md": result.report_md.read_text(),
-        "targets": [{"name": t.name, "measured": t.measured, "limit": t.limit, "unit": t.unit, "met": t.met}
-                    for t in targets],
-        "onnx_opset_latency_ms": opsets, "failures": result.failures, "work_dir": str(work),
+    opset_ms = {}
+    if opsets:
+        progress(f"[{arch}] timing ONNX opsets 11 / 13 / 17")
+        opset_ms = opset_latencies(trained.loaded, work / "opsets", runs=latency_runs)
+    return {
+        "arch": arch, "train_s": train_s, "val_accuracy": trained.val_accuracy, "export_s": export_s,
+        "threads": result.pytorch_latency.threads, "report_md": result.report_md.read_text(),
+        "int8_candidates": result.int8_candidates, "int8_recipe": i8.file.details.get("int8_recipe"),
+        "targets": [{"name": t.name, "measured": t.measured, "limit": t.limit, "unit": t.unit, "met": t.met,
+                     "at_least": t.at_least} for t in targets],
+        "onnx_opset_latency_ms": opset_ms, "failures": result.failures,
     }
-    (work / "benchmark.json").write_text(json.dumps(summary, indent=2))
-    return summary
+
+
+def _num(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if unit == "" else f"{value:.2f}{unit}"
 
 
 def format_summary(summary: dict) -> str:
-    lines = [summary["report_md"], "", f"## Targets ({summary['arch']}, {summary['input_size']}px, batch 1, "
-             f"{summary['threads']} threads, {summary['latency_runs']} runs)", "",
-             "| target | measured | limit | met |", "|---|---|---|---|"]
-    for t in summary["targets"]:
-        lines.append(f"| {t['name']} | {t['measured']:.2f}{t['unit']} | <= {t['limit']:.2f}{t['unit']} | "
-                     f"{'yes' if t['met'] else 'NO'} |")
-    lines += ["", "ONNX Runtime fp32 p50 latency by opset: " +
-              ", ".join(f"{k}: {v:.2f} ms" for k, v in summary["onnx_opset_latency_ms"].items()), ""]
+    lines = []
+    for m in summary["models"]:
+        lines += [f"# {m['arch']} (val accuracy {m['val_accuracy']:.1f} % after {summary['epochs']} epochs)", "",
+                  m["report_md"], "",
+                  f"## Targets ({m['arch']}, {summary['input_size']}px, batch 1, {m['threads']} threads, "
+                  f"{summary['latency_runs']} runs)", "",
+                  "| target | measured | limit | met |", "|---|---|---|---|"]
+        for t in m["targets"]:
+            limit = "-" if t["limit"] is None else f"{'>=' if t.get('at_least') else '<='} {_num(t['limit'], t['unit'])}"
+            met = {True: "yes", False: "NO", None: "-"}[t["met"]]
+            lines.append(f"| {t['name']} | {_num(t['measured'], t['unit'])} | {limit} | {met} |")
+        if m["onnx_opset_latency_ms"]:
+            lines += ["", "ONNX Runtime fp32 p50 latency by opset: " +
+                      ", ".join(f"{k}: {v:.2f} ms" for k, v in m["onnx_opset_latency_ms"].items())]
+        lines.append("")
+    if len(summary["models"]) > 1:  # every candidate recipe of every model, in one table
+        lines += ["# int8 recipes, all models", "",
+                  "| model | recipe | backend | size MB | latency ms | top-1 agree | accuracy % | drop pts | gate | result |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for m in summary["models"]:
+            for c in m["int8_candidates"]:
+                size = "-" if c["size_bytes"] is None else f"{c['size_bytes'] / 1e6:.2f}"
+                lines.append(f"| {m['arch']} | {c['recipe']} | {c['backend']} | {size} | "
+                             f"{_num(c['latency_p50_ms'], ' ')} | {_num(c['parity_top1_agreement'], '')} | "
+                             f"{_num(c['accuracy'], ' ')} | {_num(c['accuracy_drop'], ' ')} | {c['status']} | "
+                             f"{'chosen' if c['chosen'] else c['why_lost']} |")
+        lines.append("")
     return "\n".join(lines)

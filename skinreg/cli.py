@@ -13,6 +13,14 @@ from typing import Annotated, Callable, Optional
 import typer
 
 from .enums import Device, Format, Precision
+from .exporters import TFLITE_CONVERTERS
+from .exporters.int8_recipes import AUTO, INT8_RECIPES
+
+CONVERTER_HELP = (f"TFLite converter: {' or '.join(TFLITE_CONVERTERS)} (default onnx2tf; litert-torch makes float32 "
+                  "and int8 straight from PyTorch). onnx-tf is not supported.")
+STRATEGY_HELP = (f"int8 recipe: {AUTO} (export every recipe, validate each, keep the best that passes) or one of "
+                 f"{', '.join(INT8_RECIPES)}. Default: tf-per-channel, or litert-per-channel with --converter "
+                 "litert-torch.")
 from .errors import SkinregError
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -101,12 +109,11 @@ def export_cmd(
     labels: Annotated[Optional[str], typer.Option(help="Comma-separated class labels.")] = None,
     opset: Annotated[Optional[int], typer.Option(help="ONNX opset (default 17; 18+ uses the dynamo exporter).")] = None,
     output_dir: Annotated[Optional[Path], typer.Option(help="Where files go (default: beside the checkpoint).")] = None,
-    converter: Annotated[Optional[str], typer.Option(help="TFLite converter: onnx2tf (onnx-tf is not supported).")] = None,
+    converter: Annotated[Optional[str], typer.Option(help=CONVERTER_HELP)] = None,
     gate: Annotated[list[str], typer.Option(help="Override a gate: PRECISION.FIELD=VALUE (repeatable).")] = [],
     latency_runs: Annotated[int, typer.Option(help="Timed runs per variant (after warm-up).")] = 30,
     threads: Annotated[int, typer.Option(help="Threads for every runtime.")] = 2,
-    int8_strategy: Annotated[str, typer.Option(help="int8 recipe: auto (export all, keep the best passing) or "
-                                                "tf-per-channel / tf-per-tensor.")] = "tf-per-channel",
+    int8_strategy: Annotated[Optional[str], typer.Option(help=STRATEGY_HELP)] = None,
     calibration_size: Annotated[Optional[int], typer.Option(help="Subsample this many calibration images.")] = None,
     calibration_seed: Annotated[int, typer.Option(help="Seed of the calibration subsample.")] = 0,
 ) -> None:
@@ -197,7 +204,8 @@ def export_version_cmd(
     candidate_alias: Annotated[str, typer.Option(help="Alias set on passing variants ('' for none).")] = "candidate",
     latency_runs: Annotated[int, typer.Option()] = 30,
     force: Annotated[bool, typer.Option(help="Export again even if this version was exported with these settings.")] = False,
-    int8_strategy: Annotated[str, typer.Option(help="auto, tf-per-channel or tf-per-tensor.")] = "tf-per-channel",
+    int8_strategy: Annotated[Optional[str], typer.Option(help=STRATEGY_HELP)] = None,
+    converter: Annotated[Optional[str], typer.Option(help=CONVERTER_HELP)] = None,
 ) -> None:
     """Export a registered PyTorch version: log validated variants with metrics, register them, alias `candidate`."""
     from .errors import GateError
@@ -208,7 +216,7 @@ def export_version_cmd(
                          num_classes=num_classes, input_size=input_size,
                          labels=labels.split(",") if labels else None, name_pattern=name_pattern,
                          candidate_alias=candidate_alias or None, latency_runs=latency_runs, force=force,
-                         int8_strategy=int8_strategy)
+                         int8_strategy=int8_strategy, converter=converter)
     res = export_version(model_uri, opts, progress=_progress())
     if res.report:
         typer.echo(res.report)
@@ -288,16 +296,19 @@ def demo_cmd(
 
 @command("benchmark")
 def benchmark_cmd(
-    arch: Annotated[str, typer.Option()] = "efficientnet_b0",
+    arch: Annotated[list[str], typer.Option(help="Architecture to benchmark (repeatable).")] = [],
     input_size: Annotated[int, typer.Option()] = 224,
     epochs: Annotated[int, typer.Option()] = 2,
     latency_runs: Annotated[int, typer.Option()] = 50,
+    int8_strategy: Annotated[str, typer.Option(help="int8 recipe(s) to compare; auto = all of them.")] = "auto",
+    opsets: Annotated[bool, typer.Option(help="Also time ONNX opsets 11/13/17.")] = True,
     work_dir: Annotated[Optional[Path], typer.Option(help="Keep data, files and benchmark.json here.")] = None,
 ) -> None:
-    """Train briefly on the demo data, export, and print size/latency ratios measured side by side."""
-    from .benchmark import format_summary, run
+    """Train briefly on the demo data, export with every int8 recipe, print ratios measured side by side."""
+    from .benchmark import DEFAULT_ARCHS, format_summary, run
 
-    typer.echo(format_summary(run(arch=arch, input_size=input_size, epochs=epochs, latency_runs=latency_runs,
+    typer.echo(format_summary(run(archs=tuple(arch) or DEFAULT_ARCHS, input_size=input_size, epochs=epochs,
+                                  latency_runs=latency_runs, int8_strategy=int8_strategy, opsets=opsets,
                                   work_dir=work_dir, progress=_progress())))
 
 

@@ -17,9 +17,9 @@ import numpy as np
 
 from .data import ImageSet, list_images, read_image_folder, synthetic_images
 from .enums import Format, Precision
-from .errors import GateError, InputError
+from .errors import ExportError, GateError, InputError
 from .exporters import ExportedFile, check_converter, plan
-from .exporters.int8_recipes import recipes_for
+from .exporters.int8_recipes import DEFAULT_RECIPE, LITERT_BACKEND, TF_BACKEND, recipes_for
 from .measure import Latency, latency, size_bytes
 from .models import LoadedModel
 from .runtime import DEFAULT_THREADS, OnnxRunner, TFLiteRunner, TorchRunner
@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 SYNTHETIC_VALIDATION_IMAGES = 32
+# Fewer images than this cannot estimate activation ranges; 50-200 are recommended (data.MIN_CALIBRATION warns).
+MIN_CALIBRATION_IMAGES = 10
 
 
 @dataclass
@@ -46,8 +48,8 @@ class ExportRequest:
     threads: int = DEFAULT_THREADS
     calibration_limit: int | None = None
     calibration_seed: int = 0
-    converter: str | None = None
-    int8_strategy: str = "tf-per-channel"  # or "auto": every recipe, validated, the best kept
+    converter: str | None = None  # TFLite converter: onnx2tf (default) or litert-torch
+    int8_strategy: str | None = None  # a recipe name, or "auto"; None: the converter's own default recipe
     max_validation_images: int = 200
     dynamic_batch: bool = True  # False for a pt2 GraphModule whose batch was fixed at 1 when logged
     notes: list[str] = field(default_factory=list)
@@ -126,15 +128,22 @@ def _calibration_classes(calib: ImageSet, labels: list[str]) -> dict[str, int] |
     return counts
 
 
-def _pick_int8(variants: list[VariantResult], req: ExportRequest) -> tuple[list[VariantResult], list[dict]]:
+def default_int8_strategy(converter: str | None) -> str:
+    return "litert-per-channel" if converter == "litert-torch" else DEFAULT_RECIPE
+
+
+def _pick_int8(variants: list[VariantResult], req: ExportRequest,
+               conversion_failures: dict[str, str]) -> tuple[list[VariantResult], list[dict]]:
     """With several int8 recipes, keep the best (validate.rank_candidates) under the seed's file name;
-    the others stay in int8_candidates/ for inspection and are listed in the report."""
+    the others stay in int8_candidates/ for inspection and are listed in the report, with the recipes
+    whose conversion failed."""
     import shutil
 
+    from .exporters.int8_recipes import INT8_RECIPES
     from .exporters.tflite_export import tflite_path
 
     contenders = [v for v in variants if v.file.variant == "tflite-int8"]
-    if len(contenders) < 2:
+    if len(contenders) + len(conversion_failures) < 2:
         return variants, []
     by_recipe = {v.file.details["int8_recipe"]: v for v in contenders}
     ranked = rank_candidates([Candidate(recipe=r, verdict=v.verdict, latency_ms=v.latency.p50_ms,
@@ -147,10 +156,15 @@ def _pick_int8(variants: list[VariantResult], req: ExportRequest) -> tuple[list[
     table = []
     for c in ranked:
         v, p = by_recipe[c.recipe], by_recipe[c.recipe].verdict.parity
-        table.append({"recipe": c.recipe, "chosen": c is ranked[0], "why_lost": c.why_lost,
-                      "status": v.verdict.status, "size_bytes": v.size_bytes, "latency_p50_ms": v.latency.p50_ms,
-                      "parity_top1_agreement": p.top1_agreement, "parity_max_abs": p.max_abs,
-                      "accuracy": p.accuracy, "accuracy_drop": p.accuracy_drop})
+        table.append({"recipe": c.recipe, "backend": INT8_RECIPES[c.recipe].backend, "chosen": c is ranked[0],
+                      "why_lost": c.why_lost, "status": v.verdict.status, "size_bytes": v.size_bytes,
+                      "latency_p50_ms": v.latency.p50_ms, "parity_top1_agreement": p.top1_agreement,
+                      "parity_max_abs": p.max_abs, "accuracy": p.accuracy, "accuracy_drop": p.accuracy_drop})
+    for recipe, reason in conversion_failures.items():
+        table.append({"recipe": recipe, "backend": INT8_RECIPES[recipe].backend, "chosen": False,
+                      "why_lost": f"conversion failed: {reason}", "status": "error", "size_bytes": None,
+                      "latency_p50_ms": None, "parity_top1_agreement": None, "parity_max_abs": None,
+                      "accuracy": None, "accuracy_drop": None})
     winner.file.details["int8_candidates"] = table
     return [v for v in variants if v.file.variant != "tflite-int8" or v is winner], table
 
@@ -163,14 +177,18 @@ def run_export(req: ExportRequest, *, progress: Progress = lambda msg: None) -> 
     from .report import write_plot, write_report
 
     started = time.perf_counter()
-    check_converter(req.converter)
+    converter = check_converter(req.converter)
     # Everything that can be rejected is rejected before any conversion starts.
-    pairs = plan(req.formats, req.quantize, has_calibration=req.calibration_dir is not None)
-    recipes = recipes_for(req.int8_strategy)
+    pairs = plan(req.formats, req.quantize, has_calibration=req.calibration_dir is not None, converter=converter)
+    recipes = recipes_for(req.int8_strategy or default_int8_strategy(converter))
     gates = gates_with_overrides(req.gate_overrides)
     check_opset(req.opset or DEFAULT_OPSET)
     calib = (list_images(req.calibration_dir, limit=req.calibration_limit, seed=req.calibration_seed)
              if req.calibration_dir else None)
+    if calib is not None and len(calib) < MIN_CALIBRATION_IMAGES:
+        raise InputError(f"only {len(calib)} usable calibration images in {calib.source}: int8 needs at least "
+                         f"{MIN_CALIBRATION_IMAGES} (50-200 representative images recommended); add images"
+                         + (" or raise --calibration-size" if req.calibration_limit else ""))
     evalset = read_image_folder(req.eval_dir) if req.eval_dir else None
     spec, model = req.loaded.spec, req.loaded.model
     pre = spec.preprocessing
@@ -210,24 +228,46 @@ def run_export(req: ExportRequest, *, progress: Progress = lambda msg: None) -> 
                 files.append(export_onnx_int8(onnx_file, req.out_dir, stem=req.stem, calibration=calib_x))
                 files[-1].details.update({"calibration": calibration_info})
         tflite_precisions = [p for f, p in pairs if f is Format.tflite]
+        conversion_failures: dict[str, str] = {}  # recipe -> why (auto only: one failed recipe is a lost candidate)
         if tflite_precisions:
+            from .exporters.litert_export import export_litert
             from .exporters.tflite_export import export_tflite, saved_model_from_onnx
 
-            progress("converting ONNX to a TF SavedModel (onnx2tf)")
-            saved = saved_model_from_onnx(onnx_file.path, spec, work)
+            int8_recipes = recipes if Precision.int8 in tflite_precisions else []
+            saved = None
+            if (converter == "onnx2tf" and any(p is not Precision.int8 for p in tflite_precisions)) or \
+                    any(r.backend == TF_BACKEND for r in int8_recipes):
+                progress("converting ONNX to a TF SavedModel (onnx2tf)")
+                saved = saved_model_from_onnx(onnx_file.path, spec, work)
             for precision in tflite_precisions:
                 if precision is not Precision.int8:
-                    progress(f"converting TFLite {precision.value}")
-                    files.append(export_tflite(saved, spec, req.out_dir, stem=req.stem, precision=precision))
+                    progress(f"converting TFLite {precision.value} ({converter})")
+                    files.append(export_litert(model, spec, req.out_dir, stem=req.stem, precision=precision)
+                                 if converter == "litert-torch" else
+                                 export_tflite(saved, spec, req.out_dir, stem=req.stem, precision=precision))
                     continue
-                for recipe in recipes:
-                    progress(f"converting TFLite int8 ({recipe.name})")
+                for n, recipe in enumerate(int8_recipes, 1):
+                    progress(f"converting TFLite int8 ({recipe.name}, {n}/{len(int8_recipes)})")
                     path = (req.out_dir / "int8_candidates" / f"{req.stem}_int8_{recipe.name}.tflite"
-                            if len(recipes) > 1 else None)
-                    exported = export_tflite(saved, spec, req.out_dir, stem=req.stem, precision=precision,
-                                             calibration=calib_x, recipe=recipe, path=path)
+                            if len(int8_recipes) > 1 else None)
+                    try:
+                        if recipe.backend == LITERT_BACKEND:
+                            exported = export_litert(model, spec, req.out_dir, stem=req.stem, precision=precision,
+                                                     calibration=calib_x, recipe=recipe, path=path)
+                        else:
+                            exported = export_tflite(saved, spec, req.out_dir, stem=req.stem, precision=precision,
+                                                     calibration=calib_x, recipe=recipe, path=path)
+                    except ExportError as exc:
+                        if len(int8_recipes) == 1:
+                            raise
+                        log.warning("int8 recipe %s failed: %s", recipe.name, exc)
+                        conversion_failures[recipe.name] = str(exc)
+                        continue
                     exported.details.update({"calibration": calibration_info})
                     files.append(exported)
+                if int8_recipes and len(conversion_failures) == len(int8_recipes):
+                    raise ExportError("every int8 recipe failed to convert: " +
+                                      "; ".join(f"{k}: {v}" for k, v in conversion_failures.items()))
 
     variants = []
     for f in files:
@@ -245,7 +285,7 @@ def run_export(req: ExportRequest, *, progress: Progress = lambda msg: None) -> 
         verdict = judge(f.variant, parity, gates[f.precision])
         variants.append(VariantResult(file=f, size_bytes=size_bytes(f.path), latency=timing, verdict=verdict))
 
-    variants, int8_candidates = _pick_int8(variants, req)
+    variants, int8_candidates = _pick_int8(variants, req, conversion_failures)
     result = ExportResult(spec=spec, stem=req.stem, out_dir=req.out_dir, variants=variants,
                           int8_candidates=int8_candidates,
                           pytorch_latency=pt_latency, pytorch_accuracy=pt_acc, validation=val_info,

@@ -47,7 +47,8 @@ class ExportOptions:
     experiment: str = DEFAULT_EXPERIMENT
     candidate_alias: str | None = CANDIDATE
     force: bool = False
-    int8_strategy: str = "tf-per-channel"
+    int8_strategy: str | None = None  # None: the converter's default recipe (see export.default_int8_strategy)
+    converter: str | None = None  # TFLite converter: onnx2tf (default) or litert-torch
 
     def settings_hash(self, calibration_sha: str | None) -> str:
         keep = {k: v for k, v in asdict(self).items() if k not in ("latency_runs", "threads", "force", "experiment")}
@@ -125,7 +126,7 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                                     formats=opts.formats, quantize=opts.quantize, calibration_dir=opts.calibration_dir,
                                     eval_dir=opts.eval_dir, opset=opts.opset, gate_overrides=opts.gate_overrides,
                                     latency_runs=opts.latency_runs, threads=opts.threads, dynamic_batch=dynamic_batch,
-                                    int8_strategy=opts.int8_strategy,
+                                    int8_strategy=opts.int8_strategy, converter=opts.converter,
                                     notes=notes)
                 try:
                     result = run_export(req, progress=progress)

@@ -57,14 +57,22 @@ def markdown(result: "ExportResult") -> str:
             f"{_fmt(r.get('parity_top1_agreement'), '.3f')} | {_fmt(r['accuracy'], '.1f')} | "
             f"{_fmt(r.get('accuracy_drop'), '.2f')} | {r['status']} |")
     if result.int8_candidates:
+        f32 = next((v for v in result.variants if v.file.variant == "tflite-float32"), None)
         lines += ["", "## int8 candidates (--int8-strategy auto)", "",
-                  "| recipe | size MB | latency ms | top-1 agree | accuracy % | drop pts | gate | result |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "Ranked by: passing the int8 gate, then accuracy on the labelled set (capped at the float32 "
+                  "model's: a gain over it is quantization noise), or top-1 agreement without labels, then "
+                  "latency, then size.", "",
+                  "| recipe | backend | size MB | latency ms | × TFLite fp32 | top-1 agree | accuracy % | drop pts "
+                  "| gate | result |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for c in result.int8_candidates:
-            lines.append(f"| {c['recipe']} | {c['size_bytes'] / 1e6:.2f} | {c['latency_p50_ms']:.2f} | "
-                         f"{c['parity_top1_agreement']:.3f} | {_fmt(c['accuracy'], '.1f')} | "
-                         f"{_fmt(c['accuracy_drop'], '.2f')} | {c['status']} | "
-                         f"{'chosen' if c['chosen'] else c['why_lost']} |")
+            ratio = (c["latency_p50_ms"] / f32.latency.p50_ms if f32 is not None and c["latency_p50_ms"]
+                     and f32.latency.p50_ms else None)
+            size = "-" if c["size_bytes"] is None else f"{c['size_bytes'] / 1e6:.2f}"
+            lines.append(f"| {c['recipe']} | {c.get('backend', '-')} | {size} | {_fmt(c['latency_p50_ms'], '.2f')} | "
+                         f"{_fmt(ratio, '.2f')} | {_fmt(c['parity_top1_agreement'], '.3f')} | "
+                         f"{_fmt(c['accuracy'], '.1f')} | {_fmt(c['accuracy_drop'], '.2f')} | {c['status']} | "
+                         f"{'**chosen**' if c['chosen'] else c['why_lost']} |")
     failures = result.failures
     if failures:
         lines += ["", "## Gate failures", ""] + [f"- {f}" for f in failures]

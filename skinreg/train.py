@@ -26,28 +26,36 @@ class TrainResult:
     epochs: int
 
 
-def _recalibrate_batchnorm(model, x, batch_size: int) -> None:
-    """Re-estimate BatchNorm running statistics with a cumulative average over the training images.
-    torchvision's MobileNetV3 uses BN momentum 0.01, so after a short run the running stats are still
-    near their initial values and eval-mode predictions collapse to one class."""
+def _recalibrate_batchnorm(model, x, max_batch: int = 256, seed: int = 0) -> None:
+    """Re-estimate BatchNorm running statistics from the training images, in one batch of up to
+    `max_batch` images. torchvision's MobileNetV3 uses BN momentum 0.01, so after a short run the
+    running stats are still near their initial values and eval-mode predictions collapse to one class.
+    Averaging the statistics of small batches is not enough either: it misses the spread between
+    batch means, and a briefly trained network leans on per-batch statistics. Measured on
+    EfficientNet-B0 trained 4 epochs on the demo data: recalibrated in batches of 16, eval accuracy
+    67 % with logits up to 4470; in one batch of 240, 96.5 % with logits up to 129."""
     import torch
 
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     momenta = [bn.momentum for bn in bns]
     for bn in bns:
         bn.reset_running_stats()
-        bn.momentum = None  # cumulative moving average
-    model.train()
+        bn.momentum = None  # cumulative moving average: with one batch, exactly that batch's statistics
+    if len(x) > max_batch:
+        x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:max_batch]]
+    # Only BatchNorm in train mode: dropout and stochastic depth (EfficientNet) must not be active while
+    # the statistics are measured, or they describe activations that eval mode never sees.
+    model.eval()
+    for bn in bns:
+        bn.train()
     with torch.no_grad():
-        for start in range(0, len(x), batch_size):
-            if len(x[start:start + batch_size]) > 1:
-                model(x[start:start + batch_size])
+        model(x)
     for bn, momentum in zip(bns, momenta):
         bn.momentum = momentum
 
 
 def train(data_dir: Path, *, arch: str = "tiny_cnn", input_size: int = 96, epochs: int = 8,
-          batch_size: int = 16, lr: float = 2e-3, seed: int = 0, threads: int = 2,
+          batch_size: int = 16, lr: float = 2e-3, seed: int = 0, threads: int = 2, label_smoothing: float = 0.0,
           progress: Callable[[str], None] = lambda msg: None) -> TrainResult:
     """data_dir holds train/ and val/ ImageFolders (see data.generate_demo_data)."""
     import torch
@@ -77,14 +85,14 @@ def train(data_dir: Path, *, arch: str = "tiny_cnn", input_size: int = 96, epoch
             flip = torch.rand(len(idx), generator=gen) < 0.5
             xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
             logits = model(xb)
-            loss = torch.nn.functional.cross_entropy(logits, yb)
+            loss = torch.nn.functional.cross_entropy(logits, yb, label_smoothing=label_smoothing)
             opt.zero_grad()
             loss.backward()
             opt.step()
             correct += int((logits.argmax(1) == yb).sum())
             seen += len(idx)
         progress(f"epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}, train acc {100 * correct / max(seen, 1):.1f}%")
-    _recalibrate_batchnorm(model, x_train, batch_size)
+    _recalibrate_batchnorm(model, x_train, seed=seed)
     model.eval()
     with torch.inference_mode():
         val_acc = float((model(x_val).argmax(1).numpy() == y_val).mean() * 100)

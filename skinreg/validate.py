@@ -103,13 +103,18 @@ class Candidate:
     why_lost: str = ""
 
     def quality(self) -> float:
+        """Accuracy in percent, capped at the float32 model's own: an int8 file that scores above the
+        model it approximates gained by quantization noise, not by quality, so it ties with the
+        faithful ones and latency decides. Without labels: top-1 agreement in percent."""
         p = self.verdict.parity
-        return p.accuracy if p.accuracy is not None else p.top1_agreement * 100
+        if p.accuracy is None:
+            return p.top1_agreement * 100
+        return min(p.accuracy, p.accuracy + (p.accuracy_drop or 0.0))
 
 
 def rank_candidates(candidates: list[Candidate]) -> list[Candidate]:
-    """Best first: passing its gate, then accuracy (agreement without labels), then latency, then
-    size. Every loser gets the reason it lost against the winner."""
+    """Best first: passing its gate, then accuracy (capped at the float32 model's; agreement without
+    labels), then latency, then size. Every loser gets the reason it lost against the winner."""
     ranked = sorted(candidates, key=lambda c: (not c.verdict.passed, -round(c.quality(), 6), c.latency_ms,
                                                c.size_bytes))
     best = ranked[0]
@@ -117,7 +122,8 @@ def rank_candidates(candidates: list[Candidate]) -> list[Candidate]:
         if not c.verdict.passed:
             c.why_lost = "failed its gate: " + "; ".join(c.verdict.failures)
         elif round(c.quality(), 6) < round(best.quality(), 6):
-            c.why_lost = f"lower accuracy/agreement ({c.quality():.2f} vs {best.quality():.2f})"
+            what = "accuracy" if c.verdict.parity.accuracy is not None else "top-1 agreement"
+            c.why_lost = f"lower {what} ({c.quality():.2f} vs {best.quality():.2f} %)"
         elif c.latency_ms > best.latency_ms:
             c.why_lost = f"slower ({c.latency_ms:.2f} vs {best.latency_ms:.2f} ms)"
         else:

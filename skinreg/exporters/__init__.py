@@ -50,22 +50,36 @@ FORMATS: dict[Format, FormatInfo] = {
 DEAD_CONVERTERS = {
     "onnx-tf": ("onnx-tf cannot run on current TensorFlow/onnx (onnx-tf 1.10 fails to import with "
                 "onnx>=1.16, and its tensorflow-addons dependency cannot import on TF 2.21); "
-                "skinreg converts ONNX -> TFLite with onnx2tf + the TF Lite converter instead"),
+                "skinreg converts to TFLite with onnx2tf + the TF Lite converter, or with litert-torch, instead"),
 }
 
 
-def check_converter(name: str | None) -> None:
+TFLITE_CONVERTERS = ("onnx2tf", "litert-torch")
+DEFAULT_TFLITE_CONVERTER = "onnx2tf"
+# litert-torch converts float32 and int8 (PT2E); float16 weights come only from the TF Lite converter.
+LITERT_TFLITE = FormatInfo(Format.tflite, (Precision.float32, Precision.int8), "litert-torch",
+                           default_extra=(Precision.int8,))
+
+
+def check_converter(name: str | None) -> str:
+    """The TFLite converter to use (default onnx2tf), or a one-line error naming the choices."""
     if name and name in DEAD_CONVERTERS:
         raise UnsupportedError(DEAD_CONVERTERS[name])
-    if name and name not in ("onnx2tf",):
-        raise UnsupportedError(f"unknown TFLite converter {name!r}: expected onnx2tf")
+    if name and name not in TFLITE_CONVERTERS:
+        raise UnsupportedError(f"unknown TFLite converter {name!r}: expected one of {', '.join(TFLITE_CONVERTERS)}")
+    return name or DEFAULT_TFLITE_CONVERTER
+
+
+def format_info(fmt: Format, converter: str | None = None) -> FormatInfo:
+    return LITERT_TFLITE if fmt is Format.tflite and converter == "litert-torch" else FORMATS[fmt]
 
 
 def variant_name(fmt: Format, precision: Precision) -> str:
     return "onnx" if fmt is Format.onnx and precision is Precision.float32 else f"{fmt.value}-{precision.value}"
 
 
-def plan(formats: list[Format], quantize: list[Precision], *, has_calibration: bool) -> list[tuple[Format, Precision]]:
+def plan(formats: list[Format], quantize: list[Precision], *, has_calibration: bool,
+         converter: str | None = None) -> list[tuple[Format, Precision]]:
     """Which (format, precision) pairs to export, checked before any work.
 
     float32 of every format is always made: it is the file the seed promises and the reference
@@ -77,12 +91,13 @@ def plan(formats: list[Format], quantize: list[Precision], *, has_calibration: b
         raise UnsupportedError("--quantize int8 needs calibration images: pass --calibration-dir DIR "
                                "with 50-200 representative JPG/PNG images")
     for p in quantize:
-        if not any(p in FORMATS[f].precisions for f in fmts):
+        if not any(p in format_info(f, converter).precisions for f in fmts):
+            hint = " with --converter litert-torch (use the default onnx2tf)" if converter == "litert-torch" else ""
             raise UnsupportedError(f"--quantize {p.value} is not supported for --format "
-                                   f"{'/'.join(f.value for f in fmts)}")
+                                   f"{'/'.join(f.value for f in fmts)}{hint}")
     pairs = []
     for fmt in fmts:
-        info = FORMATS[fmt]
+        info = format_info(fmt, converter)
         extra = quantize or [p for p in info.default_extra if p is not Precision.int8 or has_calibration]
         pairs += [(fmt, p) for p in dict.fromkeys([Precision.float32, *extra]) if p in info.precisions]
     return pairs

@@ -1,5 +1,7 @@
-"""Int8 recipes for TFLite, one table. `--int8-strategy auto` exports every recipe, validates each on
-the same images, and keeps the best that passes its gate (see validate.rank_candidates)."""
+"""Int8 recipes for TFLite across both backends, one table. `--int8-strategy auto` exports every
+recipe, validates each on the same images, and keeps the best that passes its gate
+(validate.rank_candidates: gate, then accuracy, then latency, then size). A named strategy exports
+that recipe only."""
 
 from __future__ import annotations
 
@@ -8,23 +10,39 @@ from dataclasses import dataclass
 from ..errors import UnsupportedError
 
 AUTO = "auto"
+TF_BACKEND = "onnx2tf+tf.lite"
+LITERT_BACKEND = "litert-torch"
 
 
 @dataclass(frozen=True)
 class Int8Recipe:
     name: str
-    backend: str
-    per_channel: bool
+    backend: str  # TF_BACKEND (from the onnx2tf SavedModel) or LITERT_BACKEND (from the PyTorch model)
+    per_channel: bool  # weights: one scale per output channel, or one per tensor
     description: str
+    observer: str = ""  # litert-torch activation calibration: "histogram" (its default) or "minmax"
+    float_ends: bool = False  # litert-torch: keep the first conv and the last linear layer in float
 
 
 INT8_RECIPES: dict[str, Int8Recipe] = {
     r.name: r
     for r in (
-        Int8Recipe("tf-per-channel", "onnx2tf+tf.lite", True,
+        Int8Recipe("tf-per-channel", TF_BACKEND, True,
                    "TF Lite converter, full-integer kernels, per-channel weights, float32 I/O"),
-        Int8Recipe("tf-per-tensor", "onnx2tf+tf.lite", False,
+        Int8Recipe("tf-per-tensor", TF_BACKEND, False,
                    "TF Lite converter, full-integer kernels, per-tensor weights, float32 I/O"),
+        Int8Recipe("litert-per-channel", LITERT_BACKEND, True,
+                   "litert-torch PT2E, per-channel weights, histogram-calibrated activations, float32 I/O",
+                   observer="histogram"),
+        Int8Recipe("litert-per-tensor", LITERT_BACKEND, False,
+                   "litert-torch PT2E, per-tensor weights, histogram-calibrated activations, float32 I/O",
+                   observer="histogram"),
+        Int8Recipe("litert-per-channel-minmax", LITERT_BACKEND, True,
+                   "litert-torch PT2E, per-channel weights, min/max-calibrated activations, float32 I/O",
+                   observer="minmax"),
+        Int8Recipe("litert-float-ends", LITERT_BACKEND, True,
+                   "litert-torch PT2E per-channel, first conv and classifier kept in float32", observer="histogram",
+                   float_ends=True),
     )
 }
 DEFAULT_RECIPE = "tf-per-channel"

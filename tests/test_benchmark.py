@@ -1,0 +1,32 @@
+"""`skinreg benchmark` on the tiny model: the printed ratios are the ones the export measured."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from skinreg.cli import app
+
+pytestmark = pytest.mark.slow
+
+
+def test_benchmark_prints_targets_computed_from_the_measured_report(tmp_path):
+    res = CliRunner().invoke(app, ["benchmark", "--arch", "tiny_cnn", "--input-size", "64", "--epochs", "2",
+                                   "--latency-runs", "3", "--int8-strategy", "litert-per-channel", "--no-opsets",
+                                   "--work-dir", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "benchmark.json").read_text())
+    report = json.loads((tmp_path / "tiny_cnn" / "export" / "tiny_cnn_report.json").read_text())
+    rows = {r["variant"]: r for r in report["variants"]}
+    targets = {t["name"].split(" (")[0]: t for t in summary["models"][0]["targets"]}
+    assert targets["TFLite int8 size / TFLite fp32"]["measured"] == pytest.approx(
+        rows["tflite-int8"]["size_bytes"] / rows["tflite-float32"]["size_bytes"])
+    assert targets["TFLite int8 latency / TFLite fp32"]["measured"] == pytest.approx(
+        rows["tflite-int8"]["latency_p50_ms"] / rows["tflite-float32"]["latency_p50_ms"])
+    agreement = targets["int8 top-1 agreement with PyTorch"]
+    assert agreement["measured"] == rows["tflite-int8"]["parity_top1_agreement"]
+    assert agreement["met"] == (agreement["measured"] >= 0.97)
+    assert rows["tflite-int8"]["converter"] == "litert-torch"
+    assert "| int8 accuracy drop (points, held-out set) |" in res.stdout and "# tiny_cnn" in res.stdout

@@ -1,0 +1,149 @@
+"""The second TFLite backend (litert-torch, PyTorch -> TFLite directly) and the int8 recipes across both
+backends, on the tiny trained model: real conversions, run in the real ai_edge_litert interpreter."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from ai_edge_litert.interpreter import Interpreter
+from typer.testing import CliRunner
+
+from skinreg.cli import app
+from skinreg.exporters.int8_recipes import INT8_RECIPES
+from skinreg.models import load_checkpoint
+from skinreg.preprocess import Preprocessing
+from skinreg.runtime import TFLiteRunner, TorchRunner
+
+runner = CliRunner()
+pytestmark = pytest.mark.slow
+
+
+def _io(path) -> tuple[list, list]:
+    it = Interpreter(model_path=str(path))
+    return ([(d["dtype"], tuple(d["shape"])) for d in it.get_input_details()],
+            [(d["dtype"], tuple(d["shape"])) for d in it.get_output_details()])
+
+
+def _weights(path) -> list[dict]:
+    """Convolution kernels stored in the file: 4-D constant tensors (OHWI in TFLite)."""
+    it = Interpreter(model_path=str(path))
+    return [d for d in it.get_tensor_details() if len(d["shape"]) == 4 and d["shape"][0] > 1
+            and d["dtype"] in (np.int8, np.float32) and (d["shape"][-1] == 3 or d["dtype"] == np.int8)
+            and "serving_default" not in d["name"]]
+
+
+def _agreement(path, trained, x) -> float:
+    ref = TorchRunner(trained.loaded.model).logits(x)
+    return float((TFLiteRunner(path).logits(x).argmax(1) == ref.argmax(1)).mean())
+
+
+@pytest.fixture(scope="module")
+def litert_export(trained_ckpt, demo_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("litert")
+    res = runner.invoke(app, ["export", "--checkpoint", str(trained_ckpt), "--converter", "litert-torch",
+                              "--format", "tflite", "--calibration-dir", str(demo_data / "calibration"),
+                              "--eval-dir", str(demo_data / "val"), "--output-dir", str(out), "--latency-runs", "3"])
+    assert res.exit_code == 0, res.output
+    return out, json.loads((out / "skin_classifier_report.json").read_text())
+
+
+def test_litert_backend_makes_float32_and_int8_with_the_mobile_contract(litert_export, trained, demo_data):
+    out, report = litert_export
+    rows = {r["variant"]: r for r in report["variants"]}
+    # float16 weights come only from the TF Lite converter: litert-torch's default extra is int8 alone
+    assert set(rows) == {"pytorch", "tflite-float32", "tflite-int8"}
+    for variant in ("tflite-float32", "tflite-int8"):
+        assert rows[variant]["converter"] == "litert-torch" and rows[variant]["status"] == "passed"
+    for name in ("skin_classifier.tflite", "skin_classifier_int8.tflite"):
+        assert _io(out / name) == ([(np.float32, (1, 64, 64, 3))], [(np.float32, (1, 4))]), name
+        pre = Preprocessing.load_file(out / name.replace(".tflite", ".json"))
+        assert pre.layout == "NHWC" and pre.input_size == 64
+    assert rows["tflite-float32"]["parity_max_abs"] < 1e-3 and rows["tflite-float32"]["parity_top1_agreement"] == 1.0
+    assert rows["tflite-int8"]["details"]["int8_recipe"] == "litert-per-channel"
+    assert rows["tflite-int8"]["size_bytes"] < 0.5 * rows["tflite-float32"]["size_bytes"]
+    # really int8 inside: the kernels are stored as int8, with float32 only at the graph's ends
+    kernels = _weights(out / "skin_classifier_int8.tflite")
+    assert kernels and all(k["dtype"] == np.int8 for k in kernels)
+    # and the numbers are the report's: recomputed here with the real interpreter
+    x = Preprocessing(input_size=64).batch(sorted((demo_data / "val").rglob("*.png"))[:40])
+    assert _agreement(out / "skin_classifier_int8.tflite", trained, x) >= 0.9
+
+
+@pytest.mark.parametrize("recipe", list(INT8_RECIPES))
+def test_each_named_int8_strategy_exports_that_recipe(recipe, trained_ckpt, trained, demo_data, tmp_path):
+    res = runner.invoke(app, ["export", "--checkpoint", str(trained_ckpt), "--format", "tflite", "--quantize", "int8",
+                              "--int8-strategy", recipe, "--calibration-dir", str(demo_data / "calibration"),
+                              "--calibration-size", "24", "--output-dir", str(tmp_path), "--latency-runs", "2"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "skin_classifier_report.json").read_text())
+    rows = {r["variant"]: r for r in report["variants"]}
+    assert report["int8_candidates"] == [] and not (tmp_path / "int8_candidates").exists()
+    assert rows["tflite-int8"]["details"]["int8_recipe"] == recipe
+    assert rows["tflite-int8"]["converter"] == INT8_RECIPES[recipe].backend
+    path = tmp_path / "skin_classifier_int8.tflite"
+    assert _io(path) == ([(np.float32, (1, 64, 64, 3))], [(np.float32, (1, 4))])
+    kernels = _weights(path)
+    int8 = [k for k in kernels if k["dtype"] == np.int8]
+    scales = [len(k["quantization_parameters"]["scales"]) for k in int8]
+    assert int8, "no int8 convolution kernels in the file"
+    if INT8_RECIPES[recipe].per_channel:  # one scale per output channel
+        assert all(n == k["shape"][0] for n, k in zip(scales, int8)), scales
+    else:
+        assert set(scales) == {1}, scales
+    first_conv_float = any(k["dtype"] == np.float32 and k["shape"][-1] == 3 for k in kernels)
+    assert first_conv_float == INT8_RECIPES[recipe].float_ends
+    x = Preprocessing(input_size=64).batch(sorted((demo_data / "val").rglob("*.png"))[:40])
+    assert _agreement(path, trained, x) >= 0.85, recipe
+
+
+def test_auto_strategy_ranks_every_recipe_of_both_backends(trained_ckpt, demo_data, tmp_path):
+    res = runner.invoke(app, ["export", "--checkpoint", str(trained_ckpt), "--format", "tflite", "--quantize", "int8",
+                              "--int8-strategy", "auto", "--calibration-dir", str(demo_data / "calibration"),
+                              "--eval-dir", str(demo_data / "val"), "--output-dir", str(tmp_path), "--latency-runs", "3"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "skin_classifier_report.json").read_text())
+    cands = report["int8_candidates"]
+    assert {c["recipe"] for c in cands} == set(INT8_RECIPES)
+    assert {c["backend"] for c in cands} == {"onnx2tf+tf.lite", "litert-torch"}
+    chosen = [c for c in cands if c["chosen"]]
+    assert len(chosen) == 1 and chosen[0] is cands[0] and chosen[0]["status"] == "passed"
+    assert all(c["why_lost"] for c in cands[1:])
+    int8_row = next(r for r in report["variants"] if r["variant"] == "tflite-int8")
+    assert int8_row["details"]["int8_recipe"] == chosen[0]["recipe"]
+    assert int8_row["size_bytes"] == chosen[0]["size_bytes"] == (tmp_path / "skin_classifier_int8.tflite").stat().st_size
+    for c in cands:
+        assert (tmp_path / "int8_candidates" / f"skin_classifier_int8_{c['recipe']}.tflite").is_file()
+    # the ranking the report states: passing first, then capped accuracy, then latency
+    passing = [c for c in cands if c["status"] == "passed"]
+    ref_acc = next(r for r in report["variants"] if r["variant"] == "pytorch")["accuracy"]
+    capped = [min(c["accuracy"], ref_acc) for c in passing]
+    assert capped == sorted(capped, reverse=True)
+    assert "## int8 candidates" in res.stdout and "**chosen**" in res.stdout and "litert-torch" in res.stdout
+
+
+def test_int8_conversion_leaves_the_pytorch_model_unchanged(trained_ckpt, demo_data, tmp_path):
+    """PT2E folds BatchNorm into convolutions of the exported graph: the PyTorch model that the
+    variants are validated against must not change underneath."""
+    from skinreg.exporters.litert_export import convert_int8
+
+    loaded = load_checkpoint(trained_ckpt)
+    x = Preprocessing(input_size=64).batch(sorted((demo_data / "val").rglob("*.png"))[:8])
+    before = TorchRunner(loaded.model).logits(x)
+    convert_int8(loaded.model, 64, 4, x, per_channel=True)
+    np.testing.assert_array_equal(TorchRunner(loaded.model).logits(x), before)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--converter", "litert-torch", "--quantize", "float16"],
+     "--quantize float16 is not supported for --format tflite with --converter litert-torch"),
+    (["--converter", "tflite-magic"], "unknown TFLite converter 'tflite-magic': expected one of onnx2tf, litert-torch"),
+])
+def test_litert_bad_input_is_one_clear_line(trained_ckpt, tmp_path, args, message):
+    res = runner.invoke(app, ["export", "--checkpoint", str(trained_ckpt), "--format", "tflite",
+                              "--output-dir", str(tmp_path), *args])
+    assert res.exit_code != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], res.stderr
+    assert list(tmp_path.iterdir()) == []
