@@ -50,7 +50,7 @@ def opset_latencies(loaded, out_dir: Path, opsets: tuple[int, ...] = (11, 13, 17
     return out
 
 
-def run(*, archs: tuple[str, ...] = DEFAULT_ARCHS, input_size: int = 224, epochs: int = 2, latency_runs: int = 50,
+def run(*, archs: tuple[str, ...] = DEFAULT_ARCHS, input_size: int = 224, epochs: int = 4, latency_runs: int = 50,
         int8_strategy: str = "auto", opsets: bool = True, work_dir: Path | None = None,
         progress: Callable[[str], None] = lambda m: None) -> dict:
     from .data import generate_demo_data
@@ -121,6 +121,8 @@ def run_one(arch: str, *, data: Path, work: Path, input_size: int, epochs: int, 
 def _num(value: float | None, unit: str) -> str:
     if value is None:
         return "-"
+    if unit == "%":
+        return f"{value:.1f}"
     return f"{value:.3f}" if unit == "" else f"{value:.2f}{unit}"
 
 
@@ -142,14 +144,15 @@ def format_summary(summary: dict) -> str:
         lines.append("")
     if len(summary["models"]) > 1:  # every candidate recipe of every model, in one table
         lines += ["# int8 recipes, all models", "",
-                  "| model | recipe | backend | size MB | latency ms | top-1 agree | accuracy % | drop pts | gate | result |",
+                  "| model | recipe | backend | size MB | latency ms (side by side) | top-1 agree | accuracy % | drop pts "
+                  "| gate | result |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for m in summary["models"]:
             for c in m["int8_candidates"]:
                 size = "-" if c["size_bytes"] is None else f"{c['size_bytes'] / 1e6:.2f}"
                 lines.append(f"| {m['arch']} | {c['recipe']} | {c['backend']} | {size} | "
-                             f"{_num(c['latency_p50_ms'], ' ')} | {_num(c['parity_top1_agreement'], '')} | "
-                             f"{_num(c['accuracy'], ' ')} | {_num(c['accuracy_drop'], ' ')} | {c['status']} | "
+                             f"{_num(c['latency_p50_ms'], '')} | {_num(c['parity_top1_agreement'], '')} | "
+                             f"{_num(c['accuracy'], '%')} | {_num(c['accuracy_drop'], '')} | {c['status']} | "
                              f"{'chosen' if c['chosen'] else c['why_lost']} |")
         lines.append("")
     return "\n".join(lines)

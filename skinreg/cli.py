@@ -298,7 +298,7 @@ def demo_cmd(
 def benchmark_cmd(
     arch: Annotated[list[str], typer.Option(help="Architecture to benchmark (repeatable).")] = [],
     input_size: Annotated[int, typer.Option()] = 224,
-    epochs: Annotated[int, typer.Option()] = 2,
+    epochs: Annotated[int, typer.Option(help="Training epochs (4 reach ~97 % val on the demo data).")] = 4,
     latency_runs: Annotated[int, typer.Option()] = 50,
     int8_strategy: Annotated[str, typer.Option(help="int8 recipe(s) to compare; auto = all of them.")] = "auto",
     opsets: Annotated[bool, typer.Option(help="Also time ONNX opsets 11/13/17.")] = True,

@@ -20,7 +20,7 @@ from .enums import Format, Precision
 from .errors import ExportError, GateError, InputError
 from .exporters import ExportedFile, check_converter, plan
 from .exporters.int8_recipes import DEFAULT_RECIPE, LITERT_BACKEND, TF_BACKEND, recipes_for
-from .measure import Latency, latency, size_bytes
+from .measure import Latency, interleaved_latency, latency, size_bytes
 from .models import LoadedModel
 from .runtime import DEFAULT_THREADS, OnnxRunner, TFLiteRunner, TorchRunner
 from .validate import Candidate, Parity, Verdict, compare, gates_with_overrides, judge, rank_candidates
@@ -285,6 +285,17 @@ def run_export(req: ExportRequest, *, progress: Progress = lambda msg: None) -> 
         verdict = judge(f.variant, parity, gates[f.precision])
         variants.append(VariantResult(file=f, size_bytes=size_bytes(f.path), latency=timing, verdict=verdict))
 
+    contenders = [v for v in variants if v.file.variant == "tflite-int8" and v.passed]
+    if len(contenders) > 1:
+        # Candidates are ranked on latency: time them (and TFLite float32, their reference) side by side.
+        progress(f"timing {len(contenders)} passing int8 candidates side by side")
+        timed = [v for v in variants if v.file.variant == "tflite-float32" and v.passed] + contenders
+        runners = {str(v.file.path): TFLiteRunner(v.file.path, threads=req.threads) for v in timed}
+        fresh = interleaved_latency(runners, x_val[:1], runs=req.latency_runs)
+        for v in timed:
+            v.latency = fresh[str(v.file.path)]
+        notes.append(f"TFLite float32 and the {len(contenders)} passing int8 candidates were timed side by side "
+                     f"(interleaved in rounds), so their latencies compare with each other.")
     variants, int8_candidates = _pick_int8(variants, req, conversion_failures)
     result = ExportResult(spec=spec, stem=req.stem, out_dir=req.out_dir, variants=variants,
                           int8_candidates=int8_candidates,

@@ -246,6 +246,13 @@ def _variant_tags(ref: VersionRef, v: Any, run_id: str, settings: str, dynamic_b
     if p.accuracy is not None:
         tags[TAG + "accuracy"] = f"{p.accuracy:.2f}"
         tags[TAG + "accuracy_drop"] = f"{p.accuracy_drop:.2f}"
+    details = v.file.details
+    if details.get("int8_recipe"):
+        tags[TAG + "int8_recipe"] = details["int8_recipe"]
+    calibration = details.get("calibration") or {}
+    for key in ("count", "file_list_sha256", "source", "seed"):  # the calibration set, recorded with the variant
+        if calibration.get(key) is not None:
+            tags[f"{TAG}calibration.{key}"] = calibration[key]
     return tags
 
 

@@ -235,3 +235,22 @@ def test_mlflow_models_serve_answers_the_documented_request_body(exported, train
     finally:
         os.killpg(proc.pid, 9)
         proc.wait()
+
+
+def test_litert_backend_variants_register_with_recipe_and_calibration_and_serve(tracking, trained, demo_data):
+    uri = register(trained, demo_data, name="lt")
+    res = export_version(uri, full_options(demo_data, formats=["tflite"], converter="litert-torch"))
+    assert res.status == "passed" and set(res.variants) == {"tflite-float32", "tflite-int8"}
+    client = MlflowClient()
+    t = client.get_model_version("lt-tflite-int8", "1").tags
+    assert t["skinreg.converter"] == "litert-torch" and t["skinreg.int8_recipe"] == "litert-per-channel"
+    assert t["skinreg.calibration.source"] == str(demo_data / "calibration")
+    assert int(t["skinreg.calibration.count"]) == len(list((demo_data / "calibration").rglob("*.png")))
+    assert len(t["skinreg.calibration.file_list_sha256"]) == 64
+    images = sorted((demo_data / "val").rglob("*.png"))[::6]
+    x = trained.loaded.spec.preprocessing.batch(images)
+    with torch.inference_mode():
+        ref = trained.loaded.model(torch.from_numpy(x)).numpy()
+    pyfunc = mlflow.pyfunc.load_model("models:/lt-tflite-int8@candidate")
+    got = pyfunc.predict(x.transpose(0, 2, 3, 1))
+    assert got.shape == ref.shape and (got.argmax(1) == ref.argmax(1)).mean() >= 0.9
