@@ -23,8 +23,11 @@ def test_benchmark_prints_targets_computed_from_the_measured_report(tmp_path):
     targets = {t["name"].split(" (")[0]: t for t in summary["models"][0]["targets"]}
     assert targets["TFLite int8 size / TFLite fp32"]["measured"] == pytest.approx(
         rows["tflite-int8"]["size_bytes"] / rows["tflite-float32"]["size_bytes"])
-    assert targets["TFLite int8 latency / TFLite fp32"]["measured"] == pytest.approx(
-        rows["tflite-int8"]["latency_p50_ms"] / rows["tflite-float32"]["latency_p50_ms"])
+    ms = summary["models"][0]["side_by_side_p50_ms"]  # every runtime re-timed side by side for the ratios
+    assert set(ms) == {"pytorch", "onnx", "tflite-float32", "tflite-float16", "tflite-int8"}
+    assert all(v > 0 for v in ms.values())
+    assert targets["TFLite int8 latency / TFLite fp32"]["measured"] == pytest.approx(ms["tflite-int8"] / ms["tflite-float32"])
+    assert targets["ONNX Runtime fp32 latency / PyTorch eager"]["measured"] == pytest.approx(ms["onnx"] / ms["pytorch"])
     agreement = targets["int8 top-1 agreement with PyTorch"]
     assert agreement["measured"] == rows["tflite-int8"]["parity_top1_agreement"]
     assert agreement["met"] == (agreement["measured"] >= 0.97)

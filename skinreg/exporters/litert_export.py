@@ -100,8 +100,10 @@ def _check_contract(tflite: bytes, size: int, num_classes: int) -> None:
 
 
 def _nhwc_module(model: Any):
+    import torch
+
     litert_torch = _import_litert()
-    if not isinstance(model, __import__("torch").fx.GraphModule):
+    if not isinstance(model, torch.fx.GraphModule):  # torch.export graphs refuse .eval() and need none
         model = model.eval()
     return litert_torch.to_channel_last_io(model, args=[0]).eval()
 
