@@ -64,6 +64,9 @@ def side_by_side(model, result, *, runs: int) -> dict[str, float]:
     for v in result.variants:
         runners[v.file.variant] = (OnnxRunner if v.file.format is Format.onnx else TFLiteRunner)(v.file.path,
                                                                                                 threads=threads)
+    int8 = next(v for v in result.variants if v.file.variant == "tflite-int8")
+    # the int8 file once more without XNNPACK: shows whether the int8 numbers above are the delegate's
+    runners["tflite-int8 (no XNNPACK)"] = TFLiteRunner(int8.file.path, threads=threads, default_delegates=False)
     size = result.spec.preprocessing.input_size
     x1 = np.random.default_rng(0).normal(size=(1, 3, size, size)).astype(np.float32)
     return {name: lat.p50_ms for name, lat in interleaved_latency(runners, x1, runs=runs).items()}

@@ -72,10 +72,13 @@ class TFLiteRunner:
 
     name = "tflite"
 
-    def __init__(self, path: Path | str, *, threads: int = DEFAULT_THREADS) -> None:
-        from ai_edge_litert.interpreter import Interpreter
+    def __init__(self, path: Path | str, *, threads: int = DEFAULT_THREADS, default_delegates: bool = True) -> None:
+        """default_delegates=False: builtin kernels only, no XNNPACK (to check that the delegate is used)."""
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-        self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
+        resolver = OpResolverType.AUTO if default_delegates else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        self.interpreter = Interpreter(model_path=str(path), num_threads=threads,
+                                       experimental_op_resolver_type=resolver)
         self.interpreter.allocate_tensors()
         self.inp = self.interpreter.get_input_details()[0]
         self.out = self.interpreter.get_output_details()[0]

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..enums import Format, Precision
+from ..enums import Precision
 from ..errors import ExportError
 from ..models import ModelSpec
 from . import ExportedFile
@@ -203,7 +203,7 @@ def export_litert(model: Any, spec: ModelSpec, out_dir: Path, *, stem: str, prec
                   calibration: np.ndarray | None = None, recipe: Any = None, path: Path | None = None) -> ExportedFile:
     """float32 or int8 TFLite straight from the PyTorch model. calibration: preprocessed NCHW float32
     images; recipe: an Int8Recipe (per-channel, observer, float layers)."""
-    from .tflite_export import tflite_path
+    from .tflite_export import tflite_path, write_tflite
 
     size, n = spec.preprocessing.input_size, spec.num_classes
     details: dict[str, Any] = {}
@@ -224,10 +224,5 @@ def export_litert(model: Any, spec: ModelSpec, out_dir: Path, *, stem: str, prec
     else:
         raise ExportError(f"litert-torch makes float32 and int8 TFLite here, not {precision.value}: "
                           "use the onnx2tf route (the default --converter) for float16")
-    path = path or tflite_path(out_dir, stem, precision)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    sidecar = path.with_suffix(".json")
-    spec.preprocessing.with_layout("NHWC").save(sidecar)
-    return ExportedFile(path=path, format=Format.tflite, precision=precision, converter=CONVERTER,
-                        converter_version=_versions(), sidecar=sidecar, details=details)
+    return write_tflite(data, spec, path or tflite_path(out_dir, stem, precision), precision=precision,
+                        converter=CONVERTER, converter_version=_versions(), details=details)

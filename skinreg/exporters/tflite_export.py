@@ -137,11 +137,16 @@ def export_tflite(saved_model: Path, spec: ModelSpec, out_dir: Path, *, stem: st
             details["int8_recipe"] = recipe.name
     data = convert(saved_model, precision, representative=representative,
                    per_channel=recipe.per_channel if recipe is not None else True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = path or tflite_path(out_dir, stem, precision)
+    return write_tflite(data, spec, path or tflite_path(out_dir, stem, precision), precision=precision,
+                        converter=CONVERTER, converter_version=_versions(), details=details)
+
+
+def write_tflite(data: bytes, spec: ModelSpec, path: Path, *, precision: Precision, converter: str,
+                 converter_version: str, details: dict) -> ExportedFile:
+    """Both TFLite backends end here: the file, and its NHWC preprocessing JSON beside it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     sidecar = path.with_suffix(".json")
     spec.preprocessing.with_layout("NHWC").save(sidecar)
-    return ExportedFile(path=path, format=Format.tflite, precision=precision, converter=CONVERTER,
-                        converter_version=_versions(), sidecar=sidecar, details=details)
+    return ExportedFile(path=path, format=Format.tflite, precision=precision, converter=converter,
+                        converter_version=converter_version, sidecar=sidecar, details=details)
