@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from skinreg.errors import SkinregError
+from skinreg.errors import SkinregError, first_line
 from skinreg.registry import TAG, Registry, VersionRef
 
 from .config import HooksConfig
@@ -132,5 +132,5 @@ def reconcile_forever(cfg: HooksConfig, queue: JobQueue, stop: threading.Event) 
             if report.queued:
                 log.info("reconcile: queued %d job(s)", len(report.queued))
         except Exception as exc:  # the registry may be down; the next round tries again
-            log.warning("reconcile failed: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            log.warning("reconcile failed: %s", first_line(exc))
         stop.wait(cfg.reconcile_interval_s)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
-from skinreg.errors import CheckpointError, ExportError, InputError, SkinregError, UnsupportedError
+from skinreg.errors import CheckpointError, ExportError, InputError, SkinregError, UnsupportedError, first_line
 from skinreg.registry import TAG, Registry, VersionRef
 
 from .config import Executor, HooksConfig
@@ -277,7 +277,7 @@ class Worker:
         except Exception as exc:
             permanent = isinstance(exc, PERMANENT)
             delay = min(self.cfg.backoff_s * 2 ** max(job.attempts - 1, 0), self.cfg.backoff_max_s)
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            msg = first_line(exc)
             state = self.queue.fail(job.id, self.owner, error=f"{type(exc).__name__}: {msg}",
                                     retry_in=None if permanent else delay)
             level = logging.ERROR if state == "dead" else logging.WARNING

@@ -39,6 +39,54 @@ class ImageSet:
     def file_list_sha256(self) -> str:
         return hashlib.sha256("\n".join(str(p) for p in self.paths).encode()).hexdigest()
 
+    def content_sha256(self) -> str:
+        """sha256 over each image's path relative to the set's root and the sha256 of its bytes: two sets
+        with the same names but other pixels (or moved to another folder) are told apart correctly."""
+        root = Path(self.source) if self.source else None
+        h = hashlib.sha256()
+        for p in self.paths:
+            rel = p.relative_to(root) if root is not None and p.is_relative_to(root) else p.name
+            h.update(f"{rel}\0{hashlib.sha256(p.read_bytes()).hexdigest()}\n".encode())
+        return h.hexdigest()
+
+    def classes(self) -> list[str | None]:
+        """Each image's class: its label's folder name for an ImageFolder, else the first folder under
+        the set's root (calibration sets are often laid out by class too), else None."""
+        if self.labels is not None and self.class_names:
+            return [self.class_names[label] for label in self.labels]
+        out: list[str | None] = []
+        for p in self.paths:
+            parts = p.relative_to(self.source).parts if self.source and p.is_relative_to(self.source) else ()
+            out.append(parts[0] if len(parts) > 1 else None)
+        return out
+
+
+def stratified_sample(images: ImageSet, cap: int, *, seed: int = 0) -> tuple[list[int], dict[str, int]]:
+    """Indices of at most `cap` images, drawn per class in proportion to the class sizes (every class
+    present gets at least one while the cap allows), seeded; plus the per-class counts drawn.
+
+    Never the first N of a class-sorted list: that would validate on the first classes only."""
+    classes = [c or "(unlabelled)" for c in images.classes()]
+    by_class: dict[str, list[int]] = {}
+    for i, c in enumerate(classes):
+        by_class.setdefault(c, []).append(i)
+    if len(classes) <= cap:
+        return list(range(len(classes))), {c: len(ix) for c, ix in sorted(by_class.items())}
+    rng = random.Random(seed)
+    total = len(classes)
+    quota = {c: max(1, (len(ix) * cap) // total) for c, ix in by_class.items()}
+    while sum(quota.values()) > cap:  # more classes than the cap: drop from the largest quotas
+        quota[max(quota, key=lambda c: (quota[c], c))] -= 1
+    spare = sorted(by_class, key=lambda c: (-(len(by_class[c]) * cap / total - quota[c]), c))
+    for c in spare:  # hand out what rounding left, largest remainder first
+        if sum(quota.values()) >= cap:
+            break
+        if quota[c] < len(by_class[c]):
+            quota[c] += 1
+    chosen = sorted(i for c, ix in by_class.items() for i in rng.sample(ix, quota[c]))
+    counts = {c: quota[c] for c in sorted(by_class) if quota[c]}
+    return chosen, counts
+
 
 def _decodable(path: Path) -> str | None:
     from PIL import Image

@@ -15,10 +15,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .data import ImageSet, list_images, read_image_folder, synthetic_images
+from .data import ImageSet, list_images, read_image_folder, stratified_sample, synthetic_images
 from .enums import Format, Precision
-from .errors import ExportError, GateError, InputError
-from .exporters import ExportedFile, check_converter, plan
+from .errors import ExportError, GateError, InputError, first_line
+from .exporters import ExportedFile, check_converter, file_sha256, plan
 from .exporters.int8_recipes import DEFAULT_RECIPE, LITERT_BACKEND, TF_BACKEND, recipes_for
 from .measure import Latency, interleaved_latency, latency, size_bytes
 from .models import LoadedModel
@@ -51,6 +51,7 @@ class ExportRequest:
     converter: str | None = None  # TFLite converter: onnx2tf (default) or litert-torch
     int8_strategy: str | None = None  # a recipe name, or "auto"; None: the converter's own default recipe
     max_validation_images: int = 200
+    validation_seed: int = 0  # of the stratified sample when a set is larger than max_validation_images
     dynamic_batch: bool = True  # False for a pt2 GraphModule whose batch was fixed at 1 when logged
     notes: list[str] = field(default_factory=list)
 
@@ -61,8 +62,8 @@ class VariantResult:
     size_bytes: int
     latency: Latency
     verdict: Verdict
+    logits: np.ndarray | None = None  # the validated outputs on ExportResult.x_val (the consumer check's reference)
     model_uri: str | None = None  # set once logged to MLflow
-    sha256: str | None = None  # of the file as stored in MLflow
 
     @property
     def passed(self) -> bool:
@@ -85,15 +86,29 @@ class ExportResult:
     report_md: Path | None = None
     plot_png: Path | None = None
     notes: list[str] = field(default_factory=list)
+    x_val: np.ndarray | None = None  # the preprocessed validation images (NCHW float32)
+    val_images: list[Any] = field(default_factory=list)  # the same images as paths or HWC arrays
+    consumer_checks: dict[str, Any] = field(default_factory=dict)  # variant -> ConsumerCheck, after registration
+    gates: dict[Precision, Any] = field(default_factory=dict)
 
     @property
     def failures(self) -> list[str]:
-        return [f for v in self.variants for f in v.verdict.failures]
+        return [f for v in self.variants for f in v.verdict.failures] + \
+            [f for c in self.consumer_checks.values() for f in c.failures]
 
 
 def _validation_set(req: ExportRequest, calib: ImageSet | None, evalset: ImageSet | None
-                    ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+                    ) -> tuple[list[Any], np.ndarray | None, dict[str, Any]]:
+    """The images every variant is judged on (paths, or arrays for the synthetic set), their labels, and
+    what to report about them. Above the cap, a seeded sample stratified by class (see
+    data.stratified_sample): never the first N of a class-sorted list."""
     pre = req.loaded.spec.preprocessing
+    source = evalset if evalset is not None else calib
+    if source is None:
+        images = synthetic_images(SYNTHETIC_VALIDATION_IMAGES, pre.input_size, seed=1234)  # a fixed set
+        return images, None, {"source": "synthetic (fixed seed)", "count": len(images), "labelled": False,
+                              "available": len(images), "cap": req.max_validation_images}
+    labels = None
     if evalset is not None:
         labels = np.asarray(evalset.labels)
         model_labels = list(pre.labels)
@@ -102,13 +117,12 @@ def _validation_set(req: ExportRequest, calib: ImageSet | None, evalset: ImageSe
         elif len(evalset.class_names or ()) != req.loaded.spec.num_classes:
             raise InputError(f"--eval-dir has {len(evalset.class_names)} class folders but the model has "
                              f"{req.loaded.spec.num_classes} classes; use one folder per model class")
-        paths = evalset.paths[: req.max_validation_images]
-        return pre.batch(paths), labels[: len(paths)], {"source": evalset.source, "count": len(paths), "labelled": True}
-    if calib is not None:
-        paths = calib.paths[: req.max_validation_images]
-        return pre.batch(paths), None, {"source": calib.source, "count": len(paths), "labelled": False}
-    images = synthetic_images(SYNTHETIC_VALIDATION_IMAGES, pre.input_size, seed=1234)  # a fixed set
-    return pre.batch(images), None, {"source": "synthetic (fixed seed)", "count": len(images), "labelled": False}
+    chosen, per_class = stratified_sample(source, req.max_validation_images, seed=req.validation_seed)
+    info = {"source": source.source, "count": len(chosen), "labelled": labels is not None,
+            "available": len(source), "cap": req.max_validation_images, "seed": req.validation_seed,
+            "sampling": "all" if len(chosen) == len(source) else "stratified by class, seeded",
+            "per_class": per_class}
+    return [source.paths[i] for i in chosen], (labels[chosen] if labels is not None else None), info
 
 
 def _calibration_classes(calib: ImageSet, labels: list[str]) -> dict[str, int] | None:
@@ -126,6 +140,15 @@ def _calibration_classes(calib: ImageSet, labels: list[str]) -> dict[str, int] |
         raise InputError(f"calibration images in {root} are all of class {only!r}: expected images from several of "
                          f"the {len(labels)} classes; pass --calibration-dir with a representative mix")
     return counts
+
+
+def _check_untouched(files: list[ExportedFile]) -> None:
+    """Every shipped file is written once: a file whose bytes changed since (a converter rewrote its input,
+    as onnx2tf does with onnxsim) is an error, never a silently different artifact."""
+    for f in files:
+        if f.sha256 and file_sha256(f.path) != f.sha256:
+            raise ExportError(f"{f.path.name} changed after it was written and validated (sha256 differs): a "
+                              "converter modified a shipped file; report this as a skinreg bug")
 
 
 def default_int8_strategy(converter: str | None) -> str:
@@ -194,7 +217,8 @@ def run_export(req: ExportRequest, *, progress: Progress = lambda msg: None) -> 
     pre = spec.preprocessing
 
     progress(f"preparing validation images ({'eval' if evalset else 'calibration' if calib else 'synthetic'})")
-    x_val, y_val, val_info = _validation_set(req, calib, evalset)
+    val_images, y_val, val_info = _validation_set(req, calib, evalset)
+    x_val = pre.batch(val_images)
     torch_runner = TorchRunner(model, threads=req.threads, batch_one=not req.dynamic_batch)
     reference = torch_runner.logits(x_val)
     pt_acc = float((reference.argmax(1) == y_val).mean() * 100) if y_val is not None else None
@@ -203,7 +227,8 @@ def run_export(req: ExportRequest, *, progress: Progress = lambda msg: None) -> 
     calibration_info = None
     if calib is not None:
         calibration_info = {"source": calib.source, "count": len(calib), "skipped": len(calib.skipped),
-                            "file_list_sha256": calib.file_list_sha256(), "seed": req.calibration_seed,
+                            "file_list_sha256": calib.file_list_sha256(), "content_sha256": calib.content_sha256(),
+                            "seed": req.calibration_seed,
                             "limit": req.calibration_limit, "preprocessing": pre.to_dict(),
                             "class_counts": _calibration_classes(calib, list(pre.labels))}
 
@@ -274,16 +299,19 @@ def run_export(req: ExportRequest, *, progress: Progress = lambda msg: None) -> 
         progress(f"validating and timing {f.variant}")
         try:
             runner = (OnnxRunner if f.format is Format.onnx else TFLiteRunner)(f.path, threads=req.threads)
-            parity = compare(reference, runner.logits(x_val), y_val)
+            outputs = runner.logits(x_val)
+            parity = compare(reference, outputs, y_val)
             timing = latency(runner, x_val[:1], runs=req.latency_runs)
         except Exception as exc:  # exported but cannot run: a failed variant, reported with the rest
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             variants.append(VariantResult(file=f, size_bytes=size_bytes(f.path), latency=Latency(0.0, 0.0, 0, req.threads),
                                           verdict=Verdict(f.variant, Parity(float("nan"), float("nan"), 0.0, 0),
                                                           [f"{f.variant}: exported but cannot run: {first}"])))
             continue
         verdict = judge(f.variant, parity, gates[f.precision])
-        variants.append(VariantResult(file=f, size_bytes=size_bytes(f.path), latency=timing, verdict=verdict))
+        variants.append(VariantResult(file=f, size_bytes=size_bytes(f.path), latency=timing, verdict=verdict,
+                                      logits=outputs))
+    _check_untouched(files)
 
     contenders = [v for v in variants if v.file.variant == "tflite-int8" and v.passed]
     if len(contenders) > 1:
@@ -300,7 +328,8 @@ def run_export(req: ExportRequest, *, progress: Progress = lambda msg: None) -> 
     result = ExportResult(spec=spec, stem=req.stem, out_dir=req.out_dir, variants=variants,
                           int8_candidates=int8_candidates,
                           pytorch_latency=pt_latency, pytorch_accuracy=pt_acc, validation=val_info,
-                          calibration=calibration_info, wall_s=time.perf_counter() - started, notes=notes)
+                          calibration=calibration_info, wall_s=time.perf_counter() - started, notes=notes,
+                          x_val=x_val, val_images=val_images, gates=gates)
     progress("writing report")
     result.report_json, result.report_md = write_report(result, gates)
     result.plot_png = write_plot(result)

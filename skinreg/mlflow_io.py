@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .enums import Format
-from .errors import RegistryError
+from .errors import RegistryError, first_line
 from .models import LoadedModel, ModelSpec, build_model, load_checkpoint
 from .preprocess import Preprocessing
 
@@ -51,7 +52,7 @@ def load_source(ref: "VersionRef", opts: "ExportOptions", tmp: Path) -> tuple[Lo
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.uri, dst_path=str(tmp / "src")))
     except Exception as exc:
-        raise RegistryError(f"cannot download {ref.uri}: {str(exc).splitlines()[0]}") from None
+        raise RegistryError(f"cannot download {ref.uri}: {first_line(exc)}") from None
     if (local / "MLmodel").exists():
         mlmodel = Model.load(str(local))
         if "pytorch" in mlmodel.flavors:
@@ -162,63 +163,80 @@ def variant_metrics(v: "VariantResult") -> dict[str, float]:
 
 
 def log_variant(v: "VariantResult", result: "ExportResult") -> tuple[str, str]:
-    """Log one variant as an MLflow model inside the active run; metrics go on its LoggedModel too.
-    Returns the model URI (models:/m-...) and the sha256 of the model file as stored (mlflow.onnx
-    re-serializes the proto, so the stored bytes are what consumers get and what we hash)."""
+    """Log one variant as an MLflow model inside the active run, with no metrics yet: MLflow copies every
+    metric already on the run onto each model logged after it (Model.log -> log_model_metrics_for_step,
+    one history read per metric), so all variants are logged first and `log_export_run` then writes every
+    number once, each variant's under its own prefix and linked to its own LoggedModel only.
+
+    The file is stored byte for byte as validated (ONNX without external data); the consumer check proves
+    it by sha256. Returns (models:/m-... URI, model id)."""
     import mlflow
 
     spec = result.spec
     pre = spec.preprocessing
-    meta = {SPEC_KEY: spec.to_dict(), "skinreg_variant": v.file.variant, "skinreg_gate": v.verdict.status}
-    if v.file.format is Format.onnx:
-        import onnx
+    meta = {SPEC_KEY: spec.to_dict(), "skinreg_variant": v.file.variant, "skinreg_gate": v.verdict.status,
+            "skinreg_sha256": v.file.sha256}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the pyfunc type-hint UserWarning, once per TFLite variant
+        if v.file.format is Format.onnx:
+            import onnx
 
-        info = mlflow.onnx.log_model(onnx.load(str(v.file.path)), name=v.file.variant,
-                                     signature=_signature("NCHW", pre.input_size, spec.num_classes),
-                                     onnx_execution_providers=["CPUExecutionProvider"], metadata=meta,
-                                     pip_requirements=_pip("onnx", "onnxruntime", "numpy", "mlflow"))
-    else:
-        labels = v.file.path.with_name(v.file.path.stem + "_labels.txt")
-        labels.write_text("\n".join(pre.labels) + "\n")
-        info = mlflow.pyfunc.log_model(
-            name=v.file.variant, python_model=str(Path(__file__).with_name("tflite_pyfunc.py")),
-            artifacts={"tflite": str(v.file.path), "preprocessing": str(v.file.sidecar), "labels": str(labels)},
-            signature=_signature("NHWC", pre.input_size, spec.num_classes), metadata=meta,
-            pip_requirements=_pip("ai-edge-litert", "numpy", "mlflow"))
-    mlflow.log_metrics(variant_metrics(v), model_id=info.model_id)
-    return info.model_uri, stored_sha256(info.model_uri)
+            info = mlflow.onnx.log_model(onnx.load(str(v.file.path)), name=v.file.variant,
+                                         signature=_signature("NCHW", pre.input_size, spec.num_classes),
+                                         onnx_execution_providers=["CPUExecutionProvider"], metadata=meta,
+                                         save_as_external_data=False,
+                                         pip_requirements=_pip("onnx", "onnxruntime", "numpy", "mlflow"))
+        else:
+            labels = v.file.path.with_name(v.file.path.stem + "_labels.txt")
+            labels.write_text("\n".join(pre.labels) + "\n")
+            info = mlflow.pyfunc.log_model(
+                name=v.file.variant, python_model=str(Path(__file__).with_name("tflite_pyfunc.py")),
+                artifacts={"tflite": str(v.file.path), "preprocessing": str(v.file.sidecar), "labels": str(labels)},
+                signature=_signature("NHWC", pre.input_size, spec.num_classes), metadata=meta,
+                pip_requirements=_pip("ai-edge-litert", "numpy", "mlflow"))
+    return info.model_uri, info.model_id
 
 
-def stored_sha256(model_uri: str) -> str:
-    import hashlib
-    import tempfile
+def export_metrics(result: "ExportResult", model_ids: dict[str, str]) -> list[Any]:
+    """Every number of the export once: run-level ones unprefixed (pytorch.*, export_wall_s), each variant's
+    as `<variant>.<metric>` linked to that variant's LoggedModel (failed variants: to none)."""
+    import time
 
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    run_level = {"pytorch.latency_p50_ms": result.pytorch_latency.p50_ms,
+                 "pytorch.latency_p90_ms": result.pytorch_latency.p90_ms, "export_wall_s": result.wall_s}
+    if result.pytorch_accuracy is not None:
+        run_level["pytorch.accuracy"] = result.pytorch_accuracy
+    metrics = [Metric(k, float(v), now, 0) for k, v in run_level.items()]
+    for v in result.variants:
+        values = variant_metrics(v)
+        check = result.consumer_checks.get(v.file.variant)
+        if check is not None:
+            values["consumer_check_passed"] = float(check.passed)
+            values.update({"consumer_max_abs": max(check.max_abs.values(), default=0.0)})
+        model_id = model_ids.get(v.file.variant)
+        metrics += [Metric(f"{v.file.variant}.{k}", float(val), now, 0, model_id=model_id) for k, val in values.items()]
+    return metrics
+
+
+def log_export_run(result: "ExportResult", *, source: "VersionRef", model_ids: dict[str, str]) -> None:
+    """Params, metrics (one batch), report, plot, and failed files for inspection."""
     import mlflow
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
 
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
-        model_file = next(p for p in sorted(local.rglob("*")) if p.suffix in (".onnx", ".tflite"))
-        return hashlib.sha256(model_file.read_bytes()).hexdigest()
-
-
-def log_export_run(result: "ExportResult", *, source: "VersionRef") -> None:
-    """Params, metrics (per variant, prefixed), report, plot, and failed files for inspection."""
-    import mlflow
-
-    mlflow.log_params({f"version.{k}": v for k, v in tool_versions().items()})
+    run_id = mlflow.active_run().info.run_id
     # Prefixed: `mlflow run -e export` already logs its own parameters (arch, input_size, ...) on this
     # run, and MLflow refuses to change a param's value.
-    mlflow.log_params({"model.source_uri": source.uri, "model.arch": result.spec.arch,
-                       "model.input_size": result.spec.preprocessing.input_size,
-                       "model.num_classes": result.spec.num_classes, "validation.source": result.validation["source"],
-                       "validation.count": result.validation["count"]})
-    metrics = {"pytorch.latency_p50_ms": result.pytorch_latency.p50_ms,
-               "pytorch.latency_p90_ms": result.pytorch_latency.p90_ms, "export_wall_s": result.wall_s}
-    if result.pytorch_accuracy is not None:
-        metrics["pytorch.accuracy"] = result.pytorch_accuracy
-    for v in result.variants:
-        metrics.update({f"{v.file.variant}.{k}": val for k, val in variant_metrics(v).items()})
-    mlflow.log_metrics(metrics)
+    params = {**{f"version.{k}": v for k, v in tool_versions().items()},
+              "model.source_uri": source.uri, "model.arch": result.spec.arch,
+              "model.input_size": result.spec.preprocessing.input_size,
+              "model.num_classes": result.spec.num_classes, "validation.source": result.validation["source"],
+              "validation.count": result.validation["count"]}
+    MlflowClient().log_batch(run_id, metrics=export_metrics(result, model_ids),
+                             params=[Param(k, str(v)) for k, v in params.items()])
     for path in (result.report_json, result.report_md, result.plot_png):
         if path:
             mlflow.log_artifact(str(path), artifact_path="report")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import CheckpointError, InputError
+from .errors import CheckpointError, InputError, first_line
 from .preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def load_checkpoint(
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only refuses pickled code: say so, in one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise CheckpointError(
             f"cannot load {path.name} with weights_only=True ({first}); save a state_dict "
             "(torch.save(model.state_dict(), path)) instead of a pickled model"

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from . import __version__
 from .enums import Format, Precision
-from .errors import GateError, RegistryError, SkinregError
+from .errors import GateError, RegistryError, SkinregError, first_line
 from .export import ExportRequest, ExportResult, run_export
 from .registry import STAGE_FOR_ALIAS, TAG, Registry, VersionRef
 
@@ -83,7 +83,7 @@ def _calibration_sha(opts: ExportOptions) -> str | None:
         return None
     from .data import list_images
 
-    return list_images(opts.calibration_dir).file_list_sha256()
+    return list_images(opts.calibration_dir).content_sha256()
 
 
 def _recorded_variants(ref: VersionRef) -> dict[str, str]:
@@ -94,7 +94,11 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                    progress: Progress = lambda msg: None) -> PipelineResult:
     import mlflow
 
-    from .mlflow_io import load_source, log_variant, log_export_run
+    from .consumers import check_variant
+    from .consumers import description as consumer_description
+    from .mlflow_io import load_source, log_export_run, log_variant
+    from .report import rows as report_rows
+    from .report import write_report
 
     reg = registry or Registry()
     ref = reg.resolve(model_uri)
@@ -117,7 +121,6 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                          TAG + "settings": settings})
         reg.set_version_tags(ref.name, ref.version, {TAG + "export.status": "running", TAG + "export.run_id": run_id})
         registered: list[VersionRef] = []
-        reused: list[VersionRef] = []
         try:
             with tempfile.TemporaryDirectory(prefix="skinreg-src-") as tmp:
                 progress(f"loading {ref.uri}")
@@ -132,57 +135,81 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                     result = run_export(req, progress=progress)
                 except GateError as exc:
                     result = exc.result
-                report_text = result.report_md.read_text()
-                log_export_run(result, source=ref)
                 failed = {v.file.variant: "; ".join(v.verdict.failures) for v in result.variants if not v.passed}
                 passing = [v for v in result.variants if v.passed]
+                model_ids: dict[str, str] = {}
                 for v in passing:  # log all first: registration starts only when every file is logged
                     progress(f"logging {v.file.variant}")
-                    v.model_uri, v.sha256 = log_variant(v, result)
+                    v.model_uri, model_ids[v.file.variant] = log_variant(v, result)
+                versions: dict[str, VersionRef] = {}
                 for v in passing:
                     name = variant_model_name(ref.name, v.file.variant, opts.name_pattern)
-                    earlier = _earlier_version(reg, name, ref, settings)
-                    if earlier is not None:  # an interrupted earlier run got this far: reuse, never duplicate
-                        progress(f"{name}: reusing version {earlier.version} from an interrupted export")
-                        reused.append(earlier)
+                    earlier = _earlier_version(reg, name, ref, settings, v.file.sha256)
+                    if earlier is not None:  # an interrupted earlier run registered this very file: reuse it
+                        progress(f"{name}: reusing version {earlier.version} (same file) from an interrupted export")
+                        versions[v.file.variant] = earlier
                         continue
                     progress(f"registering {name}")
-                    registered.append(reg.register(name, v.model_uri,
-                                                   tags=_variant_tags(ref, v, run_id, settings, dynamic_batch),
-                                                   model_tags={TAG + "variant_of": ref.name}))
+                    versions[v.file.variant] = reg.register(name, v.model_uri, tags=_variant_tags(ref, v, run_id, settings),
+                                                            model_tags={TAG + "variant_of": ref.name})
+                    registered.append(versions[v.file.variant])
+                for v in passing:  # what the registry serves, loaded as each consumer loads it
+                    mv = versions[v.file.variant]
+                    progress(f"consumer check of {mv.uri} (pyfunc, SkinClassifier, "
+                             f"{'onnxruntime' if v.file.format is Format.onnx else 'ai_edge_litert'})")
+                    check = result.consumer_checks[v.file.variant] = check_variant(mv.uri, v, result)
+                    if not check.passed:  # rolled back like any failed variant: no version, no alias
+                        failed[v.file.variant] = "consumer check failed: " + "; ".join(check.failures)
+                        reg.delete_version(mv.name, mv.version)
+                        del versions[v.file.variant]
+                        registered = [r for r in registered if r is not mv]
+                result.report_json, result.report_md = write_report(result, result.gates)
+                report_text = result.report_md.read_text()
+                log_export_run(result, source=ref, model_ids=model_ids)
+                rows = {r["variant"]: r for r in report_rows(result)}
+                for variant, mv in versions.items():
+                    check = result.consumer_checks[variant]
+                    reg.set_version_tags(mv.name, mv.version, {
+                        TAG + "dynamic_batch": str(check.dynamic_batch).lower(),
+                        TAG + "input_shape": json.dumps(check.input_shape),
+                        TAG + "consumer_check": check.summary()[:5000]})
+                    reg.set_description(mv.name, mv.version, consumer_description(
+                        check, rows[variant], source_uri=ref.uri, run_id=run_id))
+                variants = {k: reg.get(mv.name, mv.version) for k, mv in versions.items()}
+                status = "failed" if failed else "passed"
+                reg.set_version_tags(ref.name, ref.version, {
+                    TAG + "export.status": status, TAG + "export.settings": settings,
+                    TAG + "export.variants": json.dumps({k: f"{v.name}/{v.version}" for k, v in variants.items()}),
+                    TAG + "export.failed": json.dumps(failed),
+                    TAG + "export.reason": "; ".join(failed.values()) if failed else "all variants passed their gates "
+                                                                                    "and consumer checks",
+                })
+                mlflow.set_tag(TAG + "status", status)
+                if failed:
+                    mlflow.set_tag(TAG + "failure", "; ".join(failed.values())[:5000])
+                if opts.candidate_alias:
+                    for v in variants.values():
+                        reg.set_alias(v.name, opts.candidate_alias, v.version)
         except BaseException as exc:
             for mv in registered:  # never leave a half-registered export behind
                 reg.delete_version(mv.name, mv.version)
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            reason = first_line(exc)
             mlflow.set_tags({TAG + "status": "failed", TAG + "failure": reason[:5000]})
             reg.set_version_tags(ref.name, ref.version, {TAG + "export.status": "error",
                                                           TAG + "export.reason": reason[:5000]})
             raise
-        variants = {v.tags[TAG + "variant"]: v for v in reused + registered}
-        status = "failed" if failed else "passed"
-        reg.set_version_tags(ref.name, ref.version, {
-            TAG + "export.status": status, TAG + "export.settings": settings,
-            TAG + "export.variants": json.dumps({k: f"{v.name}/{v.version}" for k, v in variants.items()}),
-            TAG + "export.failed": json.dumps(failed),
-            TAG + "export.reason": "; ".join(failed.values()) if failed else "all variants passed their gates",
-        })
-        mlflow.set_tag(TAG + "status", status)
-        if failed:
-            mlflow.set_tag(TAG + "failure", "; ".join(failed.values())[:5000])
-        if opts.candidate_alias:
-            for v in variants.values():
-                reg.set_alias(v.name, opts.candidate_alias, v.version)
     return PipelineResult(source=reg.get(ref.name, ref.version), run_id=run_id, status=status,
                           variants=variants, failed=failed, export=result, report=report_text)
 
 
-def _earlier_version(reg: Registry, name: str, ref: VersionRef, settings: str) -> VersionRef | None:
-    """A version of variant model `name` made from the same source version with the same settings."""
+def _earlier_version(reg: Registry, name: str, ref: VersionRef, settings: str, sha256: str) -> VersionRef | None:
+    """A version of variant model `name` made from the same source version with the same settings, holding
+    the same file (sha256): anything else was not validated by this run and is not reused."""
     if not reg.exists(name):
         return None
     for v in reg.versions(name):
         if v.tags.get(TAG + "source_version") == ref.version and v.tags.get(TAG + "settings") == settings \
-                and v.tags.get(TAG + "source_name") == ref.name:
+                and v.tags.get(TAG + "source_name") == ref.name and v.tags.get(TAG + "sha256") == sha256:
             return v
     return None
 
@@ -231,17 +258,19 @@ def train_and_register(data_dir: Path, *, name: str = "skin-classifier", arch: s
     return reg.get(name, version)
 
 
-def _variant_tags(ref: VersionRef, v: Any, run_id: str, settings: str, dynamic_batch: bool) -> dict[str, Any]:
+def _variant_tags(ref: VersionRef, v: Any, run_id: str, settings: str) -> dict[str, Any]:
+    """Tags known before registration. Tags that describe the served file (dynamic_batch, input_shape,
+    consumer_check) are set after the consumer check has read that file back from the registry."""
     p = v.verdict.parity
     tags = {
         TAG + "variant_of": ref.name, TAG + "source_name": ref.name, TAG + "source_version": ref.version,
         TAG + "source_run": ref.run_id or "", TAG + "export_run": run_id, TAG + "settings": settings,
         TAG + "variant": v.file.variant, TAG + "format": v.file.format.value, TAG + "precision": v.file.precision.value,
         TAG + "converter": v.file.converter, TAG + "converter_version": v.file.converter_version,
-        TAG + "sha256": v.sha256, TAG + "gate": v.verdict.status,
+        TAG + "sha256": v.file.sha256, TAG + "gate": v.verdict.status,
         TAG + "size_bytes": v.size_bytes, TAG + "latency_p50_ms": f"{v.latency.p50_ms:.3f}",
         TAG + "latency_p90_ms": f"{v.latency.p90_ms:.3f}", TAG + "parity_max_abs": f"{p.max_abs:.3g}",
-        TAG + "parity_top1_agreement": f"{p.top1_agreement:.4f}", TAG + "dynamic_batch": str(dynamic_batch).lower(),
+        TAG + "parity_top1_agreement": f"{p.top1_agreement:.4f}",
     }
     if p.accuracy is not None:
         tags[TAG + "accuracy"] = f"{p.accuracy:.2f}"
@@ -250,7 +279,7 @@ def _variant_tags(ref: VersionRef, v: Any, run_id: str, settings: str, dynamic_b
     if details.get("int8_recipe"):
         tags[TAG + "int8_recipe"] = details["int8_recipe"]
     calibration = details.get("calibration") or {}
-    for key in ("count", "file_list_sha256", "source", "seed"):  # the calibration set, recorded with the variant
+    for key in ("count", "file_list_sha256", "content_sha256", "source", "seed"):  # the calibration set, recorded with the variant
         if calibration.get(key) is not None:
             tags[f"{TAG}calibration.{key}"] = calibration[key]
     return tags

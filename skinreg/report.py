@@ -46,6 +46,8 @@ def markdown(result: "ExportResult") -> str:
         f"images from {result.validation['source']} (largest |PyTorch logit| "
         f"{result.validation.get('reference_max_abs_logit', float('nan')):.3g}).",
         "",
+        _sampling_line(result.validation),
+        "",
         "| format | precision | size MB | latency ms (p90) | × PyTorch | max abs | top-1 agree | accuracy % | drop pts | gate |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -73,6 +75,17 @@ def markdown(result: "ExportResult") -> str:
                          f"{_fmt(ratio, '.2f')} | {_fmt(c['parity_top1_agreement'], '.3f')} | "
                          f"{_fmt(c['accuracy'], '.1f')} | {_fmt(c['accuracy_drop'], '.2f')} | {c['status']} | "
                          f"{'**chosen**' if c['chosen'] else c['why_lost']} |")
+    if result.consumer_checks:
+        lines += ["", "## Consumer check (each registered variant loaded back from the registry)", "",
+                  "Every path must reproduce the validated logits; the served file's sha256 must be the validated "
+                  "file's.", "",
+                  "| variant | registry URI | sha256 = validated | served input | dynamic batch | consumer path "
+                  "max abs | result |", "|---|---|---|---|---|---|---|"]
+        for variant, c in result.consumer_checks.items():
+            paths = "<br>".join(f"{k}: {v:.1e}" for k, v in c.max_abs.items())
+            lines.append(f"| {variant} | {c.uri} | {'yes' if c.served_sha256 == c.validated_sha256 else 'NO'} | "
+                         f"{c.input_shape} | {str(c.dynamic_batch).lower()} | {paths} | "
+                         f"{c.status if c.passed else 'failed: ' + '; '.join(c.failures)} |")
     failures = result.failures
     if failures:
         lines += ["", "## Gate failures", ""] + [f"- {f}" for f in failures]
@@ -80,6 +93,15 @@ def markdown(result: "ExportResult") -> str:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in result.notes]
     lines += ["", f"Total export wall time: {result.wall_s:.1f} s", ""]
     return "\n".join(lines)
+
+
+def _sampling_line(v: dict[str, Any]) -> str:
+    per_class = v.get("per_class") or {}
+    classes = ", ".join(f"{k} {n}" for k, n in per_class.items())
+    if v.get("available", v["count"]) > v["count"]:
+        return (f"Validation images: {v['count']} of {v['available']} (cap {v.get('cap')}), {v.get('sampling')} "
+                f"(seed {v.get('seed')}); per class: {classes or '-'}.")
+    return f"Validation images: all {v['count']}; per class: {classes or '-'}."
 
 
 def write_report(result: "ExportResult", gates: dict[Precision, "Gate"]) -> tuple[Path, Path]:
@@ -91,6 +113,7 @@ def write_report(result: "ExportResult", gates: dict[Precision, "Gate"]) -> tupl
             "gates": {p.value: asdict(g) for p, g in gates.items()},
             "status": "failed" if result.failures else "passed", "failures": result.failures,
             "int8_candidates": result.int8_candidates,
+            "consumer_checks": {k: c.to_dict() for k, c in result.consumer_checks.items()},
             "variants": rows(result)}
     json_path = result.out_dir / f"{result.stem}_report.json"
     json_path.write_text(json.dumps(data, indent=2, default=str))

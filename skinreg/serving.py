@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError, RegistryError
+from .errors import InputError, RegistryError, first_line
 from .preprocess import Preprocessing
 from .runtime import OnnxRunner, TFLiteRunner, softmax
 
@@ -38,7 +38,7 @@ def download(uri: str, dst: Path | None = None) -> Path:
     try:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
     except Exception as exc:
-        raise RegistryError(f"cannot download {uri}: {str(exc).splitlines()[0]}") from None
+        raise RegistryError(f"cannot download {uri}: {first_line(exc)}") from None
 
 
 def find_model_file(folder: Path) -> tuple[Path, Preprocessing]:

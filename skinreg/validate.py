@@ -44,6 +44,8 @@ class Parity:
     n: int
     accuracy: float | None = None   # percent, when labels are given
     accuracy_drop: float | None = None  # points vs PyTorch
+    nonfinite: int = 0  # NaN/inf values among the variant's outputs
+    reference_nonfinite: int = 0  # ... among PyTorch's (then nothing can be judged)
 
 
 @dataclass
@@ -71,9 +73,13 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None = None) -> Parity:
     if reference.shape != candidate.shape:
         raise ValueError(f"output shape {candidate.shape} differs from PyTorch {reference.shape}")
+    nonfinite, ref_nonfinite = int((~np.isfinite(candidate)).sum()), int((~np.isfinite(reference)).sum())
+    # A NaN compares false with every gate (`nan > 1e-3` is False): make it an infinite difference instead.
     diff = np.abs(reference.astype(np.float64) - candidate.astype(np.float64))
-    parity = Parity(max_abs=float(diff.max()), mean_abs=float(diff.mean()),
-                    top1_agreement=float((reference.argmax(1) == candidate.argmax(1)).mean()), n=len(reference))
+    diff[~np.isfinite(diff)] = np.inf
+    agree = (reference.argmax(1) == candidate.argmax(1)) & np.isfinite(candidate).all(1)
+    parity = Parity(max_abs=float(diff.max()), mean_abs=float(diff.mean()), top1_agreement=float(agree.mean()),
+                    n=len(reference), nonfinite=nonfinite, reference_nonfinite=ref_nonfinite)
     if labels is not None:
         parity.accuracy = accuracy(candidate, labels)
         parity.accuracy_drop = accuracy(reference, labels) - parity.accuracy
@@ -82,6 +88,12 @@ def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | N
 
 def judge(variant: str, parity: Parity, gate: Gate) -> Verdict:
     failures = []
+    if parity.reference_nonfinite:
+        failures.append(f"{variant}: the PyTorch reference itself output {parity.reference_nonfinite} NaN/inf "
+                        "values: check the source model's weights")
+    if parity.nonfinite:
+        failures.append(f"{variant}: outputs contain {parity.nonfinite} NaN/inf values "
+                        f"(of {parity.n} images): the converted file is numerically broken")
     if parity.top1_agreement < gate.min_top1_agreement:
         failures.append(f"{variant}: top-1 agreement {parity.top1_agreement:.3f} < {gate.min_top1_agreement:.3f}")
     if gate.max_abs is not None and parity.max_abs > gate.max_abs:

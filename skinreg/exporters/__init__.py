@@ -23,11 +23,22 @@ class ExportedFile:
     converter_version: str
     sidecar: Path | None = None  # preprocessing/labels JSON beside a TFLite file
     details: dict[str, Any] = field(default_factory=dict)
+    sha256: str = ""  # of the file as written; checked again after every conversion and after registration
 
     @property
     def variant(self) -> str:
         """Stable variant name: onnx, tflite-float32, tflite-float16, tflite-int8."""
         return variant_name(self.format, self.precision)
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)

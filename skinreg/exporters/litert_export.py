@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..enums import Precision
-from ..errors import ExportError
+from ..errors import ExportError, first_line
 from ..models import ModelSpec
 from . import ExportedFile
 
@@ -159,7 +159,7 @@ def convert_float32(model: Any, size: int, num_classes: int) -> bytes:
         tflite = litert_torch.convert(_nhwc_module(model), example).model_content()
     except Exception as exc:
         raise ExportError(f"litert-torch could not convert the model to float32 TFLite: "
-                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from exc
+                          f"{first_line(exc)}") from exc
     _check_contract(tflite, size, num_classes)
     return tflite
 
@@ -194,7 +194,7 @@ def convert_int8(model: Any, size: int, num_classes: int, calibration_nchw: np.n
         raise
     except Exception as exc:
         raise ExportError(f"litert-torch could not quantize the model to int8: "
-                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from exc
+                          f"{first_line(exc)}") from exc
     _check_contract(tflite, size, num_classes)
     return tflite
 

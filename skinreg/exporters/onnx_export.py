@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 from ..enums import Format, Precision
-from ..errors import ExportError, InputError
+from ..errors import ExportError, InputError, first_line
 from ..models import ModelSpec
-from . import ExportedFile
+from . import ExportedFile, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ def export_onnx(model: Any, spec: ModelSpec, out_dir: Path, *, stem: str, opset:
                                   dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
                                   if dynamic_batch else None)
     except Exception as exc:
-        raise ExportError(f"ONNX export of {spec.arch} failed: {str(exc).splitlines()[0]}") from exc
+        raise ExportError(f"ONNX export of {spec.arch} failed: {first_line(exc)}") from exc
 
     proto = onnx.load(str(path))
     if use_dynamo:  # the dynamo exporter names I/O after the graph; enforce our contract
@@ -76,12 +78,12 @@ def export_onnx(model: Any, spec: ModelSpec, out_dir: Path, *, stem: str, opset:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:
-        raise ExportError(f"onnx.checker rejected {path.name}: {str(exc).splitlines()[0]}") from exc
+        raise ExportError(f"onnx.checker rejected {path.name}: {first_line(exc)}") from exc
     real_opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     return ExportedFile(path=path, format=Format.onnx, precision=Precision.float32, converter="torch.onnx",
                         converter_version=torch.__version__,
                         details={"opset": real_opset, "exporter": "dynamo" if use_dynamo else "torchscript",
-                                 "dynamic_batch": dynamic_batch})
+                                 "dynamic_batch": batch_dim(path) != 1}, sha256=file_sha256(path))
 
 
 def _rename_io(proto: Any) -> None:
@@ -91,6 +93,14 @@ def _rename_io(proto: Any) -> None:
     for node in proto.graph.node:
         node.input[:] = [renames.get(n, n) for n in node.input]
         node.output[:] = [renames.get(n, n) for n in node.output]
+
+
+def batch_dim(path: Path) -> int | str:
+    """The batch dimension of the file's `image` input as written: a number (fixed) or a name (dynamic)."""
+    import onnx
+
+    dim = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0]
+    return dim.dim_param or "?" if not dim.HasField("dim_value") else int(dim.dim_value)
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -121,11 +131,12 @@ def export_onnx_float16(fp32: ExportedFile, out_dir: Path, *, stem: str) -> Expo
         proto = float16.convert_float_to_float16(onnx.load(str(fp32.path)), keep_io_types=True)
         _save_with_metadata(proto, fp32.path, path)
     except Exception as exc:
-        raise ExportError(f"ONNX float16 conversion failed: {str(exc).splitlines()[0]}") from exc
+        raise ExportError(f"ONNX float16 conversion failed: {first_line(exc)}") from exc
     from importlib.metadata import version
 
     return ExportedFile(path=path, format=Format.onnx, precision=Precision.float16, converter="onnxconverter-common",
-                        converter_version=version("onnxconverter-common"), details={"keep_io_types": True})
+                        converter_version=version("onnxconverter-common"), details={"keep_io_types": True},
+                        sha256=file_sha256(path))
 
 
 def export_onnx_int8(fp32: ExportedFile, out_dir: Path, *, stem: str, calibration: Any) -> ExportedFile:
@@ -143,14 +154,17 @@ def export_onnx_int8(fp32: ExportedFile, out_dir: Path, *, stem: str, calibratio
 
     path = out_dir / f"{stem}_int8.onnx"
     try:
-        quantize_static(str(fp32.path), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        with tempfile.TemporaryDirectory(prefix="skinreg-ortq-") as scratch:  # its own copy: never the shipped file
+            src = Path(scratch) / fp32.path.name
+            shutil.copyfile(fp32.path, src)
+            quantize_static(str(src), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         _save_with_metadata(onnx.load(str(path)), fp32.path, path)
     except Exception as exc:
-        raise ExportError(f"ONNX int8 quantization failed: {str(exc).splitlines()[0]}") from exc
+        raise ExportError(f"ONNX int8 quantization failed: {first_line(exc)}") from exc
     from importlib.metadata import version
 
     return ExportedFile(path=path, format=Format.onnx, precision=Precision.int8, converter="onnxruntime.quantization",
                         converter_version=version("onnxruntime"),
                         details={"quant_format": "QDQ", "activations": "uint8", "weights": "int8 per-channel",
-                                 "calibration_count": int(len(calibration))})
+                                 "calibration_count": int(len(calibration))}, sha256=file_sha256(path))

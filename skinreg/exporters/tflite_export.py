@@ -17,9 +17,9 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from ..enums import Format, Precision
-from ..errors import ExportError
+from ..errors import ExportError, first_line
 from ..models import ModelSpec
-from . import ExportedFile
+from . import ExportedFile, file_sha256
 from .onnx_export import INPUT_NAME
 
 log = logging.getLogger(__name__)
@@ -47,39 +47,71 @@ def _versions() -> str:
     return f"onnx2tf {version('onnx2tf')}, tensorflow {version('tensorflow')}"
 
 
-def _offline_sample_data(work_dir: Path) -> None:
-    """onnx2tf checks its conversion on 20 sample images that it downloads from GitHub unless
-    `calibration_image_sample_data_20x128x128x3_float32.npy` is in the working directory
-    (onnx2tf/utils/common_functions.py: download_test_image_data). Never download: write our own
-    synthetic images there, NHWC float32 in [0, 1]."""
+def _offline_sample_data(size: int = 128) -> np.ndarray:
+    """What onnx2tf checks its conversion on, instead of the 20 sample images it downloads from GitHub
+    (onnx2tf/utils/common_functions.py: download_test_image_data reads them from the *working
+    directory* or the network): our own synthetic images, NHWC float32 in [0, 1]."""
     from ..data import synthetic_images
 
-    path = work_dir / "calibration_image_sample_data_20x128x128x3_float32.npy"
-    if not path.exists():
-        images = synthetic_images(20, 128, seed=77)
-        np.save(path, np.stack(images).astype(np.float32) / 255.0)
+    return np.stack(synthetic_images(20, size, seed=77)).astype(np.float32) / 255.0
 
 
-def saved_model_from_onnx(onnx_path: Path, spec: ModelSpec, work_dir: Path) -> Path:
-    """onnx2tf: NCHW ONNX -> NHWC SavedModel with batch fixed at 1 (the mobile contract)."""
+def _no_download() -> None:
+    """Point onnx2tf at offline sample data without changing the working directory of the process
+    (a `chdir` would break every relative path of a service that converts in a thread). The name is
+    looked up in onnx2tf's module namespace at call time; replacing it is idempotent and only changes
+    what onnx2tf itself downloads."""
+    import onnx2tf.onnx2tf as impl
+
+    if getattr(impl.download_test_image_data, "__module__", "") != __name__:
+        impl.download_test_image_data = _offline_sample_data
+
+
+def simplify_onnx(path: Path, spec: ModelSpec) -> None:
+    """onnxsim on a scratch copy, in-process, batch fixed at 1 (what onnx2tf's own pass does by running
+    the `onnxsim` executable it finds on PATH, three times, in place)."""
+    import onnx
+    import onnxsim
+
+    size = spec.preprocessing.input_size
+    model, ok = onnxsim.simplify(onnx.load(str(path)), overwrite_input_shapes={INPUT_NAME: [1, 3, size, size]})
+    if not ok:
+        raise ExportError(f"onnxsim could not simplify {path.name} (its check failed)")
+    onnx.save(model, str(path))
+
+
+def saved_model_from_onnx(onnx_path: Path, spec: ModelSpec, work_dir: Path, *, use_onnxsim: bool = False) -> Path:
+    """onnx2tf: NCHW ONNX -> NHWC SavedModel with batch fixed at 1 (the mobile contract).
+
+    onnx2tf rewrites its input file in place (onnxsim, then op renaming with sng4onnx), so it gets its
+    own copy in `work_dir`; the file at `onnx_path` is only read. Its onnxsim pass is off: it ran
+    whichever `onnxsim` was first on PATH, so the result depended on whether a venv was activated, and
+    measured on EfficientNet-B0 it changed neither the TFLite file's size nor its outputs while adding
+    conversion time (benchmarks/onnxsim_pass.py; numbers in the README). `use_onnxsim=True` runs
+    onnxsim in-process on the copy instead, for models that need it."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     _import_tensorflow_safely()
     import onnx2tf
 
+    _no_download()
     size = spec.preprocessing.input_size
-    onnx_path, work_dir = Path(onnx_path).resolve(), Path(work_dir).resolve()
+    work_dir = Path(work_dir).resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    copy = work_dir / "onnx2tf_input.onnx"
+    shutil.copyfile(onnx_path, copy)
+    if use_onnxsim:
+        simplify_onnx(copy, spec)
     out = work_dir / "saved_model"
     shutil.rmtree(out, ignore_errors=True)
     chatter = io.StringIO()
-    _offline_sample_data(work_dir)
     try:
         # onnx2tf and TF print every tensor spec to stdout; keep it for the log, off the console.
-        # onnx2tf reads its sample data from the working directory (else it downloads it).
-        with contextlib.redirect_stdout(chatter), contextlib.chdir(work_dir):
+        with contextlib.redirect_stdout(chatter):
             onnx2tf.convert(
-                input_onnx_file_path=str(onnx_path),
+                input_onnx_file_path=str(copy),
                 output_folder_path=str(out),
                 overwrite_input_shape=[f"{INPUT_NAME}:1,3,{size},{size}"],
+                not_use_onnxsim=True,
                 output_integer_quantized_tflite=False,
                 copy_onnx_input_output_names_to_tflite=True,
                 output_signaturedefs=True,
@@ -87,9 +119,9 @@ def saved_model_from_onnx(onnx_path: Path, spec: ModelSpec, work_dir: Path) -> P
             )
     except BaseException as exc:  # onnx2tf calls sys.exit on some failures
         log.error("onnx2tf output:\n%s", chatter.getvalue()[-4000:])
-        raise ExportError(f"onnx2tf could not convert {onnx_path.name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+        raise ExportError(f"onnx2tf could not convert {Path(onnx_path).name}: {first_line(exc)}") from exc
     if not (out / "saved_model.pb").exists():
-        raise ExportError(f"onnx2tf wrote no SavedModel for {onnx_path.name}; see the log above")
+        raise ExportError(f"onnx2tf wrote no SavedModel for {Path(onnx_path).name}; see the log above")
     return out
 
 
@@ -114,7 +146,7 @@ def convert(saved_model: Path, precision: Precision, *,
     try:
         return conv.convert()
     except Exception as exc:
-        raise ExportError(f"TF Lite converter failed for {precision.value}: {str(exc).splitlines()[0]}") from exc
+        raise ExportError(f"TF Lite converter failed for {precision.value}: {first_line(exc)}") from exc
 
 
 def export_tflite(saved_model: Path, spec: ModelSpec, out_dir: Path, *, stem: str, precision: Precision,
@@ -149,4 +181,5 @@ def write_tflite(data: bytes, spec: ModelSpec, path: Path, *, precision: Precisi
     sidecar = path.with_suffix(".json")
     spec.preprocessing.with_layout("NHWC").save(sidecar)
     return ExportedFile(path=path, format=Format.tflite, precision=precision, converter=converter,
-                        converter_version=converter_version, sidecar=sidecar, details=details)
+                        converter_version=converter_version, sidecar=sidecar, details=details,
+                        sha256=file_sha256(path))

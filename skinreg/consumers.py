@@ -1,0 +1,226 @@
+"""The consumer check: a registered variant, loaded back from the registry exactly as its consumers load
+it, must reproduce the logits that were validated, and be the very file that was validated.
+
+Consumers and their paths:
+- `mlflow.pyfunc.load_model("models:/<name>/<version>").predict(batch)` (the backend via MLflow),
+- `SkinClassifier.from_uri(...)` (skinreg's backend runtime: its own preprocessing from the artifact),
+- the ONNX file in plain onnxruntime at batch 1 and batch N (a backend without MLflow),
+- the TFLite file in `ai_edge_litert` with the mobile contract (float32 NHWC [1,H,W,3] in,
+  float32 [1,C] out), as a phone runs it.
+
+Tags that describe the file (`skinreg.dynamic_batch`) are read here, from what the registry serves.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .enums import Format
+from .errors import first_line
+from .exporters import file_sha256
+
+if TYPE_CHECKING:
+    from .export import ExportResult, VariantResult
+
+log = logging.getLogger(__name__)
+
+BATCH = 4  # the batch size checked besides batch 1
+# Same file, same runtime, other batch size or entry point: only float reassociation may differ.
+RTOL = 1e-4  # relative to the largest |validated logit| (at least 1)
+
+
+@dataclass
+class ConsumerCheck:
+    variant: str
+    uri: str  # models:/<name>/<version>
+    served_sha256: str
+    validated_sha256: str
+    batch: int
+    images: int
+    tolerance: float
+    max_abs: dict[str, float] = field(default_factory=dict)  # consumer path -> max |logit - validated|
+    input_shape: list[int] = field(default_factory=list)  # of the served file, as its runtime reports it
+    dynamic_batch: bool = False  # the served file itself takes any batch size
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    @property
+    def status(self) -> str:
+        return "passed" if self.passed else "failed"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "status": self.status}
+
+    def summary(self) -> str:
+        paths = ", ".join(f"{k} {v:.1e}" for k, v in self.max_abs.items())
+        return (f"{self.status}: sha256 {'matches' if self.served_sha256 == self.validated_sha256 else 'DIFFERS'}; "
+                f"batch 1 and {self.batch} on {self.images} images, max |diff| vs validated: {paths}")
+
+
+def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    d = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    return float(np.nan_to_num(d, nan=np.inf).max()) if d.size else 0.0
+
+
+def _batched(fn: Any, x: Any, n: int) -> np.ndarray:
+    return np.concatenate([np.asarray(fn(x[i:i + n]), dtype=np.float32) for i in range(0, len(x), n)])
+
+
+class _Paths:
+    """Runs each consumer path, records its max |diff| or the one-line reason it failed."""
+
+    def __init__(self, check: ConsumerCheck, expected: np.ndarray) -> None:
+        self.check, self.expected = check, expected
+
+    def run(self, name: str, fn: Any) -> None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # pyfunc type-hint and TF deprecation chatter
+                got = fn()
+        except Exception as exc:
+            self.check.max_abs[name] = float("inf")
+            self.check.failures.append(f"{self.check.variant}: {name} failed: {first_line(exc)}")
+            return
+        diff = _max_abs(got, self.expected[: len(got)])
+        self.check.max_abs[name] = diff
+        if not diff <= self.check.tolerance:
+            shape = "x".join(map(str, got.shape))
+            self.check.failures.append(f"{self.check.variant}: {name} returned logits {shape} that differ from the "
+                                       f"validated ones by {diff:.3g} (> {self.check.tolerance:.1g})")
+
+
+def check_variant(uri: str, v: "VariantResult", result: "ExportResult", *, batch: int = BATCH) -> ConsumerCheck:
+    """Load `uri` (a registered variant) through every consumer path on the validation images."""
+    import mlflow
+
+    from .serving import SkinClassifier, find_model_file
+
+    expected = v.logits
+    assert expected is not None and result.x_val is not None, "check_variant needs a validated variant"
+    tol = RTOL * max(1.0, float(np.abs(expected).max()))
+    check = ConsumerCheck(variant=v.file.variant, uri=uri, served_sha256="", validated_sha256=v.file.sha256,
+                          batch=batch, images=len(expected), tolerance=tol)
+    paths = _Paths(check, expected)
+    x, images = result.x_val, result.val_images
+    with tempfile.TemporaryDirectory(prefix="skinreg-consumer-") as tmp:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+            served, _ = find_model_file(local)
+        except Exception as exc:
+            check.failures.append(f"{v.file.variant}: cannot download {uri}: {first_line(exc)}")
+            return check
+        check.served_sha256 = file_sha256(served)
+        if check.served_sha256 != check.validated_sha256:
+            check.failures.append(f"{v.file.variant}: the registry serves a file whose sha256 "
+                                  f"{check.served_sha256[:12]}… differs from the validated file's "
+                                  f"{check.validated_sha256[:12]}…")
+        if v.file.format is Format.onnx:
+            _onnx_paths(paths, served, x, batch)
+        else:
+            _tflite_paths(paths, served, x)
+
+    def pyfunc() -> np.ndarray:
+        model = mlflow.pyfunc.load_model(uri)
+        feed = x if v.file.format is Format.onnx else x.transpose(0, 2, 3, 1)
+
+        def predict(b: np.ndarray) -> np.ndarray:
+            out = model.predict(np.ascontiguousarray(b))
+            return out["logits"] if isinstance(out, dict) else out  # the ONNX flavor returns {output name: array}
+
+        one = np.asarray(predict(feed[:1]), dtype=np.float32)
+        many = _batched(predict, feed, batch)
+        if one.shape != many[:1].shape or _max_abs(one, many[:1]) > tol:
+            raise ValueError(f"batch 1 gave {one.shape}, batch {batch} gave {many.shape[1:]} per image")
+        return many
+
+    def classifier() -> np.ndarray:
+        clf = SkinClassifier.from_uri(uri)
+        return _batched(lambda b: clf.logits(list(b)), list(images), batch)
+
+    paths.run("mlflow.pyfunc", pyfunc)
+    paths.run("SkinClassifier.from_uri", classifier)
+    return check
+
+
+def _onnx_paths(paths: _Paths, served: Path, x: np.ndarray, batch: int) -> None:
+    import onnxruntime as ort
+
+    check = paths.check
+    session = ort.InferenceSession(str(served), providers=["CPUExecutionProvider"])
+    inp = session.get_inputs()[0]
+    check.input_shape = [d if isinstance(d, int) else -1 for d in inp.shape]
+    check.dynamic_batch = not isinstance(inp.shape[0], int)
+
+    def run(b: np.ndarray) -> np.ndarray:
+        return session.run(None, {inp.name: np.ascontiguousarray(b, dtype=np.float32)})[0]
+
+    paths.run("onnxruntime batch 1", lambda: _batched(run, x, 1))
+    paths.run(f"onnxruntime batch {batch}", lambda: _batched(run, x, batch))
+
+
+def _tflite_paths(paths: _Paths, served: Path, x: np.ndarray) -> None:
+    from ai_edge_litert.interpreter import Interpreter
+
+    check = paths.check
+
+    def mobile() -> np.ndarray:
+        interp = Interpreter(model_path=str(served), num_threads=2)
+        interp.allocate_tensors()
+        inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
+        check.input_shape = [int(d) for d in inp["shape"]]
+        check.dynamic_batch = int(inp["shape_signature"][0]) == -1
+        size = x.shape[-1]
+        if inp["dtype"] != np.float32 or out["dtype"] != np.float32 or check.input_shape != [1, size, size, 3]:
+            raise ValueError(f"mobile contract broken: input {inp['dtype'].__name__}{check.input_shape}, output "
+                             f"{out['dtype'].__name__}{[int(d) for d in out['shape']]}; expected float32 "
+                             f"[1, {size}, {size}, 3] in, float32 [1, C] out")
+        rows = []
+        for img in x.transpose(0, 2, 3, 1):
+            interp.set_tensor(inp["index"], np.ascontiguousarray(img[None], dtype=np.float32))
+            interp.invoke()
+            rows.append(interp.get_tensor(out["index"])[0].copy())
+        return np.stack(rows)
+
+    paths.run("ai_edge_litert (mobile contract)", mobile)
+
+
+def description(check: ConsumerCheck, row: dict[str, Any], *, source_uri: str, run_id: str) -> str:
+    """Markdown for the variant version's page: its report row and its consumer check."""
+    def num(value: Any, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    lines = [
+        f"**{row['variant']}** of `{source_uri}` — gate **{row['status']}**, consumer check **{check.status}** "
+        f"(export run `{run_id}`)",
+        "",
+        "| size MB | latency ms p50 (p90) | × PyTorch | max abs vs PyTorch | top-1 agree | accuracy % | drop pts |",
+        "|---|---|---|---|---|---|---|",
+        f"| {row['size_bytes'] / 1e6:.2f} | {row['latency_p50_ms']:.2f} ({row['latency_p90_ms']:.2f}) | "
+        f"{num(row.get('latency_ratio'), '.2f')} | {num(row.get('parity_max_abs'), '.2e')} | "
+        f"{num(row.get('parity_top1_agreement'), '.3f')} | {num(row.get('accuracy'), '.1f')} | "
+        f"{num(row.get('accuracy_drop'), '.2f')} |",
+        "",
+        f"Consumer check (loaded back from the registry, {check.images} validation images, batch 1 and "
+        f"{check.batch}; input {check.input_shape}, dynamic batch: {str(check.dynamic_batch).lower()}):",
+        "",
+        "| consumer path | max abs vs validated logits |",
+        "|---|---|",
+        *[f"| {k} | {v:.2e} |" for k, v in check.max_abs.items()],
+        "",
+        f"sha256 `{check.served_sha256}` ({'the validated file' if check.served_sha256 == check.validated_sha256 else 'NOT the validated file'})",
+    ]
+    if check.failures:
+        lines += ["", *[f"- {f}" for f in check.failures]]
+    return "\n".join(lines)
