@@ -64,11 +64,18 @@ def test_export_registers_every_variant_with_lineage_metrics_and_candidate(expor
     run = client.get_run(res.run_id)
     for variant in VARIANTS:
         assert run.data.metrics[f"{variant}.size_bytes"] > 0 and f"{variant}.parity_top1_agreement" in run.data.metrics
+        assert run.data.metrics[f"{variant}.consumer_check_passed"] == 1.0
+    # each number once, under a name that says whose it is: no unprefixed variant metrics on the run
+    prefixes = tuple(f"{v}." for v in VARIANTS) + ("pytorch.", "export_wall_s")
+    assert all(k.startswith(prefixes) for k in run.data.metrics), sorted(run.data.metrics)
     assert run.data.params["version.onnx2tf"] == "1.29.24"
     arts = {a.path for a in client.list_artifacts(res.run_id, "report")}
     assert {"report/skin_report.json", "report/skin_report.md", "report/skin_variants.png"} <= arts
-    logged = mlflow.get_logged_model(mlflow.models.get_model_info("models:/skin-tflite-int8/1").model_id)
-    assert {m.key for m in logged.metrics} >= {"size_bytes", "latency_p50_ms", "parity_max_abs", "accuracy_drop"}
+    for variant in VARIANTS:  # each LoggedModel carries its own metrics and no other variant's or the run's
+        logged = mlflow.get_logged_model(mlflow.models.get_model_info(f"models:/skin-{variant}/1").model_id)
+        keys = {m.key for m in logged.metrics}
+        assert {f"{variant}.{k}" for k in ("size_bytes", "latency_p50_ms", "parity_max_abs", "accuracy_drop")} <= keys
+        assert all(k.startswith(f"{variant}.") for k in keys), sorted(keys)
 
 
 def test_same_settings_again_creates_no_duplicate_versions(exported, demo_data):

@@ -79,6 +79,9 @@ def export_onnx(model: Any, spec: ModelSpec, out_dir: Path, *, stem: str, opset:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:
         raise ExportError(f"onnx.checker rejected {path.name}: {first_line(exc)}") from exc
+    if dynamic_batch and batch_dim(path) == 1:
+        raise ExportError(f"{path.name} was exported with its batch fixed at 1 although a dynamic batch was asked "
+                          "for; report this as a skinreg bug")
     real_opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     return ExportedFile(path=path, format=Format.onnx, precision=Precision.float32, converter="torch.onnx",
                         converter_version=torch.__version__,
