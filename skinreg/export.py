@@ -20,7 +20,7 @@ from .enums import Format, Precision
 from .errors import ExportError, GateError, InputError, first_line
 from .exporters import ExportedFile, check_converter, file_sha256, plan
 from .exporters.int8_recipes import DEFAULT_RECIPE, LITERT_BACKEND, TF_BACKEND, recipes_for
-from .measure import Latency, interleaved_latency, latency, size_bytes
+from .measure import Latency, Stages, interleaved_latency, latency, size_bytes
 from .models import LoadedModel
 from .runtime import DEFAULT_THREADS, OnnxRunner, TFLiteRunner, TorchRunner
 from .validate import Candidate, Parity, Verdict, compare, gates_with_overrides, judge, rank_candidates
@@ -90,6 +90,7 @@ class ExportResult:
     val_images: list[Any] = field(default_factory=list)  # the same images as paths or HWC arrays
     consumer_checks: dict[str, Any] = field(default_factory=dict)  # variant -> ConsumerCheck, after registration
     gates: dict[Precision, Any] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # where the time went (report + run metrics)
 
     @property
     def failures(self) -> list[str]:
@@ -200,6 +201,7 @@ def run_export(req: ExportRequest, *, progress: Progress = lambda msg: None) -> 
     from .report import write_plot, write_report
 
     started = time.perf_counter()
+    stages = Stages()
     converter = check_converter(req.converter)
     # Everything that can be rejected is rejected before any conversion starts.
     pairs = plan(req.formats, req.quantize, has_calibration=req.calibration_dir is not None, converter=converter)
@@ -232,6 +234,7 @@ def run_export(req: ExportRequest, *, progress: Progress = lambda msg: None) -> 
                             "limit": req.calibration_limit, "preprocessing": pre.to_dict(),
                             "class_counts": _calibration_classes(calib, list(pre.labels))}
 
+    stages.seconds["inputs and PyTorch reference"] = time.perf_counter() - started
     req.out_dir.mkdir(parents=True, exist_ok=True)
     files: list[ExportedFile] = []
     notes: list[str] = list(req.notes)
@@ -239,8 +242,9 @@ def run_export(req: ExportRequest, *, progress: Progress = lambda msg: None) -> 
         work = Path(tmp)
         want_onnx = any(f is Format.onnx for f, _ in pairs)
         progress("exporting ONNX")
-        onnx_file = export_onnx(model, spec, req.out_dir if want_onnx else work, stem=req.stem,
-                                opset=req.opset or DEFAULT_OPSET, dynamic_batch=req.dynamic_batch)
+        with stages("ONNX export"):
+            onnx_file = export_onnx(model, spec, req.out_dir if want_onnx else work, stem=req.stem,
+                                    opset=req.opset or DEFAULT_OPSET, dynamic_batch=req.dynamic_batch)
         calib_x = pre.batch(calib.paths) if calib is not None else None
         if want_onnx:
             files.append(onnx_file)
@@ -263,7 +267,8 @@ def run_export(req: ExportRequest, *, progress: Progress = lambda msg: None) -> 
             if (converter == "onnx2tf" and any(p is not Precision.int8 for p in tflite_precisions)) or \
                     any(r.backend == TF_BACKEND for r in int8_recipes):
                 progress("converting ONNX to a TF SavedModel (onnx2tf)")
-                saved = saved_model_from_onnx(onnx_file.path, spec, work)
+                with stages("SavedModel (onnx2tf)"):
+                    saved = saved_model_from_onnx(onnx_file.path, spec, work)
             for precision in tflite_precisions:
                 if precision is not Precision.int8:
                     progress(f"converting TFLite {precision.value} ({converter})")
@@ -294,7 +299,9 @@ def run_export(req: ExportRequest, *, progress: Progress = lambda msg: None) -> 
                     raise ExportError("every int8 recipe failed to convert: " +
                                       "; ".join(f"{k}: {v}" for k, v in conversion_failures.items()))
 
+    stages.seconds["other conversions (TFLite, ONNX quantized)"] = time.perf_counter() - started - sum(stages.seconds.values())
     variants = []
+    validation_started = time.perf_counter()
     for f in files:
         progress(f"validating and timing {f.variant}")
         try:
@@ -313,6 +320,7 @@ def run_export(req: ExportRequest, *, progress: Progress = lambda msg: None) -> 
                                       logits=outputs))
     _check_untouched(files)
 
+    stages.seconds["validation and timing"] = time.perf_counter() - validation_started
     contenders = [v for v in variants if v.file.variant == "tflite-int8" and v.passed]
     if len(contenders) > 1:
         # Candidates are ranked on latency: time them (and TFLite float32, their reference) side by side.
@@ -329,7 +337,7 @@ def run_export(req: ExportRequest, *, progress: Progress = lambda msg: None) -> 
                           int8_candidates=int8_candidates,
                           pytorch_latency=pt_latency, pytorch_accuracy=pt_acc, validation=val_info,
                           calibration=calibration_info, wall_s=time.perf_counter() - started, notes=notes,
-                          x_val=x_val, val_images=val_images, gates=gates)
+                          x_val=x_val, val_images=val_images, gates=gates, stage_seconds=stages.seconds)
     progress("writing report")
     result.report_json, result.report_md = write_report(result, gates)
     result.plot_png = write_plot(result)

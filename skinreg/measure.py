@@ -46,3 +46,24 @@ def interleaved_latency(runners: dict[str, Runner], x1: np.ndarray, *, runs: int
                 times[name].append((time.perf_counter() - t0) * 1000)
     return {name: Latency(p50_ms=float(np.median(t)), p90_ms=float(np.percentile(t, 90)), runs=len(t),
                           threads=int(getattr(runners[name], "threads", 0))) for name, t in times.items()}
+
+
+class Stages:
+    """Wall time per named stage (seconds, summed over repeats): `with stages("ONNX"): ...`."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str) -> "_Stage":
+        return _Stage(self, name)
+
+
+class _Stage:
+    def __init__(self, stages: Stages, name: str) -> None:
+        self.stages, self.name = stages, name
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stages.seconds[self.name] = self.stages.seconds.get(self.name, 0.0) + time.perf_counter() - self.t0

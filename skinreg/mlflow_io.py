@@ -209,6 +209,8 @@ def export_metrics(result: "ExportResult", model_ids: dict[str, str]) -> list[An
                  "pytorch.latency_p90_ms": result.pytorch_latency.p90_ms, "export_wall_s": result.wall_s}
     if result.pytorch_accuracy is not None:
         run_level["pytorch.accuracy"] = result.pytorch_accuracy
+    run_level.update({"stage." + "_".join("".join(c if c.isalnum() else " " for c in k).split()) + "_s": v
+                      for k, v in result.stage_seconds.items()})
     metrics = [Metric(k, float(v), now, 0) for k, v in run_level.items()]
     for v in result.variants:
         values = variant_metrics(v)

@@ -17,6 +17,7 @@ from . import __version__
 from .enums import Format, Precision
 from .errors import GateError, RegistryError, SkinregError, first_line
 from .export import ExportRequest, ExportResult, run_export
+from .measure import Stages
 from .registry import STAGE_FOR_ALIAS, TAG, Registry, VersionRef
 
 log = logging.getLogger(__name__)
@@ -121,10 +122,12 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                          TAG + "settings": settings})
         reg.set_version_tags(ref.name, ref.version, {TAG + "export.status": "running", TAG + "export.run_id": run_id})
         registered: list[VersionRef] = []
+        io = Stages()
         try:
             with tempfile.TemporaryDirectory(prefix="skinreg-src-") as tmp:
                 progress(f"loading {ref.uri}")
-                loaded, dynamic_batch, notes = load_source(ref, opts, Path(tmp))
+                with io("registry: download source"):
+                    loaded, dynamic_batch, notes = load_source(ref, opts, Path(tmp))
                 req = ExportRequest(loaded=loaded, out_dir=Path(tmp) / "out", stem=ref.name.replace("/", "_"),
                                     formats=opts.formats, quantize=opts.quantize, calibration_dir=opts.calibration_dir,
                                     eval_dir=opts.eval_dir, opset=opts.opset, gate_overrides=opts.gate_overrides,
@@ -140,7 +143,8 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                 model_ids: dict[str, str] = {}
                 for v in passing:  # log all first: registration starts only when every file is logged
                     progress(f"logging {v.file.variant}")
-                    v.model_uri, model_ids[v.file.variant] = log_variant(v, result)
+                    with io("registry: log variants"):
+                        v.model_uri, model_ids[v.file.variant] = log_variant(v, result)
                 versions: dict[str, VersionRef] = {}
                 for v in passing:
                     name = variant_model_name(ref.name, v.file.variant, opts.name_pattern)
@@ -150,31 +154,36 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                         versions[v.file.variant] = earlier
                         continue
                     progress(f"registering {name}")
-                    versions[v.file.variant] = reg.register(name, v.model_uri, tags=_variant_tags(ref, v, run_id, settings),
-                                                            model_tags={TAG + "variant_of": ref.name})
+                    with io("registry: register"):
+                        versions[v.file.variant] = reg.register(name, v.model_uri,
+                                                                tags=_variant_tags(ref, v, run_id, settings),
+                                                                model_tags={TAG + "variant_of": ref.name})
                     registered.append(versions[v.file.variant])
                 for v in passing:  # what the registry serves, loaded as each consumer loads it
                     mv = versions[v.file.variant]
                     progress(f"consumer check of {mv.uri} (pyfunc, SkinClassifier, "
                              f"{'onnxruntime' if v.file.format is Format.onnx else 'ai_edge_litert'})")
-                    check = result.consumer_checks[v.file.variant] = check_variant(mv.uri, v, result)
+                    with io("consumer check (downloads included)"):
+                        check = result.consumer_checks[v.file.variant] = check_variant(mv.uri, v, result)
                     if not check.passed:  # rolled back like any failed variant: no version, no alias
                         failed[v.file.variant] = "consumer check failed: " + "; ".join(check.failures)
                         reg.delete_version(mv.name, mv.version)
                         del versions[v.file.variant]
                         registered = [r for r in registered if r is not mv]
-                result.report_json, result.report_md = write_report(result, result.gates)
-                report_text = result.report_md.read_text()
-                log_export_run(result, source=ref, model_ids=model_ids)
                 rows = {r["variant"]: r for r in report_rows(result)}
                 for variant, mv in versions.items():
                     check = result.consumer_checks[variant]
-                    reg.set_version_tags(mv.name, mv.version, {
-                        TAG + "dynamic_batch": str(check.dynamic_batch).lower(),
-                        TAG + "input_shape": json.dumps(check.input_shape),
-                        TAG + "consumer_check": check.summary()[:5000]})
-                    reg.set_description(mv.name, mv.version, consumer_description(
-                        check, rows[variant], source_uri=ref.uri, run_id=run_id))
+                    with io("registry: version tags and descriptions"):
+                        reg.set_version_tags(mv.name, mv.version, {
+                            TAG + "dynamic_batch": str(check.dynamic_batch).lower(),
+                            TAG + "input_shape": json.dumps(check.input_shape),
+                            TAG + "consumer_check": check.summary()[:5000]})
+                        reg.set_description(mv.name, mv.version, consumer_description(
+                            check, rows[variant], source_uri=ref.uri, run_id=run_id))
+                _time_split(result, io.seconds)
+                result.report_json, result.report_md = write_report(result, result.gates)
+                report_text = result.report_md.read_text()
+                log_export_run(result, source=ref, model_ids=model_ids)
                 variants = {k: reg.get(mv.name, mv.version) for k, mv in versions.items()}
                 status = "failed" if failed else "passed"
                 reg.set_version_tags(ref.name, ref.version, {
@@ -200,6 +209,14 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
             raise
     return PipelineResult(source=reg.get(ref.name, ref.version), run_id=run_id, status=status,
                           variants=variants, failed=failed, export=result, report=report_text)
+
+
+def _time_split(result: ExportResult, io: dict[str, float]) -> None:
+    """Add the pipeline's stages to the export's, and the two totals a user compares: the export work
+    (conversion, validation, timing) and the registry I/O (downloads, uploads, registrations, tags)."""
+    result.stage_seconds.update(io)
+    result.stage_seconds["export"] = result.wall_s
+    result.stage_seconds["registry I/O"] = sum(v for k, v in io.items() if k.startswith("registry:"))
 
 
 def _earlier_version(reg: Registry, name: str, ref: VersionRef, settings: str, sha256: str) -> VersionRef | None:

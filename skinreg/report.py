@@ -91,6 +91,9 @@ def markdown(result: "ExportResult") -> str:
         lines += ["", "## Gate failures", ""] + [f"- {f}" for f in failures]
     if result.notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in result.notes]
+    if result.stage_seconds:
+        lines += ["", "## Where the time went", "", "| stage | seconds |", "|---|---|"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in result.stage_seconds.items()]
     lines += ["", f"Total export wall time: {result.wall_s:.1f} s", ""]
     return "\n".join(lines)
 
@@ -114,6 +117,7 @@ def write_report(result: "ExportResult", gates: dict[Precision, "Gate"]) -> tupl
             "status": "failed" if result.failures else "passed", "failures": result.failures,
             "int8_candidates": result.int8_candidates,
             "consumer_checks": {k: c.to_dict() for k, c in result.consumer_checks.items()},
+            "stage_seconds": result.stage_seconds,
             "variants": rows(result)}
     json_path = result.out_dir / f"{result.stem}_report.json"
     json_path.write_text(json.dumps(data, indent=2, default=str))

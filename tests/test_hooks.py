@@ -13,7 +13,6 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -32,7 +31,7 @@ from registry_hooks.queue import JobQueue
 from registry_hooks.reconcile import reconcile
 from registry_hooks.signature import sign
 from registry_hooks.worker import Worker
-from servers import free_port, mlflow_server, wait_http
+from servers import CountingProxy, free_port, mlflow_server, wait_http
 from skinreg.cli import app
 from skinreg.mlflow_io import log_source_model
 
@@ -218,59 +217,7 @@ class Proc:
         self.proc.wait(timeout=20)
 
 
-class HoldingProxy:
-    """A pass-through HTTP proxy on 127.0.0.1 in front of the MLflow server that holds (never forwards)
-    the first request `hold` matches: a worker talking through it stops exactly there, so the test
-    can SIGKILL it at a chosen point of the pipeline instead of at a random one."""
-
-    HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
-
-    def __init__(self, target: str, hold: Callable[[str, str, bytes], bool]) -> None:
-        self.target, self.hold = target, hold
-        self.held = threading.Event()
-        self.release = threading.Event()
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _any(self) -> None:
-                data = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if not proxy.held.is_set() and proxy.hold(self.command, self.path, data):
-                    proxy.held.set()
-                    proxy.release.wait(timeout=120)  # dropped, never forwarded: the caller is dead by then
-                    self.send_error(503)
-                    return
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in proxy.HOP}
-                with requests.request(self.command, proxy.target + self.path, data=data, headers=headers,
-                                      stream=True, timeout=60) as resp:
-                    raw = resp.raw.read(decode_content=False)  # forwarded as sent (possibly gzip)
-                    self.send_response(resp.status_code)
-                    for k, v in resp.headers.items():
-                        if k.lower() not in proxy.HOP:
-                            self.send_header(k, v)
-                    self.send_header("Content-Length", str(len(raw)))
-                    self.end_headers()
-                    self.wfile.write(raw)
-
-            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _any
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    @contextmanager
-    def running(self) -> Iterator["HoldingProxy"]:
-        thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        thread.start()
-        try:
-            yield self
-        finally:
-            self.release.set()
-            self.server.shutdown()
-            self.server.server_close()
-            thread.join(timeout=10)
+HoldingProxy = CountingProxy  # the shared proxy of servers.py, used here to hold one request
 
 
 class Stack:

@@ -26,11 +26,19 @@ def test_mlflow_run_export_and_promote_on_a_hand_registered_model(tracking, trai
     with mlflow.start_run():  # plain MLflow, batch-2 example, no skinreg metadata
         mlflow.pytorch.log_model(trained.loaded.model, name="model", registered_model_name="byhand",
                                  input_example=np.zeros((2, 3, 64, 64), np.float32))
-    out = _mlflow_run("export", "model_uri=models:/byhand/1", "formats=onnx", "arch=tiny_cnn", tracking=tracking)
+    # `mlflow run` puts the venv's bin first on PATH (onnxsim included), as an activated venv does
+    out = _mlflow_run("export", "model_uri=models:/byhand/1", "formats=onnx,tflite", "arch=tiny_cnn", tracking=tracking)
     assert out.returncode == 0, out.stderr[-3000:]
     client = MlflowClient()
     mv = client.get_model_version("byhand-onnx", "1")
     assert mv.tags["skinreg.gate"] == "passed" and mv.tags["skinreg.dynamic_batch"] == "true"
+    assert mv.tags["skinreg.consumer_check"].startswith("passed: sha256 matches; batch 1 and 4")
+    x = np.random.default_rng(0).normal(size=(4, 3, 64, 64)).astype(np.float32)
+    expected = trained.loaded.model(__import__("torch").from_numpy(x)).detach().numpy()
+    got = mlflow.pyfunc.load_model("models:/byhand-onnx/1").predict(x)["logits"]
+    assert got.shape == (4, 4) and np.abs(got - expected).max() <= 1e-4
+    tfl = mlflow.pyfunc.load_model("models:/byhand-tflite-float32/1").predict(x.transpose(0, 2, 3, 1))
+    assert tfl.shape == (4, 4) and np.abs(tfl - expected).max() <= 1e-3
     run = client.get_run(mv.tags["skinreg.export_run"])
     assert run.data.params["model_uri"] == "models:/byhand/1" and run.data.params["model.arch"] == "tiny_cnn"
     out = _mlflow_run("promote", "model_uri=models:/byhand/1", "alias=production", tracking=tracking)
