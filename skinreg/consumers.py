@@ -13,6 +13,7 @@ Tags that describe the file (`skinreg.dynamic_batch`) are read here, from what t
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import warnings
@@ -101,8 +102,29 @@ class _Paths:
                                        f"validated ones by {diff:.3g} (> {self.check.tolerance:.1g})")
 
 
-def check_variant(uri: str, v: "VariantResult", result: "ExportResult", *, batch: int = BATCH) -> ConsumerCheck:
-    """Load `uri` (a registered variant) through every consumer path on the validation images."""
+def file_facts(path: Path, fmt: Format) -> tuple[bool, list[int]]:
+    """(takes any batch size?, input shape with -1 for a free dimension), read from the file itself as its
+    runtime sees it: the source of the `skinreg.dynamic_batch` and `skinreg.input_shape` tags."""
+    if fmt is Format.onnx:
+        import onnxruntime as ort
+
+        inp = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()[0]
+        return not isinstance(inp.shape[0], int), [d if isinstance(d, int) else -1 for d in inp.shape]
+    from ai_edge_litert.interpreter import Interpreter
+
+    inp = Interpreter(model_path=str(path)).get_input_details()[0]
+    return int(inp["shape_signature"][0]) == -1, [int(d) for d in inp["shape"]]
+
+
+def check_variant(uri: str, v: "VariantResult", result: "ExportResult", *, tags: dict[str, str] | None = None,
+                  batch: int = BATCH) -> ConsumerCheck:
+    """Load `uri` (a registered variant) through every consumer path on the validation images.
+
+    `uri` is downloaded once (`models:/<name>/<version>`, resolved by the registry like any consumer's
+    download) and every path loads those bytes with the consumer's own loader (`mlflow.pyfunc.load_model`,
+    `SkinClassifier.from_uri`, onnxruntime, ai_edge_litert): a download per path would cost one request
+    per artifact file each time against a remote server and prove nothing more. `tags`: the version's
+    tags, whose description of the file (dynamic batch, input shape) must match the served file."""
     import mlflow
 
     from .serving import SkinClassifier, find_model_file
@@ -126,34 +148,43 @@ def check_variant(uri: str, v: "VariantResult", result: "ExportResult", *, batch
             check.failures.append(f"{v.file.variant}: the registry serves a file whose sha256 "
                                   f"{check.served_sha256[:12]}… differs from the validated file's "
                                   f"{check.validated_sha256[:12]}…")
+        try:
+            check.dynamic_batch, check.input_shape = file_facts(served, v.file.format)
+        except Exception as exc:
+            check.failures.append(f"{v.file.variant}: the served file does not load: {first_line(exc)}")
+            return check
+        for key, fact in (("dynamic_batch", str(check.dynamic_batch).lower()), ("input_shape", json.dumps(check.input_shape))):
+            if tags is not None and tags.get(f"skinreg.{key}") != fact:
+                check.failures.append(f"{v.file.variant}: tag skinreg.{key}={tags.get(f'skinreg.{key}')} but the served "
+                                      f"file says {fact}")
         if v.file.format is Format.onnx:
             _onnx_paths(paths, served, x, batch)
         else:
             _tflite_paths(paths, served, x)
-    fixed_onnx = v.file.format is Format.onnx and not check.dynamic_batch
+        fixed_onnx = v.file.format is Format.onnx and not check.dynamic_batch
 
-    def pyfunc() -> np.ndarray:
-        model = mlflow.pyfunc.load_model(uri)
-        feed = x if v.file.format is Format.onnx else x.transpose(0, 2, 3, 1)
+        def pyfunc() -> np.ndarray:
+            model = mlflow.pyfunc.load_model(str(local))
+            feed = x if v.file.format is Format.onnx else x.transpose(0, 2, 3, 1)
 
-        def predict(b: np.ndarray) -> np.ndarray:
-            out = model.predict(np.ascontiguousarray(b))
-            return out["logits"] if isinstance(out, dict) else out  # the ONNX flavor returns {output name: array}
+            def predict(b: np.ndarray) -> np.ndarray:
+                out = model.predict(np.ascontiguousarray(b))
+                return out["logits"] if isinstance(out, dict) else out  # the ONNX flavor returns {output name: array}
 
-        one = np.asarray(predict(feed[:1]), dtype=np.float32)
-        if fixed_onnx:  # an ONNX file whose batch is fixed at 1 (tagged so): batch 1 is all it promises
-            return _batched(predict, feed, 1)
-        many = _batched(predict, feed, batch)
-        if one.shape != many[:1].shape or _max_abs(one, many[:1]) > tol:
-            raise ValueError(f"batch 1 gave {one.shape}, batch {batch} gave {many.shape[1:]} per image")
-        return many
+            one = np.asarray(predict(feed[:1]), dtype=np.float32)
+            if fixed_onnx:  # an ONNX file whose batch is fixed at 1 (tagged so): batch 1 is all it promises
+                return _batched(predict, feed, 1)
+            many = _batched(predict, feed, batch)
+            if one.shape != many[:1].shape or _max_abs(one, many[:1]) > tol:
+                raise ValueError(f"batch 1 gave {one.shape}, batch {batch} gave {many.shape[1:]} per image")
+            return many
 
-    def classifier() -> np.ndarray:
-        clf = SkinClassifier.from_uri(uri)
-        return _batched(lambda b: clf.logits(list(b)), list(images), batch)
+        def classifier() -> np.ndarray:
+            clf = SkinClassifier.from_uri(str(local))
+            return _batched(lambda b: clf.logits(list(b)), list(images), batch)
 
-    paths.run("mlflow.pyfunc", pyfunc)
-    paths.run("SkinClassifier.from_uri", classifier)
+        paths.run("mlflow.pyfunc", pyfunc)
+        paths.run("SkinClassifier.from_uri", classifier)
     return check
 
 
@@ -162,12 +193,10 @@ def _onnx_paths(paths: _Paths, served: Path, x: np.ndarray, batch: int) -> None:
 
     check = paths.check
     session = ort.InferenceSession(str(served), providers=["CPUExecutionProvider"])
-    inp = session.get_inputs()[0]
-    check.input_shape = [d if isinstance(d, int) else -1 for d in inp.shape]
-    check.dynamic_batch = not isinstance(inp.shape[0], int)
+    name = session.get_inputs()[0].name
 
     def run(b: np.ndarray) -> np.ndarray:
-        return session.run(None, {inp.name: np.ascontiguousarray(b, dtype=np.float32)})[0]
+        return session.run(None, {name: np.ascontiguousarray(b, dtype=np.float32)})[0]
 
     paths.run("onnxruntime batch 1", lambda: _batched(run, x, 1))
     if check.dynamic_batch:  # a file with its batch fixed at 1 says so in its tags; it is not checked at batch N
@@ -177,17 +206,13 @@ def _onnx_paths(paths: _Paths, served: Path, x: np.ndarray, batch: int) -> None:
 def _tflite_paths(paths: _Paths, served: Path, x: np.ndarray) -> None:
     from ai_edge_litert.interpreter import Interpreter
 
-    check = paths.check
-
     def mobile() -> np.ndarray:
         interp = Interpreter(model_path=str(served), num_threads=2)
         interp.allocate_tensors()
         inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
-        check.input_shape = [int(d) for d in inp["shape"]]
-        check.dynamic_batch = int(inp["shape_signature"][0]) == -1
-        size = x.shape[-1]
-        if inp["dtype"] != np.float32 or out["dtype"] != np.float32 or check.input_shape != [1, size, size, 3]:
-            raise ValueError(f"mobile contract broken: input {inp['dtype'].__name__}{check.input_shape}, output "
+        shape, size = [int(d) for d in inp["shape"]], x.shape[-1]
+        if inp["dtype"] != np.float32 or out["dtype"] != np.float32 or shape != [1, size, size, 3]:
+            raise ValueError(f"mobile contract broken: input {inp['dtype'].__name__}{shape}, output "
                              f"{out['dtype'].__name__}{[int(d) for d in out['shape']]}; expected float32 "
                              f"[1, {size}, {size}, 3] in, float32 [1, C] out")
         rows = []

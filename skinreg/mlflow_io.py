@@ -187,11 +187,11 @@ def log_variant(v: "VariantResult", result: "ExportResult") -> tuple[str, str]:
                                          save_as_external_data=False,
                                          pip_requirements=_pip("onnx", "onnxruntime", "numpy", "mlflow"))
         else:
-            labels = v.file.path.with_name(v.file.path.stem + "_labels.txt")
-            labels.write_text("\n".join(pre.labels) + "\n")
+            # Every artifact file is one upload and one download per consumer: the labels travel inside the
+            # preprocessing JSON (`skinreg pull` writes labels.txt from it).
             info = mlflow.pyfunc.log_model(
                 name=v.file.variant, python_model=str(Path(__file__).with_name("tflite_pyfunc.py")),
-                artifacts={"tflite": str(v.file.path), "preprocessing": str(v.file.sidecar), "labels": str(labels)},
+                artifacts={"tflite": str(v.file.path), "preprocessing": str(v.file.sidecar)},
                 signature=_signature("NHWC", pre.input_size, spec.num_classes), metadata=meta,
                 pip_requirements=_pip("ai-edge-litert", "numpy", "mlflow"))
     return info.model_uri, info.model_id

@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -95,7 +95,7 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                    progress: Progress = lambda msg: None) -> PipelineResult:
     import mlflow
 
-    from .consumers import check_variant
+    from .consumers import check_variant, file_facts
     from .consumers import description as consumer_description
     from .mlflow_io import load_source, log_export_run, log_variant
     from .report import rows as report_rows
@@ -154,9 +154,12 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                         versions[v.file.variant] = earlier
                         continue
                     progress(f"registering {name}")
+                    dynamic, shape = file_facts(v.file.path, v.file.format)  # the file the consumer check re-reads
+                    tags = {**_variant_tags(ref, v, run_id, settings), TAG + "dynamic_batch": str(dynamic).lower(),
+                            TAG + "input_shape": json.dumps(shape)}
                     with io("registry: register"):
-                        versions[v.file.variant] = reg.register(name, v.model_uri,
-                                                                tags=_variant_tags(ref, v, run_id, settings),
+                        versions[v.file.variant] = reg.register(name, v.model_uri, tags=tags, run_id=run_id,
+                                                                model_id=model_ids[v.file.variant],
                                                                 model_tags={TAG + "variant_of": ref.name})
                     registered.append(versions[v.file.variant])
                 for v in passing:  # what the registry serves, loaded as each consumer loads it
@@ -164,7 +167,7 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                     progress(f"consumer check of {mv.uri} (pyfunc, SkinClassifier, "
                              f"{'onnxruntime' if v.file.format is Format.onnx else 'ai_edge_litert'})")
                     with io("consumer check (downloads included)"):
-                        check = result.consumer_checks[v.file.variant] = check_variant(mv.uri, v, result)
+                        check = result.consumer_checks[v.file.variant] = check_variant(mv.uri, v, result, tags=mv.tags)
                     if not check.passed:  # rolled back like any failed variant: no version, no alias
                         failed[v.file.variant] = "consumer check failed: " + "; ".join(check.failures)
                         reg.delete_version(mv.name, mv.version)
@@ -174,17 +177,15 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                 for variant, mv in versions.items():
                     check = result.consumer_checks[variant]
                     with io("registry: version tags and descriptions"):
-                        reg.set_version_tags(mv.name, mv.version, {
-                            TAG + "dynamic_batch": str(check.dynamic_batch).lower(),
-                            TAG + "input_shape": json.dumps(check.input_shape),
-                            TAG + "consumer_check": check.summary()[:5000]})
+                        reg.set_version_tags(mv.name, mv.version, {TAG + "consumer_check": check.summary()[:5000]})
                         reg.set_description(mv.name, mv.version, consumer_description(
                             check, rows[variant], source_uri=ref.uri, run_id=run_id))
+                    versions[variant] = replace(mv, tags={**mv.tags, TAG + "consumer_check": check.summary()[:5000]})
                 _time_split(result, io.seconds)
                 result.report_json, result.report_md = write_report(result, result.gates)
                 report_text = result.report_md.read_text()
                 log_export_run(result, source=ref, model_ids=model_ids)
-                variants = {k: reg.get(mv.name, mv.version) for k, mv in versions.items()}
+                variants = dict(versions)
                 status = "failed" if failed else "passed"
                 reg.set_version_tags(ref.name, ref.version, {
                     TAG + "export.status": status, TAG + "export.settings": settings,
@@ -222,8 +223,6 @@ def _time_split(result: ExportResult, io: dict[str, float]) -> None:
 def _earlier_version(reg: Registry, name: str, ref: VersionRef, settings: str, sha256: str) -> VersionRef | None:
     """A version of variant model `name` made from the same source version with the same settings, holding
     the same file (sha256): anything else was not validated by this run and is not reused."""
-    if not reg.exists(name):
-        return None
     for v in reg.versions(name):
         if v.tags.get(TAG + "source_version") == ref.version and v.tags.get(TAG + "settings") == settings \
                 and v.tags.get(TAG + "source_name") == ref.name and v.tags.get(TAG + "sha256") == sha256:
