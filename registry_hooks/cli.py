@@ -29,6 +29,14 @@ LatencyRuns = Annotated[Optional[int], typer.Option(help="Timed runs per variant
 DEFAULT_EVENTS = ["model_version.created", "model_version_alias.created", "model_version_alias.deleted"]
 
 
+def _no_pickle() -> None:
+    """Workers export whatever anyone with write access registers: MLflow's own loaders refuse pickle in
+    this process and its children too (skinreg never asks them to load one; this is the second lock)."""
+    import os
+
+    os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
+
+
 def _config(**overrides):
     from .config import Executor, from_env
 
@@ -68,6 +76,7 @@ def register(app: typer.Typer, command: Callable) -> None:
         latency_runs: LatencyRuns = None,
     ) -> None:
         """Receive MLflow registry webhooks (POST /webhook); GET /jobs and GET /health for operators."""
+        _no_pickle()
         import uvicorn
 
         from .app import create_app
@@ -89,6 +98,7 @@ def register(app: typer.Typer, command: Callable) -> None:
         until_idle: Annotated[bool, typer.Option(help="Exit once no job is due (for cron or a batch job).")] = False,
     ) -> None:
         """Run queued jobs: retries with backoff; takes over jobs a killed worker left running."""
+        _no_pickle()
         import signal
         import threading
 

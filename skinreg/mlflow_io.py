@@ -76,16 +76,23 @@ def _load_pytorch_flavor(ref: "VersionRef", mlmodel: Any, local: Path, opts: "Ex
 
     flavor = mlmodel.flavors["pytorch"]
     data = local / flavor.get("model_data", "data")
-    # mlflow.pytorch writes model.pt2 (torch.export, safe) or model.pth (pickle: runs code on load)
-    is_pickle = not (data / "model.pt2").exists()
-    if is_pickle and not opts.allow_pickle:
-        raise RegistryError(f"{ref.uri} is a pickled PyTorch model: loading it executes code from the registry; "
-                            "pass --allow-pickle (MLproject: -P allow_pickle=true) only if you trust its author")
+    risks = code_risks(mlmodel, local)
+    if risks and not opts.allow_pickle:
+        raise RegistryError(f"{ref.uri} would run code from the registry when loaded ({'; '.join(risks)}); pass "
+                            "--allow-pickle (MLproject: -P allow_pickle=true) only if you trust its author")
+    if not (data / "model.pth").exists() and not (data / "model.pt2").exists():
+        raise RegistryError(f"{ref.uri} has neither data/model.pt2 nor data/model.pth; log it with "
+                            "mlflow.pytorch.log_model")
     meta = (mlmodel.metadata or {}).get(SPEC_KEY)
     spec_meta = ModelSpec.from_dict(meta if isinstance(meta, dict) else json.loads(meta)) if meta else None
     arch = opts.arch or (spec_meta.arch if spec_meta else None)
     notes: list[str] = []
-    model = mlflow.pytorch.load_model(str(local), map_location="cpu") if is_pickle else mlflow.pytorch.load_model(str(local))
+    if opts.allow_pickle:  # the user trusts the author: MLflow's own loader, pickle, code/ and all
+        is_pickle = (data / "model.pth").exists()
+        model = (mlflow.pytorch.load_model(str(local), map_location="cpu") if is_pickle
+                 else mlflow.pytorch.load_model(str(local)))
+    else:  # a pt2 archive checked pickle-free above: nothing in it can run code
+        model = torch.export.load(str(data / "model.pt2")).module()
     if not isinstance(model, torch.fx.GraphModule):  # exported graphs refuse .eval(); they are eval already
         model.eval()
     size = opts.input_size or (spec_meta.preprocessing.input_size if spec_meta else None) or _signature_size(mlmodel) or 224
@@ -120,6 +127,37 @@ def _load_pytorch_flavor(ref: "VersionRef", mlmodel: Any, local: Path, opts: "Ex
         notes.append("architecture unknown and the logged pt2 model has its batch fixed at 1 (it was logged with "
                      "a batch-1 input example): ONNX exported with batch 1; pass --arch to rebuild a dynamic-batch model")
     return LoadedModel(model=model, spec=ModelSpec(arch or "unknown", num_classes, pre)), dynamic, notes
+
+
+def code_risks(mlmodel: Any, local: Path) -> list[str]:
+    """What loading this MLflow PyTorch model would execute, decided from what MLflow's loader *will*
+    read (mlflow.pytorch._load_model, MLflow 3.17), not from which file happens to exist:
+    - data/model.pth is unpickled (pickle module named by pickle_module_info.txt, so torch's weights_only
+      is off) whenever it exists, even beside a model.pt2;
+    - the flavor's `code` folder (and any `code/` in the artifact) is put on sys.path and imported from;
+    - torch.export.load unpickles a pt2 archive's weight/constant records with weights_only=False, so a pt2
+      is safe only when every record passes MLflow's own pickle-free check."""
+    import mlflow.pytorch
+
+    flavor = mlmodel.flavors["pytorch"]
+    data = local / flavor.get("model_data", "data")
+    risks = []
+    if (data / "model.pth").exists():
+        risks.append(f"{data.name}/model.pth is a pickle, which MLflow loads whenever it exists")
+    code = [f["code"] for f in mlmodel.flavors.values() if isinstance(f, dict) and f.get("code")]
+    if code or (local / "code").exists():
+        risks.append(f"a code folder ({', '.join(code) or 'code'}) that MLflow puts on sys.path")
+    pt2 = data / "model.pt2"
+    if pt2.exists() and not risks:
+        check = getattr(mlflow.pytorch, "_validate_pt2_archive_is_pickle_free", None)
+        if check is None:  # pragma: no cover - an MLflow upgrade moved it: refuse rather than guess
+            risks.append("its pt2 archive cannot be checked for pickled records with this MLflow version")
+        else:
+            try:
+                check(str(pt2))
+            except Exception as exc:
+                risks.append(f"{data.name}/model.pt2 holds pickled records ({first_line(exc)[:120]})")
+    return risks
 
 
 def _signature_size(mlmodel: Any) -> int | None:

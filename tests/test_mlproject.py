@@ -46,3 +46,21 @@ def test_mlflow_run_export_and_promote_on_a_hand_registered_model(tracking, trai
     assert str(client.get_registered_model("byhand-onnx").aliases["production"]) == "1"
     out = _mlflow_run("export", "model_uri=models:/nothere/1", tracking=tracking)
     assert out.returncode != 0 and "error: registered model 'nothere' not found" in out.stderr
+
+
+def test_parameters_reach_skinreg_as_literal_text_never_as_shell(tracking, trained, demo_data, tmp_path):
+    """A folder whose name has a space and `$(...)`: MLflow quotes each value itself; it must arrive as one
+    literal path (calibration works from it) and nothing runs in a shell."""
+    import shutil
+
+    with mlflow.start_run():
+        mlflow.pytorch.log_model(trained.loaded.model, name="model", registered_model_name="quoted",
+                                 input_example=np.zeros((2, 3, 64, 64), np.float32))
+    odd = tmp_path / "cal dir $(touch PWNED)"
+    shutil.copytree(demo_data / "calibration", odd)
+    out = _mlflow_run("export", "model_uri=models:/quoted/1", "formats=onnx", "quantize=int8", "arch=tiny_cnn",
+                      f"calibration_dir={odd}", "gates=int8.min_top1_agreement=0.5", tracking=tracking)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert not list(Path.cwd().rglob("PWNED")) and not list(tmp_path.rglob("PWNED")) and not Path("PWNED").exists()
+    tags = MlflowClient().get_model_version("quoted-onnx-int8", "1").tags
+    assert tags["skinreg.calibration.source"] == str(odd) and int(tags["skinreg.calibration.count"]) == 40

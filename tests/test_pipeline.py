@@ -66,7 +66,7 @@ def test_export_registers_every_variant_with_lineage_metrics_and_candidate(expor
         assert run.data.metrics[f"{variant}.size_bytes"] > 0 and f"{variant}.parity_top1_agreement" in run.data.metrics
         assert run.data.metrics[f"{variant}.consumer_check_passed"] == 1.0
     # each number once, under a name that says whose it is: no unprefixed variant metrics on the run
-    prefixes = tuple(f"{v}." for v in VARIANTS) + ("pytorch.", "export_wall_s")
+    prefixes = tuple(f"{v}." for v in VARIANTS) + ("pytorch.", "export_wall_s", "stage.")
     assert all(k.startswith(prefixes) for k in run.data.metrics), sorted(run.data.metrics)
     assert run.data.params["version.onnx2tf"] == "1.29.24"
     arts = {a.path for a in client.list_artifacts(res.run_id, "report")}
@@ -163,7 +163,7 @@ def test_pickle_needs_opt_in_and_raw_pth_artifact_works(tracking, trained, train
     with mlflow.start_run():
         mlflow.pytorch.log_model(trained.loaded.model, name="model", registered_model_name="pickled",
                                  serialization_format="pickle")
-    with pytest.raises(RegistryError, match="pickled PyTorch model.*--allow-pickle"):
+    with pytest.raises(RegistryError, match="would run code from the registry.*model.pth is a pickle.*--allow-pickle"):
         export_version("models:/pickled/1", ExportOptions(formats=["onnx"]))
     ok = export_version("models:/pickled/1", ExportOptions(formats=["onnx"], allow_pickle=True, input_size=64,
                                                           latency_runs=2))
