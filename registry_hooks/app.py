@@ -5,21 +5,45 @@ in the worker (a thread of this service, or separate `skinreg hooks worker` proc
 
 from __future__ import annotations
 
+import hmac
 import logging
 import threading
+import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from .config import HooksConfig
 from .events import PayloadError, decide, parse
 from .queue import JobQueue
-from .signature import SignatureError, verify
+from .signature import HEADER_SIGNATURE, SignatureError, verify
 
 log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1 << 20  # MLflow's deliveries are a few kB; anything near this is not one
+PRUNE_EVERY_S = 60  # the replay table is pruned this often while serving, not only at start-up
+MAX_JOBS_LIMIT = 1000
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def _read_capped(request: Request, cap: int) -> bytes:
+    """The body, read in chunks and abandoned as soon as it passes `cap` (a Content-Length is not trusted)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > cap:
+        raise BodyTooLarge()
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > cap:
+            raise BodyTooLarge()
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def create_app(cfg: HooksConfig, *, queue: JobQueue | None = None, run_worker: bool = False,
@@ -57,10 +81,26 @@ def create_app(cfg: HooksConfig, *, queue: JobQueue | None = None, run_worker: b
 
     app = FastAPI(title="skinreg registry hooks", lifespan=lifespan)
     app.state.queue = q
+    pruned = {"at": time.monotonic()}
+
+    def authorized(request: Request) -> bool:
+        given = request.headers.get("authorization", "")
+        return hmac.compare_digest(given.encode(), f"Bearer {secret}".encode())
 
     @app.post("/webhook")
     async def webhook(request: Request) -> JSONResponse:
-        body = await request.body()  # the raw bytes: the signature covers them exactly
+        if not request.headers.get(HEADER_SIGNATURE):  # unsigned: refused before its body is read
+            log.warning("rejected delivery %s: missing %s", request.headers.get("x-mlflow-delivery-id"), HEADER_SIGNATURE)
+            return JSONResponse({"error": f"missing {HEADER_SIGNATURE}"}, status_code=401)
+        try:
+            body = await _read_capped(request, MAX_BODY_BYTES)  # the raw bytes: the signature covers them exactly
+        except BodyTooLarge:
+            log.warning("rejected delivery %s: body over %d bytes", request.headers.get("x-mlflow-delivery-id"),
+                        MAX_BODY_BYTES)
+            return JSONResponse({"error": f"body over {MAX_BODY_BYTES} bytes"}, status_code=413)
+        if time.monotonic() - pruned["at"] > PRUNE_EVERY_S:
+            pruned["at"] = time.monotonic()
+            await run_in_threadpool(q.prune_deliveries, cfg.tolerance_s)
         try:
             delivery = verify(secret=secret, headers=dict(request.headers), body=body, tolerance_s=cfg.tolerance_s)
             doc = parse(body)
@@ -86,12 +126,18 @@ def create_app(cfg: HooksConfig, *, queue: JobQueue | None = None, run_worker: b
         return JSONResponse({"status": status, "event": decision.event, "jobs": accepted.job_ids,
                              "reason": decision.reason})
 
-    @app.get("/jobs")
-    async def jobs(state: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+    # /jobs shows sources, versions and errors: behind the same secret, as `Authorization: Bearer <secret>`.
+    @app.get("/jobs", response_model=None)
+    async def jobs(request: Request, state: str | None = None,
+                   limit: int = Query(200, ge=1, le=MAX_JOBS_LIMIT)) -> list[dict[str, Any]] | JSONResponse:
+        if not authorized(request):
+            return JSONResponse({"error": "send Authorization: Bearer <the webhook secret>"}, status_code=401)
         return [j.to_dict() for j in await run_in_threadpool(q.jobs, state=state, limit=limit)]
 
     @app.get("/jobs/{job_id}")
-    async def job(job_id: int) -> JSONResponse:
+    async def job(request: Request, job_id: int) -> JSONResponse:
+        if not authorized(request):
+            return JSONResponse({"error": "send Authorization: Bearer <the webhook secret>"}, status_code=401)
         found = await run_in_threadpool(q.get, job_id)
         if found is None:
             return JSONResponse({"error": f"no job {job_id}"}, status_code=404)

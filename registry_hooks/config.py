@@ -87,7 +87,13 @@ class HooksConfig:
         if not self.secret:
             raise InputError(f"no webhook secret: set {ENV_SECRET} (the same secret `skinreg hooks install` gives "
                              "MLflow); the receiver never accepts unsigned deliveries")
+        if len(self.secret) < MIN_SECRET_LENGTH:
+            raise InputError(f"the webhook secret in {ENV_SECRET} has {len(self.secret)} characters: use at least "
+                             f"{MIN_SECRET_LENGTH} (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
         return self.secret
+
+
+MIN_SECRET_LENGTH = 16
 
 
 def _split(value: str) -> list[str]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import sqlite3
 import time
@@ -85,6 +86,7 @@ class Job:
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if k != "spec"}
+        d["last_error"] = redact(d.get("last_error"))
         d.update(kind=self.spec.kind.value, name=self.spec.name, version=self.spec.version, alias=self.spec.alias)
         return d
 
@@ -103,6 +105,15 @@ class DeliveryRecord:
     event: str
     outcome: str
     job_ids: list[int]
+
+
+_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)[^/\s@:]+(?::[^/\s@]*)?@")
+
+
+def redact(text: str | None) -> str | None:
+    """`scheme://user:password@host` -> `scheme://***@host`: a tracking or database URI in an error
+    message never reaches the queue or /jobs with its credentials."""
+    return None if text is None else _CREDENTIALS.sub(r"\g<scheme>***@", text)
 
 
 def _proc_start(pid: int) -> str | None:
@@ -267,7 +278,7 @@ class JobQueue:
             dead = retry_in is None or row["attempts"] >= self.max_attempts
             db.execute("UPDATE jobs SET state = ?, last_error = ?, next_run_at = ?, lease_owner = NULL, updated_at = ?, "
                        "finished_at = ? WHERE id = ? AND lease_owner = ?",
-                       (DEAD if dead else PENDING, error[:5000], now + (retry_in or 0), now, now if dead else None,
+                       (DEAD if dead else PENDING, redact(error)[:5000], now + (retry_in or 0), now, now if dead else None,
                         job_id, owner))
             return DEAD if dead else PENDING
 
@@ -277,7 +288,7 @@ class JobQueue:
         with self._tx() as db:
             db.execute("UPDATE jobs SET state = ?, attempts = attempts - 1, last_error = ?, next_run_at = ?, "
                        "lease_owner = NULL, updated_at = ? WHERE id = ? AND lease_owner = ?",
-                       (PENDING, reason, now + delay_s, now, job_id, owner))
+                       (PENDING, redact(reason), now + delay_s, now, job_id, owner))
 
     # -- reading -------------------------------------------------------------------------------
     @staticmethod

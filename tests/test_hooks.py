@@ -36,6 +36,7 @@ from skinreg.cli import app
 from skinreg.mlflow_io import log_source_model
 
 SECRET = "skinreg-hooks-test-secret"
+AUTH = {"Authorization": f"Bearer {SECRET}"}
 SOURCES = ["hk-a", "hk-b", "hk-c", "hk-f", "hk-g"]  # the stack's sources; hk-d, hk-e, hk-x use queues of their own
 SKINREG = Path(sys.executable).with_name("skinreg")
 runner = CliRunner()
@@ -129,9 +130,38 @@ def test_a_signed_delivery_is_queued_before_the_answer_and_a_replay_is_not_queue
     assert again.status_code == 200 and again.json()["status"] == "replay"
     assert [(j.id, j.deliveries) for j in queue.jobs()] == [(job.id, 1)]
     assert [(d.delivery_id, d.job_ids) for d in queue.deliveries()] == [("d-1", [job.id])]
-    listed = requests.get(f"{url}/jobs", timeout=5).json()
+    listed = requests.get(f"{url}/jobs", headers=AUTH, timeout=5).json()
     assert [(j["key"], j["state"], j["attempts"]) for j in listed] == [("export:skin:3", "pending", 0)]
     assert requests.get(f"{url}/health", timeout=5).json() == {"status": "ok", "jobs": {"pending": 1}}
+
+
+def test_the_receiver_caps_bodies_refuses_unsigned_ones_unread_and_keeps_jobs_behind_the_secret(receiver):
+    url, queue = receiver
+    huge = b'{"entity": "model_version", "pad": "' + b"x" * (2 << 20) + b'"}'
+    assert deliver(url, huge).status_code == 413  # signed, but over the cap: not read to the end, not queued
+    unsigned = requests.post(f"{url}/webhook", data=version_created("skin", "9"), timeout=10,
+                             headers={"X-MLflow-Delivery-Id": "u-1", "X-MLflow-Timestamp": str(int(time.time()))})
+    assert unsigned.status_code == 401 and queue.jobs() == [] and queue.deliveries() == []
+    assert requests.get(f"{url}/jobs", timeout=5).status_code == 401
+    assert requests.get(f"{url}/jobs", headers={"Authorization": "Bearer wrong-secret-123456"}, timeout=5).status_code == 401
+    assert requests.get(f"{url}/jobs/1", timeout=5).status_code == 401
+    assert requests.get(f"{url}/jobs", headers=AUTH, timeout=5).json() == []
+    assert requests.get(f"{url}/jobs?limit=100000", headers=AUTH, timeout=5).status_code == 422
+
+
+def test_credentials_never_reach_the_queue_or_jobs_and_short_secrets_are_refused(tmp_path):
+    from registry_hooks.events import JobKind, JobSpec
+    from skinreg.errors import InputError
+
+    q = JobQueue(tmp_path / "q.db")
+    q.accept(delivery_id="d", timestamp=int(time.time()), event="model_version.created",
+             jobs=[JobSpec(JobKind.export, "skin", "1")], outcome="queued")
+    job = q.claim("me", lease_s=60)
+    q.fail(job.id, "me", error="cannot reach https://alice:hunter2@mlflow.example.org/api", retry_in=1)
+    stored = q.get(job.id)
+    assert stored.last_error == "cannot reach https://***@mlflow.example.org/api" and "hunter2" not in str(stored.to_dict())
+    with pytest.raises(InputError, match="has 5 characters: use at least 16"):
+        HooksConfig(sources=["skin"], secret="short", queue_path=tmp_path / "q.db").require_secret()
 
 
 def test_bad_signature_and_stale_or_future_timestamps_are_rejected_and_change_nothing(receiver):
@@ -190,13 +220,13 @@ def test_only_configured_sources_act_never_variants_and_duplicates_merge(receive
 class Proc:
     """A `skinreg ...` process with its output in a log file."""
 
-    def __init__(self, args: list[str], env: dict, log: Path) -> None:
-        self.args, self.env, self.log_path = args, env, log
+    def __init__(self, args: list[str], env: dict, log: Path, cwd: Path | None = None) -> None:
+        self.args, self.env, self.log_path, self.cwd = args, env, log, cwd
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
         with open(self.log_path, "a") as log:
-            self.proc = subprocess.Popen([str(SKINREG), *self.args], env=self.env, stdout=log,
+            self.proc = subprocess.Popen([str(SKINREG), *self.args], env=self.env, stdout=log, cwd=self.cwd,
                                          stderr=subprocess.STDOUT, start_new_session=True)
 
     def running(self) -> bool:
@@ -291,6 +321,27 @@ def test_install_is_idempotent(stack):
     assert sorted(str(e) for e in hooks[0].events) == sorted(DEFAULT_EVENTS)
 
 
+def test_install_proves_the_path_with_mlflows_test_delivery(stack):
+    """`--url http://host:port` without /webhook used to create a webhook whose every delivery failed
+    silently; now MLflow's own test delivery must be verified and acknowledged, or nothing stays."""
+    for url, fix in ((stack.url, "ends in /webhook"), (f"http://127.0.0.1:{free_port()}/webhook", "could not reach")):
+        res = subprocess.run([str(SKINREG), "hooks", "install", "--url", url, "--name", "skinreg-wrong"],
+                             env=stack.child_env, capture_output=True, text=True, timeout=120)
+        errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+        assert res.returncode == 2 and len(errors) == 1 and fix in errors[0], res.stderr[-2000:]
+        assert not [w for w in MlflowClient().list_webhooks() if w.name == "skinreg-wrong"]
+    wrong_secret = {**stack.child_env, "SKINREG_WEBHOOK_SECRET": "another-secret-of-length"}
+    try:
+        res = subprocess.run([str(SKINREG), "hooks", "install", "--url", f"{stack.url}/webhook", "--name",
+                              "skinreg-wrong"], env=wrong_secret, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2 and "same SKINREG_WEBHOOK_SECRET" in res.stderr, res.stderr[-2000:]
+        assert not [w for w in MlflowClient().list_webhooks() if w.name == "skinreg-wrong"]
+    finally:  # a second webhook on the stack's receiver would double every later delivery
+        for w in MlflowClient().list_webhooks():
+            if w.name == "skinreg-wrong":
+                MlflowClient().delete_webhook(w.webhook_id)
+
+
 def test_registering_a_source_version_yields_candidate_variants_without_any_command(stack, hk_a):
     client = MlflowClient()
     src = client.get_model_version("hk-a", hk_a).tags
@@ -308,7 +359,7 @@ def test_registering_a_source_version_yields_candidate_variants_without_any_comm
     assert len(client.search_model_versions("name='hk-a-onnx'")) == 1
     out = runner.invoke(app, ["hooks", "status"])
     assert out.exit_code == 0 and f"export:hk-a:{hk_a}" in out.output and job.run_id in out.output
-    listed = requests.get(f"{stack.url}/jobs", timeout=5).json()
+    listed = requests.get(f"{stack.url}/jobs", headers=AUTH, timeout=5).json()
     assert {"key": f"export:hk-a:{hk_a}", "state": "done"}.items() <= next(
         j for j in listed if j["id"] == job.id).items()
     assert requests.get(f"{stack.url}/health", timeout=5).json()["status"] == "ok"
@@ -462,7 +513,8 @@ def test_the_service_alone_recovers_missed_work_with_its_worker_thread_and_recon
     try:
         wait_http(f"http://127.0.0.1:{port}/health", timeout=60, proc=service.proc)
         wait_for("hk-e-onnx@candidate", lambda: aliases("hk-e-onnx").get("candidate") == "1", timeout=180)
-        jobs = wait_for("the job row", lambda: [j for j in requests.get(f"http://127.0.0.1:{port}/jobs", timeout=5).json()
+        jobs = wait_for("the job row", lambda: [j for j in requests.get(f"http://127.0.0.1:{port}/jobs", headers=AUTH,
+                                                                             timeout=5).json()
                                                 if j["state"] == "done"], timeout=30)
         assert [(j["key"], j["origin"], j["outcome"]) for j in jobs] == [(f"export:hk-e:{version}", "reconcile",
                                                                           "export passed")]
@@ -521,3 +573,34 @@ def test_a_worker_killed_after_registering_variants_leaves_no_duplicate(stack, t
     assert (src["skinreg.export.status"], src["skinreg.export.run_id"]) == ("passed", done.run_id)
     assert json.loads(src["skinreg.export.variants"]) == {"onnx": f"{name}-onnx/{variant.version}"}
     assert aliases(f"{name}-onnx") == {"candidate": str(variant.version)}
+
+
+def test_the_service_keeps_answering_while_its_worker_thread_converts_with_onnx2tf(stack, trained, demo_data,
+                                                                                   tmp_path):
+    """Receiver + worker thread in one process, with a *relative* queue path: onnx2tf used to be wrapped in
+    a process-wide chdir, so during every conversion the receiver answered 500 and /health 503."""
+    version = register(trained, demo_data, "hk-t")
+    port = free_port()
+    env = {**stack.child_env, "SKINREG_HOOKS_SOURCES": "hk-t", "SKINREG_HOOKS_QUEUE_PATH": "queue.db",
+           "SKINREG_HOOKS_FORMATS": "tflite", "SKINREG_HOOKS_LATENCY_RUNS": "2",
+           "SKINREG_HOOKS_RECONCILE_INTERVAL_S": "600"}
+    service = Proc(["hooks", "serve", "--port", str(port)], env, tmp_path / "service.log", cwd=tmp_path)
+    service.start()
+    url, statuses, while_running = f"http://127.0.0.1:{port}", [], 0
+    try:
+        wait_http(f"{url}/health", timeout=60, proc=service.proc)
+        deadline = time.monotonic() + 240
+        while aliases("hk-t-tflite-float32").get("candidate") != "1":
+            assert time.monotonic() < deadline, "the export did not finish"
+            running = [j for j in requests.get(f"{url}/jobs", headers=AUTH, timeout=10).json() if j["state"] == "running"]
+            health = requests.get(f"{url}/health", timeout=10)
+            other = deliver(url, version_created("not-a-source", "1"))  # signed, ignored: must still be answered
+            statuses += [health.status_code, other.status_code]
+            while_running += bool(running)
+            time.sleep(0.2)
+    finally:
+        service.stop()
+    assert while_running >= 3, "the conversion was not observed"
+    assert all(code < 500 for code in statuses), sorted(set(statuses))
+    assert not list(tmp_path.glob("**/calibration_image_sample_data*"))  # onnx2tf's sample data: never on disk
+    assert MlflowClient().get_model_version("hk-t", version).tags["skinreg.export.status"] == "passed"

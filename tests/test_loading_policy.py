@@ -92,9 +92,11 @@ def test_every_hostile_artifact_is_refused_by_the_cli_and_runs_nothing(evil):
         assert MlflowClient().search_registered_models(filter_string=f"name = '{name}-onnx'") == []
 
 
-def test_the_mlproject_and_the_hooks_worker_refuse_them_too(evil, tmp_path):
+def test_the_mlproject_and_the_hooks_worker_refuse_them_too(evil, tmp_path, monkeypatch):
     uris, marker = evil
     uri = uris["pickle beside pt2"]
+    # `hooks worker` sets MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false for its process, here this one: restore it
+    monkeypatch.delenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", raising=False)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     out = subprocess.run([str(Path(sys.executable).with_name("mlflow")), "run", str(ROOT), "-e", "export",
                           "--env-manager", "local", "-P", f"model_uri={uri}", "-P", "formats=onnx"],
