@@ -96,7 +96,7 @@ def test_the_mlproject_and_the_hooks_worker_refuse_them_too(evil, tmp_path, monk
     uris, marker = evil
     uri = uris["pickle beside pt2"]
     # `hooks worker` sets MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false for its process, here this one: restore it
-    monkeypatch.delenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", raising=False)
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")  # recorded, so removed again afterwards
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     out = subprocess.run([str(Path(sys.executable).with_name("mlflow")), "run", str(ROOT), "-e", "export",
                           "--env-manager", "local", "-P", f"model_uri={uri}", "-P", "formats=onnx"],

@@ -104,7 +104,7 @@ def test_the_hooks_reconcile_and_worker_run_against_the_authenticated_server(aut
     _as(monkeypatch, proxy.url, EDITOR)
     _register(trained, demo_data, "hooked")
     # `hooks worker` sets MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false for its process, here this one: restore it
-    monkeypatch.delenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", raising=False)
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")  # recorded, so removed again afterwards
     queue = str(tmp_path / "queue.db")
     cli = CliRunner()
     out = cli.invoke(app, ["reconcile", "--source", "hooked", "--queue", queue])
