@@ -91,7 +91,8 @@ def test_a_read_only_user_is_refused_in_one_line_and_no_alias_moves(auth_server,
     res = CliRunner().invoke(app, ["promote", "--model-uri", uri, "--alias", "production"])
     assert res.exit_code == 5
     lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Permission denied" in lines[0], res.stderr
+    assert lines == [f"error: alias 'production' on guarded-onnx/1: permission denied (HTTP 403) for MLflow user "
+                     "'reader'; it needs EDIT on that model (README: Remote servers)"], res.stderr
     _as(monkeypatch, proxy.url, EDITOR)
     assert {k: str(v) for k, v in MlflowClient().get_registered_model("guarded-onnx").aliases.items()} == \
         {k: str(v) for k, v in before.items()} == {"candidate": "1"}
