@@ -124,7 +124,8 @@ def check_variant(uri: str, v: "VariantResult", result: "ExportResult", *, tags:
     download) and every path loads those bytes with the consumer's own loader (`mlflow.pyfunc.load_model`,
     `SkinClassifier.from_uri`, onnxruntime, ai_edge_litert): a download per path would cost one request
     per artifact file each time against a remote server and prove nothing more. `tags`: the version's
-    tags, whose description of the file (dynamic batch, input shape) must match the served file."""
+    tags, whose description of the file (dynamic batch, input shape), where present, must match the served
+    file."""
     import mlflow
 
     from .serving import SkinClassifier, find_model_file
@@ -154,7 +155,7 @@ def check_variant(uri: str, v: "VariantResult", result: "ExportResult", *, tags:
             check.failures.append(f"{v.file.variant}: the served file does not load: {first_line(exc)}")
             return check
         for key, fact in (("dynamic_batch", str(check.dynamic_batch).lower()), ("input_shape", json.dumps(check.input_shape))):
-            if tags is not None and tags.get(f"skinreg.{key}") != fact:
+            if tags is not None and f"skinreg.{key}" in tags and tags[f"skinreg.{key}"] != fact:
                 check.failures.append(f"{v.file.variant}: tag skinreg.{key}={tags.get(f'skinreg.{key}')} but the served "
                                       f"file says {fact}")
         if v.file.format is Format.onnx:

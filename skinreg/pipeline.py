@@ -176,11 +176,15 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                 rows = {r["variant"]: r for r in report_rows(result)}
                 for variant, mv in versions.items():
                     check = result.consumer_checks[variant]
+                    facts = {TAG + "consumer_check": check.summary()[:5000],  # and, on a version reused from
+                             TAG + "dynamic_batch": str(check.dynamic_batch).lower(),  # an older skinreg, the
+                             TAG + "input_shape": json.dumps(check.input_shape)}  # facts it lacks
+                    facts = {k: v for k, v in facts.items() if mv.tags.get(k) != v}
                     with io("registry: version tags and descriptions"):
-                        reg.set_version_tags(mv.name, mv.version, {TAG + "consumer_check": check.summary()[:5000]})
+                        reg.set_version_tags(mv.name, mv.version, facts)
                         reg.set_description(mv.name, mv.version, consumer_description(
                             check, rows[variant], source_uri=ref.uri, run_id=run_id))
-                    versions[variant] = replace(mv, tags={**mv.tags, TAG + "consumer_check": check.summary()[:5000]})
+                    versions[variant] = replace(mv, tags={**mv.tags, **facts})
                 _time_split(result, io.seconds)
                 result.report_json, result.report_md = write_report(result, result.gates)
                 report_text = result.report_md.read_text()
