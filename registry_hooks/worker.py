@@ -27,6 +27,14 @@ log = logging.getLogger(__name__)
 PERMANENT = (InputError, UnsupportedError, CheckpointError)  # retrying cannot fix these
 BUSY_RETRY_S = 30.0  # how soon to look again at a version that another live run is exporting
 TAIL_LINES = 6  # last lines of a failed child's stderr kept (on one line) in the job's last_error
+# An MLflow server that cannot be reached is an outage, not a failure of the job: the job waits (capped
+# backoff) without using up an attempt, so an outage never parks work as dead.
+OUTAGE_MARKERS = ("cannot reach the MLflow tracking server", "Connection refused", "Failed to establish a new connection",
+                  "Max retries exceeded", "Name or service not known", "Temporary failure in name resolution")
+
+
+def is_outage(message: str) -> bool:
+    return any(marker in message for marker in OUTAGE_MARKERS)
 
 
 def _tail(text: str) -> str:
@@ -231,6 +239,7 @@ class Worker:
         self.registry = registry or Registry()
         self.executor: JobExecutor = EXECUTORS[cfg.executor](cfg, self.registry)
         self.owner = current_owner()
+        self.outages: dict[int, int] = {}  # job id -> consecutive outages met (sets its capped backoff)
 
     # -- loops ----------------------------------------------------------------------------------
     def run_once(self) -> Job | None:
@@ -275,6 +284,14 @@ class Worker:
             log.info("job %s %s: %s; again in %.0fs", job.id, job.key, exc, BUSY_RETRY_S)
             self.queue.defer(job.id, self.owner, reason=str(exc), delay_s=BUSY_RETRY_S)
         except Exception as exc:
+            if is_outage(str(exc)):
+                streak = self.outages[job.id] = self.outages.get(job.id, 0) + 1
+                delay = min(self.cfg.backoff_s * 2 ** (streak - 1), self.cfg.backoff_max_s)
+                log.warning("job %s %s: MLflow unreachable (%s); waiting %.0fs, attempt not used", job.id, job.key,
+                            first_line(exc), delay)
+                self.queue.defer(job.id, self.owner, reason=f"waiting for MLflow: {first_line(exc)}", delay_s=delay)
+                return
+            self.outages.pop(job.id, None)
             permanent = isinstance(exc, PERMANENT)
             delay = min(self.cfg.backoff_s * 2 ** max(job.attempts - 1, 0), self.cfg.backoff_max_s)
             msg = first_line(exc)
@@ -285,6 +302,7 @@ class Worker:
                     state if state == "dead" else f"retry in {delay:.0f}s",
                     exc_info=not isinstance(exc, SkinregError))
         else:
+            self.outages.pop(job.id, None)
             self.queue.finish(job.id, self.owner, outcome=out.text, run_id=out.run_id)
             log.info("job %s %s: %s", job.id, job.key, out.text)
         finally:

@@ -205,15 +205,28 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                     for v in variants.values():
                         reg.set_alias(v.name, opts.candidate_alias, v.version)
         except BaseException as exc:
-            for mv in registered:  # never leave a half-registered export behind
-                reg.delete_version(mv.name, mv.version)
-            reason = first_line(exc)
-            mlflow.set_tags({TAG + "status": "failed", TAG + "failure": reason[:5000]})
-            reg.set_version_tags(ref.name, ref.version, {TAG + "export.status": "error",
-                                                          TAG + "export.reason": reason[:5000]})
-            raise
+            _roll_back(reg, registered, ref, first_line(exc))
+            raise  # the first error, whatever the rollback met
     return PipelineResult(source=reg.get(ref.name, ref.version), run_id=run_id, status=status,
                           variants=variants, failed=failed, export=result, report=report_text)
+
+
+def _roll_back(reg: Registry, registered: list[VersionRef], ref: VersionRef, reason: str) -> None:
+    """Undo an export that failed: its versions (so no alias can point at them), then the reason on the run
+    and the source version. Each step is tried even when an earlier one fails (the server may be the
+    reason), and none of their errors replaces the export's own: they are logged."""
+    import mlflow
+
+    steps = [(f"deleting {mv.name}/{mv.version}", lambda mv=mv: reg.delete_version(mv.name, mv.version))
+             for mv in registered]  # never leave a half-registered export behind
+    steps += [("tagging the run", lambda: mlflow.set_tags({TAG + "status": "failed", TAG + "failure": reason[:5000]})),
+              (f"tagging {ref.uri}", lambda: reg.set_version_tags(ref.name, ref.version, {
+                  TAG + "export.status": "error", TAG + "export.reason": reason[:5000]}))]
+    for what, step in steps:
+        try:
+            step()
+        except Exception as exc:  # noqa: BLE001 - reported, and the export's own error is raised after
+            log.error("rollback step failed (%s): %s; the export failed with: %s", what, first_line(exc), reason)
 
 
 def _time_split(result: ExportResult, io: dict[str, float]) -> None:

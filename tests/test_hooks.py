@@ -604,3 +604,37 @@ def test_the_service_keeps_answering_while_its_worker_thread_converts_with_onnx2
     assert all(code < 500 for code in statuses), sorted(set(statuses))
     assert not list(tmp_path.glob("**/calibration_image_sample_data*"))  # onnx2tf's sample data: never on disk
     assert MlflowClient().get_model_version("hk-t", version).tags["skinreg.export.status"] == "passed"
+
+
+@pytest.fixture()
+def mlflow_down(monkeypatch):
+    """MLflow pointed at a port nobody listens on, with MLflow's own HTTP retries off (else minutes)."""
+    url = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    mlflow.set_tracking_uri(url)
+    mlflow.set_registry_uri(url)
+    yield url
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+
+
+def test_an_unreachable_mlflow_never_parks_a_job_dead(mlflow_down, tmp_path):
+    """An outage is not the job's failure: it waits with capped backoff, and no attempt is used up."""
+    from registry_hooks.events import JobKind, JobSpec
+    from registry_hooks.worker import Worker
+
+    cfg = HooksConfig(sources=["skin"], secret=SECRET, queue_path=tmp_path / "q.db", max_attempts=2,
+                      backoff_s=0.05, backoff_max_s=0.2)
+    q = JobQueue(cfg.queue_path, max_attempts=cfg.max_attempts)
+    q.accept(delivery_id="d", timestamp=int(time.time()), event="model_version.created",
+             jobs=[JobSpec(JobKind.export, "skin", "1")], outcome="queued")
+    worker = Worker(cfg, q)
+    delays = []
+    for _ in range(5):  # more outages than max_attempts
+        job = wait_for("the job to be due", worker.run_once, timeout=10, interval=0.02)
+        assert (job.state, job.attempts) == ("pending", 0), job
+        assert job.last_error.startswith("waiting for MLflow: cannot reach the MLflow tracking server")
+        delays.append(job.next_run_at - job.updated_at)
+    assert delays[0] < delays[2] and max(delays) <= 0.2 + 1e-6  # backing off, capped

@@ -261,3 +261,26 @@ def test_litert_backend_variants_register_with_recipe_and_calibration_and_serve(
     pyfunc = mlflow.pyfunc.load_model("models:/lt-tflite-int8@candidate")
     got = pyfunc.predict(x.transpose(0, 2, 3, 1))
     assert got.shape == ref.shape and (got.argmax(1) == ref.argmax(1)).mean() >= 0.9
+
+
+def test_a_rollback_that_meets_a_dead_server_keeps_the_first_error(tmp_path, monkeypatch, caplog):
+    """The rollback tries every step and never replaces the export's own error with its own."""
+    from servers import free_port
+
+    from skinreg.pipeline import _roll_back
+    from skinreg.registry import Registry, VersionRef
+
+    url = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    mlflow.set_tracking_uri(url)
+    try:
+        reg = Registry()
+        ref = VersionRef(name="skin", version="1", run_id=None, source="models:/m-0")
+        orphan = VersionRef(name="skin-onnx", version="3", run_id=None, source="models:/m-1")
+        _roll_back(reg, [orphan], ref, "ExportError: onnx2tf could not convert skin.onnx")  # must not raise
+    finally:
+        mlflow.set_tracking_uri(None)
+    failed = [r.getMessage() for r in caplog.records if "rollback step failed" in r.getMessage()]
+    assert len(failed) == 3 and all("the export failed with: ExportError: onnx2tf" in m for m in failed)
+    assert "deleting skin-onnx/3" in failed[0]
