@@ -386,14 +386,18 @@ class Worker:
         The pipeline rolls back a failed export itself, but a SIGKILL skips that, and its last steps
         (source tags, then `candidate` aliases) are separate registry calls. Two cases:
         - the source version says 'running': the export is live elsewhere (Busy), or its run is dead
-          (this job's own interrupted attempt, a finished/killed run, or older than stale_running_s);
+          (this job's own earlier attempt — interrupted, or failed while MLflow was down so that neither
+          the run nor the tags could be closed —, a finished/killed run, or older than stale_running_s);
         - this job was interrupted after the pipeline had started writing its result: the result is
           checked for completeness (every variant the run registered is recorded, with its alias).
         A dead export is rolled back like the pipeline would have: the run's variant versions are
         deleted, the run is marked KILLED and the source version 'error', then it is exported again."""
         status = ref.tags.get(TAG + "export.status")
         run_id = ref.tags.get(TAG + "export.run_id")
-        ours = job.interrupted > 0 and self.executor.local and bool(run_id) and job.run_id in (None, run_id)
+        # Ours, hence dead: a run of an earlier attempt of this very job with a local executor (killed, or
+        # ended by an error it could not report because MLflow was down, which leaves the run RUNNING).
+        ours = self.executor.local and bool(run_id) and (
+            (job.interrupted > 0 and job.run_id in (None, run_id)) or job.run_id == run_id)
         if status == "running":
             state = self.registry.run_state(run_id) if run_id else None
             too_old = state is not None and time.time() - state.start_time_ms / 1000 > self.cfg.stale_running_s

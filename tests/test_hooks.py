@@ -638,3 +638,27 @@ def test_an_unreachable_mlflow_never_parks_a_job_dead(mlflow_down, tmp_path):
         assert job.last_error.startswith("waiting for MLflow: cannot reach the MLflow tracking server")
         delays.append(job.next_run_at - job.updated_at)
     assert delays[0] < delays[2] and max(delays) <= 0.2 + 1e-6  # backing off, capped
+
+
+def test_a_run_left_running_by_this_jobs_own_failed_attempt_is_finished_not_waited_on(tracking, trained,
+                                                                                      demo_data, tmp_path):
+    """MLflow went down mid-export: the attempt failed, but neither its run nor the source tags could be
+    closed ('running'). The next attempt of the same job knows the run was its own: it kills it, cleans
+    up and exports, instead of deferring as busy for stale_running_s (2 h)."""
+    from registry_hooks.events import JobKind, JobSpec
+    from registry_hooks.worker import Worker
+
+    version = register(trained, demo_data, "hk-o")
+    client = MlflowClient()
+    stuck = client.create_run(client.create_experiment("stuck")).info.run_id  # left RUNNING
+    client.set_model_version_tag("hk-o", version, "skinreg.export.status", "running")
+    client.set_model_version_tag("hk-o", version, "skinreg.export.run_id", stuck)
+    cfg = HooksConfig(sources=["hk-o"], secret=SECRET, queue_path=tmp_path / "q.db", formats=["onnx"], latency_runs=2)
+    q = JobQueue(cfg.queue_path, max_attempts=cfg.max_attempts)
+    accepted = q.accept(delivery_id="d", timestamp=int(time.time()), event="model_version.created",
+                        jobs=[JobSpec(JobKind.export, "hk-o", version)], outcome="queued")
+    q.set_run_id(accepted.job_ids[0], stuck)  # recorded by the earlier attempt
+    job = Worker(cfg, q).run_once()
+    assert (job.state, job.outcome) == ("done", "export passed"), job
+    assert client.get_run(stuck).info.status == "KILLED"
+    assert client.get_model_version("hk-o", version).tags["skinreg.export.status"] == "passed"
