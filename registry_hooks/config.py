@@ -39,6 +39,7 @@ class HooksConfig:
     lease_s: float = 60.0  # a running job whose lease is not renewed for this long is taken over
     poll_s: float = 0.5  # idle worker polling interval (a local SQLite read)
     stale_running_s: float = 7200.0  # an export marked 'running' this long, by a run we do not own, is dead
+    dead_requeue_s: float = 21600.0  # the reconciler queues a dead job's work again after this long; 0: never
     # -- export settings passed to skinreg.pipeline.ExportOptions --------------------------------
     formats: list[str] = field(default_factory=lambda: ["all"])
     quantize: list[str] = field(default_factory=list)
@@ -120,7 +121,8 @@ def from_env(env: Mapping[str, str] | None = None) -> HooksConfig:
     casts = {"sources": _split, "formats": _split, "quantize": _split, "gates": _gates, "queue_path": Path,
              "calibration_dir": Path, "eval_dir": Path, "executor": Executor, "tolerance_s": int,
              "max_attempts": int, "latency_runs": int, "backoff_s": float, "backoff_max_s": float,
-             "lease_s": float, "poll_s": float, "stale_running_s": float, "reconcile_interval_s": float}
+             "lease_s": float, "poll_s": float, "stale_running_s": float, "reconcile_interval_s": float,
+             "dead_requeue_s": float}
     values: dict[str, Any] = {}
     for name in HooksConfig.__dataclass_fields__:
         raw = env.get(ENV_PREFIX + name.upper())

@@ -79,17 +79,22 @@ def _alias_missing(reg: Registry, ref: VersionRef, alias: str) -> str | None:
 def reconcile(cfg: HooksConfig, queue: JobQueue, *, registry: Registry | None = None,
               include_dead: bool = False) -> ReconcileReport:
     """Queue the missing work for every configured source model. A key whose last job is dead (it
-    used up its retries) is only reported, unless include_dead: a broken version is not retried
-    every interval forever."""
+    used up its retries) is only reported, unless include_dead or it has been dead for over
+    cfg.dead_requeue_s: a broken version is retried rarely and visibly, never every interval."""
     reg = registry or Registry()
     report = ReconcileReport()
 
     def want(spec: JobSpec, why: str) -> None:
         last = queue.latest(spec.key)
         if last is not None and last.state == DEAD and not include_dead:
-            report.notes.append(f"{spec.key}: {why}; its job {last.id} is dead ({last.last_error}); "
-                                "not queued again (reconcile --include-dead to retry)")
-            return
+            dead_for = time.time() - (last.finished_at or last.updated_at)
+            if not cfg.dead_requeue_s or dead_for < cfg.dead_requeue_s:
+                later = (f"queued again in {cfg.dead_requeue_s - dead_for:.0f}s, or now with reconcile --include-dead"
+                         if cfg.dead_requeue_s else "reconcile --include-dead to retry")
+                report.notes.append(f"{spec.key}: {why}; its job {last.id} is dead ({last.last_error}); {later}")
+                return
+            why = f"{why}; its job {last.id} has been dead for {dead_for:.0f}s (over dead_requeue_s): queued again"
+            log.warning("reconcile: %s", why)
         job_id, merged = queue.enqueue(spec, origin="reconcile")
         report.queued.append(Queued(spec=spec, job_id=job_id, merged=merged, why=why))
         log.info("reconcile: %s job %s (%s)%s", spec.key, job_id, why, " [already queued]" if merged else "")

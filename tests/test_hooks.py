@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -662,3 +663,23 @@ def test_a_run_left_running_by_this_jobs_own_failed_attempt_is_finished_not_wait
     assert (job.state, job.outcome) == ("done", "export passed"), job
     assert client.get_run(stuck).info.status == "KILLED"
     assert client.get_model_version("hk-o", version).tags["skinreg.export.status"] == "passed"
+
+
+def test_the_reconciler_queues_dead_work_again_only_after_dead_requeue_s(tracking, trained, demo_data, tmp_path):
+    from registry_hooks.events import JobKind, JobSpec
+    from registry_hooks.reconcile import reconcile
+
+    version = register(trained, demo_data, "hk-r")  # never exported: the reconciler wants it
+    q = JobQueue(tmp_path / "q.db", max_attempts=1)
+    accepted = q.accept(delivery_id="d", timestamp=int(time.time()), event="model_version.created",
+                        jobs=[JobSpec(JobKind.export, "hk-r", version)], outcome="queued")
+    q.claim("me", lease_s=60)
+    assert q.fail(accepted.job_ids[0], "me", error="ExportError: boom", retry_in=None) == "dead"
+    patient = HooksConfig(sources=["hk-r"], secret=SECRET, queue_path=tmp_path / "q.db", dead_requeue_s=3600)
+    report = reconcile(patient, q)
+    assert report.queued == [] and "is dead (ExportError: boom); queued again in 3" in report.notes[0]
+    time.sleep(0.1)
+    report = reconcile(replace(patient, dead_requeue_s=0.05), q)
+    [item] = report.queued
+    assert item.spec.key == f"export:hk-r:{version}" and "dead for 0s (over dead_requeue_s): queued again" in item.why
+    assert not item.merged and q.get(item.job_id).state == "pending"
