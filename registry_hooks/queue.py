@@ -128,19 +128,28 @@ def _proc_start(pid: int) -> str | None:
     return fields[19]
 
 
+def _pid_namespace() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "?"
+
+
 def current_owner() -> str:
-    """host:pid:process-start:nonce (the nonce tells apart two workers of one process)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{_proc_start(os.getpid()) or 0}:{os.urandom(3).hex()}"
+    """host:pid:process-start:nonce:pid-namespace (the nonce tells apart two workers of one process; the
+    namespace tells whether a pid on "the same host" is one we can see at all: containers share hostnames)."""
+    return (f"{socket.gethostname()}:{os.getpid()}:{_proc_start(os.getpid()) or 0}:{os.urandom(3).hex()}:"
+            f"{_pid_namespace()}")
 
 
 def owner_is_dead(owner: str | None) -> bool:
-    """True only when the lease owner is provably gone: a process of this host that no longer exists.
-    Owners on other hosts are judged by their lease expiry alone."""
+    """True only when the lease owner is provably gone: a process of this host and pid namespace that no
+    longer exists. Owners elsewhere (other hosts, other containers) are judged by their lease expiry alone."""
     if not owner:
         return True
-    host, pid, start = (owner.split(":") + ["", ""])[:3]
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
+    host, pid, start, _, namespace = (owner.split(":") + ["", "", "", ""])[:5]
+    if host != socket.gethostname() or not pid.isdigit() or namespace != _pid_namespace() or namespace == "?":
+        return False  # another host, or another container with this hostname: only the lease can tell
     if Path("/proc").is_dir():
         return _proc_start(int(pid)) != start
     try:
@@ -257,6 +266,12 @@ class JobQueue:
         with self._tx() as db:
             return db.execute("UPDATE jobs SET lease_until = ? WHERE id = ? AND lease_owner = ? AND state = ?",
                               (time.time() + lease_s, job_id, owner, RUNNING)).rowcount == 1
+
+    def holds(self, job_id: int, owner: str) -> bool:
+        """Whether `owner` still holds the job's lease (no other worker has taken it over)."""
+        with self._tx(write=False) as db:
+            row = db.execute("SELECT lease_owner, state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return row is not None and row["lease_owner"] == owner and row["state"] == RUNNING
 
     def set_run_id(self, job_id: int, run_id: str) -> None:
         with self._tx() as db:

@@ -42,6 +42,10 @@ def _tail(text: str) -> str:
     return " | ".join(lines[-TAIL_LINES:])
 
 
+class LeaseLost(SkinregError):
+    """Another worker has taken this job over: the attempt stops before its next registry write."""
+
+
 class Busy(Exception):
     """The work is being done elsewhere right now: look again later, without using up an attempt."""
 
@@ -278,8 +282,12 @@ class Worker:
         beat.start()
         log.info("job %s %s: attempt %s%s", job.id, job.key, job.attempts,
                  f" (after {job.interrupted} interruption(s))" if job.interrupted else "")
+        self.registry.fence = lambda: self._fence(job)
         try:
             out = self.handle(job)
+        except LeaseLost as exc:
+            log.warning("job %s %s: %s; stopped without writing further", job.id, job.key, exc)
+            return
         except Busy as exc:
             log.info("job %s %s: %s; again in %.0fs", job.id, job.key, exc, BUSY_RETRY_S)
             self.queue.defer(job.id, self.owner, reason=str(exc), delay_s=BUSY_RETRY_S)
@@ -306,8 +314,15 @@ class Worker:
             self.queue.finish(job.id, self.owner, outcome=out.text, run_id=out.run_id)
             log.info("job %s %s: %s", job.id, job.key, out.text)
         finally:
+            self.registry.fence = None
             stop.set()
             beat.join()
+
+    def _fence(self, job: Job) -> None:
+        """Before every registry write of an attempt: is the lease still ours? (in-process executor; the
+        children of the other executors are not fenced, see README)"""
+        if not self.queue.holds(job.id, self.owner):
+            raise LeaseLost(f"job {job.id} was taken over by another worker (its lease expired)")
 
     def _heartbeat(self, job_id: int, stop: threading.Event) -> None:
         while not stop.wait(self.cfg.lease_s / 3):

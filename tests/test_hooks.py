@@ -681,5 +681,34 @@ def test_the_reconciler_queues_dead_work_again_only_after_dead_requeue_s(trackin
     time.sleep(0.1)
     report = reconcile(replace(patient, dead_requeue_s=0.05), q)
     [item] = report.queued
-    assert item.spec.key == f"export:hk-r:{version}" and "dead for 0s (over dead_requeue_s): queued again" in item.why
+    assert item.spec.key == f"export:hk-r:{version}" and "(over dead_requeue_s): queued again" in item.why
     assert not item.merged and q.get(item.job_id).state == "pending"
+
+
+def test_an_attempt_whose_lease_was_taken_over_stops_before_its_next_registry_write(tracking, trained, demo_data,
+                                                                                    tmp_path):
+    """Fencing, with two workers and an expired lease: worker A stalls past its lease, worker B takes the
+    job over; when A carries on, its first registry write is refused, so only B's export exists."""
+    from registry_hooks.events import JobKind, JobSpec
+    from registry_hooks.worker import Worker
+
+    version = register(trained, demo_data, "hk-l")
+    cfg = HooksConfig(sources=["hk-l"], secret=SECRET, queue_path=tmp_path / "q.db", formats=["onnx"],
+                      latency_runs=2, lease_s=0.3)
+    q = JobQueue(cfg.queue_path, max_attempts=cfg.max_attempts)
+    q.accept(delivery_id="d", timestamp=int(time.time()), event="model_version.created",
+             jobs=[JobSpec(JobKind.export, "hk-l", version)], outcome="queued")
+    a, b = Worker(cfg, q), Worker(cfg, q)
+    stalled = q.claim(a.owner, lease_s=cfg.lease_s)  # A starts, then stalls (no heartbeat)
+    time.sleep(0.5)  # A's process is alive (it is this one): only the lease's expiry lets B in
+    taken = q.claim(b.owner, lease_s=60)
+    assert taken.id == stalled.id and taken.interrupted == 1
+    a._execute(stalled)  # A wakes up and carries on with its attempt
+    client = MlflowClient()
+    assert "skinreg.export.status" not in client.get_model_version("hk-l", version).tags  # fenced: no write
+    assert client.search_registered_models(filter_string="name = 'hk-l-onnx'") == []
+    assert (q.get(taken.id).state, q.get(taken.id).lease_owner) == ("running", b.owner)  # A left B's row alone
+    b._execute(taken)
+    done = q.get(taken.id)
+    assert (done.state, done.outcome) == ("done", "export passed")
+    assert len(client.search_model_versions("name = 'hk-l-onnx'")) == 1
