@@ -1,0 +1,163 @@
+"""The bad-input matrix: one row per case, run through `skinreg export-version` (or `skinreg export` for a
+local checkpoint) against a real SQLite registry. Each row states the exit code and the one-line
+message, and every row checks a registry snapshot before and after: no alias moved, nothing
+half-registered. Rows of the hooks' matrix (deliveries, outages, fencing) and the hostile-artifact rows
+live in test_hooks.py and test_loading_policy.py."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from PIL import Image
+from typer.testing import CliRunner
+
+from servers import free_port
+from skinreg.cli import app
+from test_pipeline import register
+
+runner = CliRunner()
+EXPORT = ["export-version", "--model-uri", "models:/skin/1", "--format", "onnx", "--latency-runs", "2"]
+INT8 = ["--quantize", "int8", "--gate", "int8.min_top1_agreement=0.5", "--gate", "int8.max_accuracy_drop=100"]
+
+
+def snapshot() -> dict:
+    """Every registered model with its aliases and each version's export status: what a row may not change."""
+    client = MlflowClient()
+    out = {}
+    for m in client.search_registered_models():
+        versions = {str(v.version): v.tags.get("skinreg.export.status") for v in client.search_model_versions(f"name = '{m.name}'")}
+        out[m.name] = ({k: str(v) for k, v in (m.aliases or {}).items()}, versions)
+    return out
+
+
+def _calibration_with(demo_data: Path, tmp: Path, make: Callable[[Path], None], name: str = "odd.png") -> Path:
+    folder = tmp / "calibration"
+    shutil.copytree(demo_data / "calibration", folder)
+    make(folder / "melanoma" / name)
+    return folder
+
+
+@dataclass(frozen=True)
+class Row:
+    args: Callable[[Path, Path, Path], list[str]]  # (tmp, demo_data, checkpoint) -> CLI args
+    exit_code: int
+    message: str | None  # regex of the single `error:` line, or None when the export passes
+    log: str | None = None  # regex that must appear in the log (a skipped file, say)
+
+
+def _raw(tmp: Path, data: bytes) -> Path:
+    path = tmp / "model.pth"
+    path.write_bytes(data)
+    return path
+
+
+ROWS = {
+    "corrupt .pth": Row(lambda t, d, c: ["export", "--checkpoint", str(_raw(t, os.urandom(4096))), "--format", "onnx"],
+                        2, r"error: cannot load model\.pth with weights_only=True \(.*\); save a state_dict "
+                        r"\(torch\.save\(model\.state_dict\(\), path\)\) instead of a pickled model"),
+    "truncated .pth": Row(lambda t, d, c: ["export", "--checkpoint", str(_raw(t, c.read_bytes()[: c.stat().st_size // 2])),
+                                           "--format", "onnx"],
+                          2, r"error: cannot load model\.pth with weights_only=True \(.*\); save a state_dict "
+                        r"\(torch\.save\(model\.state_dict\(\), path\)\) instead of a pickled model"),
+    "wrong class count": Row(lambda t, d, c: EXPORT + ["--num-classes", "9"], 2,
+                             r"error: class-count mismatch: expected 9 classes \(--num-classes\) but models:/skin/1 "
+                             r"outputs 4; pass --num-classes 4"),
+    "wrong arch": Row(lambda t, d, c: EXPORT + ["--arch", "mobilenet_v3_small"], 2,
+                      r"error: architecture mismatch: the weights of models:/skin/1 do not fit mobilenet_v3_small .*; "
+                      r"pass the architecture it was trained with"),
+    "directory of non-images": Row(lambda t, d, c: EXPORT + INT8 + ["--calibration-dir", str(_text_files(t))], 2,
+                                   r"error: no usable calibration images in .*nonimages \(0 undecodable\); pass "
+                                   r"--calibration-dir DIR holding JPG or PNG images"),
+    "0-byte image": Row(lambda t, d, c: EXPORT + INT8 + ["--calibration-dir", str(_calibration_with(
+        d, t, lambda p: p.write_bytes(b"")))], 0, None, r"skipping undecodable calibration image odd\.png"),
+    "decompression bomb PNG": Row(lambda t, d, c: EXPORT + INT8 + ["--calibration-dir", str(_calibration_with(
+        d, t, lambda p: Image.new("1", (20000, 20000)).save(p)))], 0, None,
+        r"skipping undecodable calibration image odd\.png: DecompressionBombError"),
+    "1x1 image": Row(lambda t, d, c: EXPORT + INT8 + ["--calibration-dir", str(_calibration_with(
+        d, t, lambda p: Image.new("RGB", (1, 1), (120, 60, 40)).save(p)))], 0, None),
+    "CMYK JPEG": Row(lambda t, d, c: EXPORT + INT8 + ["--calibration-dir", str(_calibration_with(
+        d, t, lambda p: Image.new("CMYK", (40, 40), (10, 60, 80, 20)).save(p), "odd.jpg"))], 0, None),
+    "16-bit PNG": Row(lambda t, d, c: EXPORT + INT8 + ["--calibration-dir", str(_calibration_with(
+        d, t, lambda p: Image.fromarray(np.full((40, 40), 40000, np.uint16)).save(p)))], 0, None),
+    "RGBA PNG": Row(lambda t, d, c: EXPORT + INT8 + ["--calibration-dir", str(_calibration_with(
+        d, t, lambda p: Image.new("RGBA", (40, 40), (120, 60, 40, 128)).save(p)))], 0, None),
+    "deleted version": Row(lambda t, d, c: ["export-version", "--model-uri", "models:/skin/99"], 5,
+                           r"error: version 99 of 'skin' not found in the registry at .*; check the name, version or alias"),
+    "unknown alias": Row(lambda t, d, c: ["export-version", "--model-uri", "models:/skin@nope"], 5,
+                         r"error: alias 'nope' of 'skin' not found in the registry at .*; check the name, version or alias"),
+    "unknown model": Row(lambda t, d, c: ["export-version", "--model-uri", "models:/nothere/1"], 5,
+                         r"error: registered model 'nothere' not found in the registry at .*"),
+    "non-PyTorch source": Row(lambda t, d, c: ["export-version", "--model-uri", "models:/skin-onnx-by-hand/1"], 5,
+                              r"error: models:/skin-onnx-by-hand/1 is not a PyTorch model \(flavors: .*onnx.*\); export "
+                              r"needs a version logged with mlflow.pytorch.log_model or a .pth state_dict"),
+}
+
+
+def _text_files(tmp: Path) -> Path:
+    folder = tmp / "nonimages"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"{i}.txt").write_text("not an image")
+    return folder
+
+
+@pytest.fixture()
+def registry_with_sources(tracking, trained, demo_data):
+    register(trained, demo_data, "skin")
+    with mlflow.start_run():  # an ONNX model registered by hand: not something skinreg can export
+        import onnx
+
+        onnx_path = Path("by_hand.onnx")
+        from skinreg.exporters.onnx_export import export_onnx
+
+        export_onnx(trained.loaded.model, trained.loaded.spec, Path("."), stem="by_hand")
+        mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model", registered_model_name="skin-onnx-by-hand")
+    return tracking
+
+
+@pytest.mark.parametrize("case", list(ROWS))
+def test_bad_input_row(case, registry_with_sources, trained_ckpt, demo_data, tmp_path, caplog):
+    row = ROWS[case]
+    before = snapshot()
+    res = runner.invoke(app, row.args(tmp_path, demo_data, trained_ckpt))
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert res.exit_code == row.exit_code, (case, res.exit_code, errors, res.stderr[-1500:])
+    if row.message is None:
+        assert errors == [], errors
+    else:
+        assert len(errors) == 1 and re.fullmatch(row.message, errors[0]), (case, errors)
+    if row.log:
+        assert any(re.search(row.log, r.getMessage()) for r in caplog.records), (case, caplog.text[-1500:])
+    after = snapshot()
+    if row.exit_code == 0:  # passed: the source gained its variants, and nothing else changed
+        changed = {k: v for k, v in after.items() if before.get(k) != v}
+        assert set(changed) <= {"skin", "skin-onnx", "skin-onnx-int8"} and after["skin"][1]["1"] == "passed", changed
+        assert all(after[k][0] == {"candidate": "1"} for k in changed if k != "skin"), changed
+    else:  # refused: no alias moved and nothing registered; the source may only be tagged with the reason
+        assert {k: v[0] for k, v in after.items()} == {k: v[0] for k, v in before.items()}
+        assert set(after) == set(before) and all(set(after[k][1]) == set(before[k][1]) for k in after)
+        assert after["skin"][1]["1"] in (None, "error")
+
+
+def test_unreachable_server_row(tmp_path, monkeypatch):
+    url = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    mlflow.set_tracking_uri(url)
+    try:
+        res = runner.invoke(app, EXPORT)
+    finally:
+        mlflow.set_tracking_uri(None)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert res.exit_code == 5 and len(errors) == 1, (res.exit_code, res.stderr[-1500:])
+    assert re.fullmatch(rf"error: (MLflow: )?cannot reach the MLflow tracking server at {url}.*; start it or point "
+                        r"MLFLOW_TRACKING_URI at a running server", errors[0]), errors
