@@ -195,7 +195,21 @@ def _pick_int8(variants: list[VariantResult], req: ExportRequest,
 
 def run_export(req: ExportRequest, *, progress: Progress = lambda msg: None) -> ExportResult:
     """Export, validate and measure every planned variant; raise GateError (after writing the report)
-    if any variant fails its gate. Files of failed variants stay, marked failed in the report."""
+    if any variant fails its gate. Files of failed variants stay, marked failed in the report.
+    A full disk is an ExportError that names the folder, never a traceback."""
+    import errno
+
+    try:
+        return _run_export(req, progress=progress)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        raise ExportError(f"no space left to write {Path(exc.filename).name if exc.filename else 'the exported files'} "
+                          f"in {req.out_dir} ({first_line(exc)}); free space there or pass --output-dir on a disk "
+                          "with room") from exc
+
+
+def _run_export(req: ExportRequest, *, progress: Progress) -> ExportResult:
     from .exporters.onnx_export import (DEFAULT_OPSET, check_opset, export_onnx, export_onnx_float16,
                                         export_onnx_int8)
     from .report import write_plot, write_report

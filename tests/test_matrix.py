@@ -161,3 +161,30 @@ def test_unreachable_server_row(tmp_path, monkeypatch):
     assert res.exit_code == 5 and len(errors) == 1, (res.exit_code, res.stderr[-1500:])
     assert re.fullmatch(rf"error: (MLflow: )?cannot reach the MLflow tracking server at {url}.*; start it or point "
                         r"MLFLOW_TRACKING_URI at a running server", errors[0]), errors
+
+
+@pytest.fixture()
+def full_disk(tmp_path):
+    """A 150 kB tmpfs: room for the ONNX file of the tiny model, not for its TFLite files."""
+    import subprocess
+
+    folder = tmp_path / "small disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=150k", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], capture_output=True)
+
+
+def test_disk_full_in_the_output_dir_row(full_disk, trained_ckpt):
+    res = runner.invoke(app, ["export", "--checkpoint", str(trained_ckpt), "--output-dir", str(full_disk),
+                              "--latency-runs", "2"])
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert res.exit_code == 3 and len(errors) == 1, (res.exit_code, res.stderr[-1500:])
+    assert re.fullmatch(rf"error: no space left to write skin_classifier\.tflite in {re.escape(str(full_disk))} "
+                        r"\(\[Errno 28\] No space left on device: .*\); free space there or pass --output-dir on a "
+                        r"disk with room", errors[0]), errors
+    assert sorted(p.name for p in full_disk.iterdir()) == ["skin_classifier.onnx"]  # no truncated TFLite left

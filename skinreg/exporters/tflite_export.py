@@ -177,9 +177,15 @@ def write_tflite(data: bytes, spec: ModelSpec, path: Path, *, precision: Precisi
                  converter_version: str, details: dict) -> ExportedFile:
     """Both TFLite backends end here: the file, and its NHWC preprocessing JSON beside it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
     sidecar = path.with_suffix(".json")
-    spec.preprocessing.with_layout("NHWC").save(sidecar)
+    try:
+        path.write_bytes(data)
+        spec.preprocessing.with_layout("NHWC").save(sidecar)
+    except OSError as exc:  # a full disk: no truncated file may stay behind looking like a model
+        path.unlink(missing_ok=True)
+        sidecar.unlink(missing_ok=True)
+        exc.filename = exc.filename or str(path)
+        raise
     return ExportedFile(path=path, format=Format.tflite, precision=precision, converter=converter,
                         converter_version=converter_version, sidecar=sidecar, details=details,
                         sha256=file_sha256(path))
