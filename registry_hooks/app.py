@@ -91,12 +91,14 @@ def create_app(cfg: HooksConfig, *, queue: JobQueue | None = None, run_worker: b
     async def webhook(request: Request) -> JSONResponse:
         if not request.headers.get(HEADER_SIGNATURE):  # unsigned: refused before its body is read
             log.warning("rejected delivery %s: missing %s", request.headers.get("x-mlflow-delivery-id"), HEADER_SIGNATURE)
+            await run_in_threadpool(q.refuse, "missing signature")
             return JSONResponse({"error": f"missing {HEADER_SIGNATURE}"}, status_code=401)
         try:
             body = await _read_capped(request, MAX_BODY_BYTES)  # the raw bytes: the signature covers them exactly
         except BodyTooLarge:
             log.warning("rejected delivery %s: body over %d bytes", request.headers.get("x-mlflow-delivery-id"),
                         MAX_BODY_BYTES)
+            await run_in_threadpool(q.refuse, "body too large")
             return JSONResponse({"error": f"body over {MAX_BODY_BYTES} bytes"}, status_code=413)
         if time.monotonic() - pruned["at"] > PRUNE_EVERY_S:
             pruned["at"] = time.monotonic()
@@ -106,8 +108,11 @@ def create_app(cfg: HooksConfig, *, queue: JobQueue | None = None, run_worker: b
             doc = parse(body)
         except SignatureError as exc:
             log.warning("rejected delivery %s: %s", request.headers.get("x-mlflow-delivery-id"), exc)
+            await run_in_threadpool(q.refuse, "bad signature" if exc.status == 401 else "stale or malformed")
             return JSONResponse({"error": str(exc)}, status_code=exc.status)
         except PayloadError as exc:
+            log.warning("rejected delivery %s: %s", request.headers.get("x-mlflow-delivery-id"), exc)
+            await run_in_threadpool(q.refuse, "bad payload")
             return JSONResponse({"error": str(exc)}, status_code=400)
         decision = decide(doc, sources=cfg.sources, name_pattern=cfg.name_pattern)
         accepted = await run_in_threadpool(q.accept, delivery_id=delivery.delivery_id, timestamp=delivery.timestamp,

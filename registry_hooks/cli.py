@@ -151,6 +151,8 @@ def register(app: typer.Typer, command: Callable) -> None:
             typer.echo(f"{j.id:>5}  {j.state:8} {j.key[:42]:42} {j.origin:9} {j.attempts:>5} {j.deliveries - 1:>3}  "
                        f"{(j.run_id or '-'):32}  {detail[:120]}")
         typer.echo("totals: " + ", ".join(f"{k} {v}" for k, v in sorted(q.counts().items())), err=True)
+        typer.echo("deliveries: " + (", ".join(f"{k} {v}" for k, v in sorted(q.delivery_counts().items())) or "none"),
+                   err=True)
 
     @command("install", typer_app=hooks_app)
     def install_cmd(

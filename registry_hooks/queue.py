@@ -61,6 +61,13 @@ CREATE TABLE IF NOT EXISTS deliveries (
     outcome     TEXT NOT NULL,
     job_ids     TEXT NOT NULL
 );
+-- Requests the receiver refused (bad or missing signature, stale, too large, malformed): one counter per
+-- reason, so a flood of forged requests costs constant space.
+CREATE TABLE IF NOT EXISTS refusals (
+    reason   TEXT PRIMARY KEY,
+    count    INTEGER NOT NULL,
+    last_at  REAL NOT NULL
+);
 """
 
 
@@ -343,6 +350,23 @@ class JobQueue:
             rows = db.execute("SELECT * FROM deliveries ORDER BY received_at DESC LIMIT ?", (limit,)).fetchall()
         return [DeliveryRecord(delivery_id=r["delivery_id"], timestamp=r["timestamp"], event=r["event"],
                                outcome=r["outcome"], job_ids=json.loads(r["job_ids"])) for r in rows]
+
+    def refuse(self, reason: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO refusals (reason, count, last_at) VALUES (?, 1, ?) ON CONFLICT(reason) DO UPDATE "
+                       "SET count = count + 1, last_at = excluded.last_at", (reason, time.time()))
+
+    def delivery_counts(self) -> dict[str, int]:
+        """Deliveries by what became of them: queued / ignored / replays are not stored (acknowledged only),
+        plus every refusal reason."""
+        with self._tx(write=False) as db:
+            out: dict[str, int] = {}
+            for r in db.execute("SELECT outcome FROM deliveries"):
+                kind = "ignored" if r["outcome"].startswith("ignored") else "queued"
+                out[kind] = out.get(kind, 0) + 1
+            for r in db.execute("SELECT reason, count FROM refusals"):
+                out[f"refused ({r['reason']})"] = r["count"]
+            return out
 
     def counts(self) -> dict[str, int]:
         with self._tx(write=False) as db:

@@ -148,6 +148,12 @@ def test_the_receiver_caps_bodies_refuses_unsigned_ones_unread_and_keeps_jobs_be
     assert requests.get(f"{url}/jobs/1", timeout=5).status_code == 401
     assert requests.get(f"{url}/jobs", headers=AUTH, timeout=5).json() == []
     assert requests.get(f"{url}/jobs?limit=100000", headers=AUTH, timeout=5).status_code == 422
+    deliver(url, version_created("skin", "9"), secret="a-forger-without-the-secret")
+    assert queue.delivery_counts() == {"refused (body too large)": 1, "refused (missing signature)": 1,
+                                       "refused (bad signature)": 1}
+    out = runner.invoke(app, ["hooks", "status", "--queue", str(queue.path)])
+    assert "deliveries: refused (bad signature) 1, refused (body too large) 1, refused (missing signature) 1" in \
+        out.stderr, out.stderr
 
 
 def test_credentials_never_reach_the_queue_or_jobs_and_short_secrets_are_refused(tmp_path):
