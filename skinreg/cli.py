@@ -52,7 +52,9 @@ def command(name: str | None = None, *, typer_app: typer.Typer | None = None, **
                 if "Connection refused" in first or "Failed to establish" in first or "Max retries" in first:
                     first = (f"cannot reach the MLflow tracking server at {mlflow.get_tracking_uri()}; start it or "
                              "point MLFLOW_TRACKING_URI at a running server")
-                typer.echo(f"error: MLflow: {first}", err=True)
+                else:
+                    first = f"MLflow: {first}"
+                typer.echo(f"error: {first}", err=True)
                 raise typer.Exit(5) from None
 
         return (typer_app or app).command(name, **kw)(wrapper)

@@ -46,12 +46,13 @@ ADMIN = ("admin", "skinreg-admin-password-1")
 
 
 @contextmanager
-def mlflow_server(backend_uri: str, workdir: Path, *, basic_auth: bool = False) -> Iterator[str]:
+def mlflow_server(backend_uri: str, workdir: Path, *, basic_auth: bool = False, port: int | None = None,
+                  procs: list | None = None) -> Iterator[str]:
     """Start `mlflow server` with webhooks enabled for loopback receivers; yields its URL.
 
     basic_auth: `--app-name basic-auth` (MLflow's own users and permissions, default permission READ),
     its user store in `workdir`, admin `ADMIN`; every request then pays a password check."""
-    port = free_port()
+    port = port or free_port()
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
            "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
            "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": WEBHOOK_KEY, "MLFLOW_WEBHOOK_CACHE_TTL": "1"}
@@ -71,6 +72,8 @@ def mlflow_server(backend_uri: str, workdir: Path, *, basic_auth: bool = False) 
                              "--artifacts-destination", str(workdir / "artifacts"), "--host", "127.0.0.1",
                              "--port", str(port), "--workers", "1", *auth_args], env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
+    if procs is not None:  # for a test that kills the server itself
+        procs.append(proc)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{url}/health", timeout=90, proc=proc)

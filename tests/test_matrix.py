@@ -159,7 +159,7 @@ def test_unreachable_server_row(tmp_path, monkeypatch):
         mlflow.set_tracking_uri(None)
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert res.exit_code == 5 and len(errors) == 1, (res.exit_code, res.stderr[-1500:])
-    assert re.fullmatch(rf"error: (MLflow: )?cannot reach the MLflow tracking server at {url}.*; start it or point "
+    assert re.fullmatch(rf"error: cannot reach the MLflow tracking server at {url}.*; start it or point "
                         r"MLFLOW_TRACKING_URI at a running server", errors[0]), errors
 
 
@@ -188,3 +188,41 @@ def test_disk_full_in_the_output_dir_row(full_disk, trained_ckpt):
                         r"\(\[Errno 28\] No space left on device: .*\); free space there or pass --output-dir on a "
                         r"disk with room", errors[0]), errors
     assert sorted(p.name for p in full_disk.iterdir()) == ["skin_classifier.onnx"]  # no truncated TFLite left
+
+
+def test_server_killed_mid_export_row(tmp_path, trained, demo_data, monkeypatch):
+    """The MLflow server dies while export-version registers its first variant: one line, exit 5, nothing
+    half-registered; once the server is back, the same command finishes with one version per variant."""
+    import subprocess
+    import sys
+
+    from servers import CountingProxy, mlflow_server
+
+    backend, procs = f"sqlite:///{tmp_path}/server.db", []
+    port = free_port()
+    with mlflow_server(backend, tmp_path, port=port, procs=procs) as url:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        mlflow.set_tracking_uri(url)
+        register(trained, demo_data, "skin")
+        proxy = CountingProxy(url, hold=lambda method, path, body: path.endswith("/model-versions/create"))
+        with proxy.running():
+            env = {**os.environ, "MLFLOW_TRACKING_URI": proxy.url, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+            child = subprocess.Popen([str(Path(sys.executable).with_name("skinreg")), *EXPORT], env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            assert proxy.held.wait(timeout=120), "the export never reached registration"
+            os.killpg(procs[0].pid, 9)  # the server dies; the held request is then dropped
+            procs[0].wait(timeout=20)
+            proxy.release.set()
+            _, stderr = child.communicate(timeout=120)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert child.returncode == 5 and len(errors) == 1, (child.returncode, stderr[-1500:])
+    assert re.fullmatch(r"error: (registering skin-onnx: .*503.*|cannot reach the MLflow tracking server at .*)",
+                        errors[0]), errors
+    with mlflow_server(backend, tmp_path, port=port) as url:  # back up, same store
+        client = MlflowClient()
+        assert client.search_model_versions("name = 'skin-onnx'") == []  # nothing half-registered
+        res = runner.invoke(app, EXPORT)
+        assert res.exit_code == 0, res.stderr[-1500:]
+        assert len(client.search_model_versions("name = 'skin-onnx'")) == 1
+        assert client.get_model_version("skin", "1").tags["skinreg.export.status"] == "passed"
+    mlflow.set_tracking_uri(None)
