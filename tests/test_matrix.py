@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -152,11 +153,14 @@ def test_unreachable_server_row(tmp_path, monkeypatch):
     url = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     mlflow.set_tracking_uri(url)
+    mlflow.set_registry_uri(url)
     try:
         res = runner.invoke(app, EXPORT)
     finally:
         mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert res.exit_code == 5 and len(errors) == 1, (res.exit_code, res.stderr[-1500:])
     assert re.fullmatch(rf"error: cannot reach the MLflow tracking server at {url}.*; start it or point "
@@ -202,14 +206,22 @@ def test_server_killed_mid_export_row(tmp_path, trained, demo_data, monkeypatch)
     port = free_port()
     with mlflow_server(backend, tmp_path, port=port, procs=procs) as url:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)  # an earlier test's store must not leak in
         mlflow.set_tracking_uri(url)
+        mlflow.set_registry_uri(url)
         register(trained, demo_data, "skin")
         proxy = CountingProxy(url, hold=lambda method, path, body: path.endswith("/model-versions/create"))
         with proxy.running():
-            env = {**os.environ, "MLFLOW_TRACKING_URI": proxy.url, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+            env = {**os.environ, "MLFLOW_TRACKING_URI": proxy.url, "MLFLOW_REGISTRY_URI": proxy.url,
+                   "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
             child = subprocess.Popen([str(Path(sys.executable).with_name("skinreg")), *EXPORT], env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            assert proxy.held.wait(timeout=120), "the export never reached registration"
+            deadline = time.monotonic() + 180
+            while not proxy.held.wait(timeout=0.5):
+                if child.poll() is not None or time.monotonic() > deadline:
+                    child.kill()
+                    out, err = child.communicate()
+                    pytest.fail(f"the export never reached registration (exit {child.returncode}): {err[-3000:]}")
             os.killpg(procs[0].pid, 9)  # the server dies; the held request is then dropped
             procs[0].wait(timeout=20)
             proxy.release.set()
@@ -219,6 +231,7 @@ def test_server_killed_mid_export_row(tmp_path, trained, demo_data, monkeypatch)
     assert re.fullmatch(r"error: (registering skin-onnx: .*503.*|cannot reach the MLflow tracking server at .*)",
                         errors[0]), errors
     with mlflow_server(backend, tmp_path, port=port) as url:  # back up, same store
+        mlflow.set_registry_uri(url)
         client = MlflowClient()
         assert client.search_model_versions("name = 'skin-onnx'") == []  # nothing half-registered
         res = runner.invoke(app, EXPORT)
@@ -226,3 +239,4 @@ def test_server_killed_mid_export_row(tmp_path, trained, demo_data, monkeypatch)
         assert len(client.search_model_versions("name = 'skin-onnx'")) == 1
         assert client.get_model_version("skin", "1").tags["skinreg.export.status"] == "passed"
     mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
