@@ -26,6 +26,7 @@ import numpy as np
 from .enums import Format
 from .errors import first_line
 from .exporters import file_sha256
+from .validate import Outcome
 
 if TYPE_CHECKING:
     from .export import ExportResult, VariantResult
@@ -38,7 +39,7 @@ RTOL = 1e-4  # relative to the largest |validated logit| (at least 1)
 
 
 @dataclass
-class ConsumerCheck:
+class ConsumerCheck(Outcome):
     variant: str
     uri: str  # models:/<name>/<version>
     served_sha256: str
@@ -50,14 +51,6 @@ class ConsumerCheck:
     input_shape: list[int] = field(default_factory=list)  # of the served file, as its runtime reports it
     dynamic_batch: bool = False  # the served file itself takes any batch size
     failures: list[str] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        return not self.failures
-
-    @property
-    def status(self) -> str:
-        return "passed" if self.passed else "failed"
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "status": self.status}

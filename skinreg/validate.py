@@ -48,11 +48,10 @@ class Parity:
     reference_nonfinite: int = 0  # ... among PyTorch's (then nothing can be judged)
 
 
-@dataclass
-class Verdict:
-    variant: str
-    parity: Parity
-    failures: list[str] = field(default_factory=list)
+class Outcome:
+    """Anything judged by a list of failures (a gate's Verdict, the ConsumerCheck): none means passed."""
+
+    failures: list[str]
 
     @property
     def passed(self) -> bool:
@@ -61,6 +60,13 @@ class Verdict:
     @property
     def status(self) -> str:
         return "passed" if self.passed else "failed"
+
+
+@dataclass
+class Verdict(Outcome):
+    variant: str
+    parity: Parity
+    failures: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"variant": self.variant, "status": self.status, "failures": self.failures, **asdict(self.parity)}
