@@ -61,12 +61,13 @@ def side_by_side(model, result, *, runs: int) -> dict[str, float]:
 
     threads = result.pytorch_latency.threads
     runners = {"pytorch": TorchRunner(model, threads=threads)}
-    for v in result.variants:
+    ran = [v for v in result.variants if v.latency.runs > 0]  # a variant that cannot run is a row, not a timing
+    for v in ran:
         runners[v.file.variant] = (OnnxRunner if v.file.format is Format.onnx else TFLiteRunner)(v.file.path,
                                                                                                 threads=threads)
-    int8 = next(v for v in result.variants if v.file.variant == "tflite-int8")
-    # the int8 file once more without XNNPACK: shows whether the int8 numbers above are the delegate's
-    runners["tflite-int8 (no XNNPACK)"] = TFLiteRunner(int8.file.path, threads=threads, default_delegates=False)
+    int8 = next((v for v in ran if v.file.variant == "tflite-int8"), None)
+    if int8 is not None:  # once more without XNNPACK: shows whether the int8 numbers above are the delegate's
+        runners["tflite-int8 (no XNNPACK)"] = TFLiteRunner(int8.file.path, threads=threads, default_delegates=False)
     size = result.spec.preprocessing.input_size
     x1 = np.random.default_rng(0).normal(size=(1, 3, size, size)).astype(np.float32)
     return {name: lat.p50_ms for name, lat in interleaved_latency(runners, x1, runs=runs).items()}
@@ -76,7 +77,10 @@ def run(*, archs: tuple[str, ...] = DEFAULT_ARCHS, input_size: int = 224, epochs
         int8_strategy: str = "auto", opsets: bool = True, work_dir: Path | None = None,
         progress: Callable[[str], None] = lambda m: None) -> dict:
     from .data import generate_demo_data
+    from .models import get_arch
 
+    for arch in archs:  # an unknown name fails now, not after the first model has trained
+        get_arch(arch)
     work = Path(work_dir or tempfile.mkdtemp(prefix="skinreg-bench-"))
     data = work / "data"
     if not (data / "train").is_dir():
@@ -104,7 +108,8 @@ def run_one(arch: str, *, data: Path, work: Path, input_size: int, epochs: int, 
     progress(f"[{arch}] val accuracy {trained.val_accuracy:.1f}% after {train_s:.0f}s; exporting "
              f"(--int8-strategy {int8_strategy})")
     req = ExportRequest(loaded=trained.loaded, out_dir=work / "export", stem=arch, calibration_dir=data / "calibration",
-                        eval_dir=data / "val", latency_runs=latency_runs, int8_strategy=int8_strategy)
+                        eval_dir=data / "val", latency_runs=latency_runs,
+                        int8_strategy=None if int8_strategy == "default" else int8_strategy)
     t0 = time.perf_counter()
     try:
         result = run_export(req, progress=lambda m: progress(f"[{arch}] {m}"))
@@ -116,15 +121,22 @@ def run_one(arch: str, *, data: Path, work: Path, input_size: int, epochs: int, 
     progress(f"[{arch}] timing PyTorch and every variant side by side for the ratios")
     ms = side_by_side(trained.loaded.model, result, runs=latency_runs)
     n_recipes = max(1, len(result.int8_candidates))
+
+    def ratio(a: str, b: str) -> float | None:  # None: one of them failed to run (its row says why)
+        return ms[a] / ms[b] if a in ms and b in ms else None
+
+    ran = i8.latency.runs > 0
     targets = [
-        Target("ONNX Runtime fp32 latency / PyTorch eager", ms["onnx"] / ms["pytorch"], 0.45),
+        Target("ONNX Runtime fp32 latency / PyTorch eager", ratio("onnx", "pytorch"), 0.45),
         Target(f"TFLite int8 latency / TFLite fp32 ({i8.file.details.get('int8_recipe')})",
-               ms["tflite-int8"] / ms["tflite-float32"], 0.5),
+               ratio("tflite-int8", "tflite-float32"), 0.5),
         Target("TFLite fp16 size / TFLite fp32", by["tflite-float16"].size_bytes / f32.size_bytes, 0.52),
         Target("TFLite int8 size / TFLite fp32", i8.size_bytes / f32.size_bytes, 0.32),
-        Target("int8 accuracy drop (points, held-out set)", i8.verdict.parity.accuracy_drop, 1.0, " pts"),
-        Target("int8 top-1 agreement with PyTorch", i8.verdict.parity.top1_agreement, 0.97, "", at_least=True),
-        Target(f"whole export, {n_recipes} int8 recipe(s) (ONNX + TFLite + validation + timing)", export_s,
+        Target("int8 accuracy drop (points, held-out set)", i8.verdict.parity.accuracy_drop if ran else None, 1.0,
+               " pts"),
+        Target("int8 top-1 agreement with PyTorch", i8.verdict.parity.top1_agreement if ran else None, 0.97, "",
+               at_least=True),
+        Target(f"whole export, {n_recipes} int8 recipe(s) tried (ONNX + TFLite + validation + timing)", export_s,
                90.0 if n_recipes == 1 else None, " s"),
     ]
     opset_ms = {}
@@ -139,6 +151,14 @@ def run_one(arch: str, *, data: Path, work: Path, input_size: int, epochs: int, 
         "targets": [{"name": t.name, "measured": t.measured, "limit": t.limit, "unit": t.unit, "met": t.met,
                      "at_least": t.at_least} for t in targets],
         "onnx_opset_latency_ms": opset_ms, "failures": result.failures,
+        "row": {"val_accuracy": trained.val_accuracy, "export_s": export_s, "int8_recipe": i8.file.details.get("int8_recipe"),
+                "int8_status": i8.verdict.status if ran else "failed", "int8_why": "; ".join(i8.verdict.failures),
+                "fp32_mb": f32.size_bytes / 1e6, "int8_mb": i8.size_bytes / 1e6,
+                "int8_size_ratio": i8.size_bytes / f32.size_bytes,
+                "fp32_ms": ms.get("tflite-float32"), "int8_ms": ms.get("tflite-int8"),
+                "int8_delegate": (i8.file.details.get("delegates") or {}).get("latency_delegate"),
+                "accuracy_drop": i8.verdict.parity.accuracy_drop if ran else None,
+                "top1_agreement": i8.verdict.parity.top1_agreement if ran else None},
     }
 
 
@@ -168,6 +188,18 @@ def format_summary(summary: dict) -> str:
             lines += ["", "ONNX Runtime fp32 p50 latency by opset: " +
                       ", ".join(f"{k}: {v:.2f} ms" for k, v in m["onnx_opset_latency_ms"].items())]
         lines.append("")
+    lines += ["# Every architecture, TFLite (batch 1, latencies side by side within each model)", "",
+              "| model | val acc % | fp32 MB | int8 MB | int8/fp32 size | fp32 ms | int8 ms | int8 timed with "
+              "| drop pts | agreement | int8 recipe kept | int8 | export s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for m in summary["models"]:
+        r = m["row"]
+        status = r["int8_status"] if r["int8_status"] == "passed" else f"{r['int8_status']}: {r['int8_why']}"
+        lines.append(f"| {m['arch']} | {r['val_accuracy']:.1f} | {r['fp32_mb']:.2f} | {r['int8_mb']:.2f} | "
+                     f"{r['int8_size_ratio']:.3f} | {_num(r['fp32_ms'], '')} | {_num(r['int8_ms'], '')} | "
+                     f"{r['int8_delegate'] or '-'} | {_num(r['accuracy_drop'], '')} | {_num(r['top1_agreement'], '')} | "
+                     f"{r['int8_recipe']} | {status} | {r['export_s']:.0f} |")
+    lines.append("")
     if len(summary["models"]) > 1:  # every candidate recipe of every model, in one table
         lines += ["# int8 recipes, all models", "",
                   "| model | recipe | backend | size MB | latency ms (side by side) | top-1 agree | accuracy % | drop pts "

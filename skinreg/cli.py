@@ -302,7 +302,8 @@ def benchmark_cmd(
     input_size: Annotated[int, typer.Option()] = 224,
     epochs: Annotated[int, typer.Option(help="Training epochs (4 reach ~97 % val on the demo data).")] = 4,
     latency_runs: Annotated[int, typer.Option()] = 50,
-    int8_strategy: Annotated[str, typer.Option(help="int8 recipe(s) to compare; auto = all of them.")] = "auto",
+    int8_strategy: Annotated[str, typer.Option(help="int8 recipe(s) to compare; auto = all of them; default = what "
+                                               "`skinreg export` does (its recipe, then the fallback chain).")] = "auto",
     opsets: Annotated[bool, typer.Option(help="Also time ONNX opsets 11/13/17.")] = True,
     work_dir: Annotated[Optional[Path], typer.Option(help="Keep data, files and benchmark.json here.")] = None,
 ) -> None:

@@ -19,7 +19,7 @@ from .data import ImageSet, list_images, read_image_folder, stratified_sample, s
 from .enums import Format, Precision
 from .errors import ExportError, GateError, InputError, first_line
 from .exporters import ExportedFile, check_converter, file_sha256, plan
-from .exporters.int8_recipes import DEFAULT_RECIPE, LITERT_BACKEND, TF_BACKEND, recipes_for
+from .exporters.int8_recipes import DEFAULT_RECIPE, LITERT_BACKEND, TF_BACKEND, fallback_chain, recipes_for
 from .measure import Latency, Stages, interleaved_latency, latency, size_bytes
 from .models import LoadedModel
 from .runtime import DEFAULT_THREADS, OnnxRunner, TFLiteRunner, TorchRunner
@@ -91,6 +91,7 @@ class ExportResult:
     consumer_checks: dict[str, Any] = field(default_factory=dict)  # variant -> ConsumerCheck, after registration
     gates: dict[Precision, Any] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)  # where the time went (report + run metrics)
+    int8_strategy: str | None = None  # as requested: None is the default recipe with its fallback chain
 
     @property
     def failures(self) -> list[str]:
@@ -156,6 +157,47 @@ def default_int8_strategy(converter: str | None) -> str:
     return "litert-per-channel" if converter == "litert-torch" else DEFAULT_RECIPE
 
 
+def _validate(f: ExportedFile, req: ExportRequest, reference: np.ndarray, x_val: np.ndarray,
+              y_val: np.ndarray | None, gates: dict) -> VariantResult:
+    """Judge one file: a TFLite file must first load and run with the default delegates (XNNPACK, as on a
+    phone) and with the builtin kernels, each in a child process (a broken int8 file can abort the
+    process); then parity against PyTorch on the validation set, the gate, and the latency."""
+    from .delegates import check_delegates
+
+    def failed(why: str) -> VariantResult:
+        return VariantResult(file=f, size_bytes=size_bytes(f.path), latency=Latency(0.0, 0.0, 0, req.threads),
+                             verdict=Verdict(f.variant, Parity(float("nan"), float("nan"), 0.0, 0), [why]))
+
+    if f.format is Format.tflite:
+        delegates = check_delegates(f.path, threads=req.threads)
+        f.details["delegates"] = delegates.to_dict()
+        if not delegates.passed:
+            return failed(delegates.reason(f.variant))
+    try:
+        runner = (OnnxRunner if f.format is Format.onnx else TFLiteRunner)(f.path, threads=req.threads)
+        outputs = runner.logits(x_val)
+        parity = compare(reference, outputs, y_val)
+        timing = latency(runner, x_val[:1], runs=req.latency_runs)
+    except Exception as exc:  # exported but cannot run: a failed variant, reported with the rest
+        return failed(f"{f.variant}: exported but cannot run: {first_line(exc)}")
+    verdict = judge(f.variant, parity, gates[f.precision])
+    return VariantResult(file=f, size_bytes=size_bytes(f.path), latency=timing, verdict=verdict, logits=outputs)
+
+
+def _fallback_note(chain: list, conversion_failures: dict[str, str], checked: dict[Path, VariantResult]) -> str:
+    tried = {v.file.details.get("int8_recipe"): v for v in checked.values()}
+    kept = next((name for name, v in tried.items() if v.passed), None)
+    lost = []
+    for r in chain:
+        if r.name in conversion_failures:
+            lost.append(f"{r.name} did not convert ({first_line(conversion_failures[r.name])})")
+        elif r.name in tried and not tried[r.name].passed:
+            lost.append(f"{r.name} failed ({'; '.join(tried[r.name].verdict.failures)})")
+    head = f"int8 fallback chain ({' -> '.join(r.name for r in chain)}): "
+    return head + "; ".join(lost) + (f"; kept {kept}, the first recipe that passed its gate" if kept
+                                     else "; no recipe passed")
+
+
 def _pick_int8(variants: list[VariantResult], req: ExportRequest,
                conversion_failures: dict[str, str]) -> tuple[list[VariantResult], list[dict]]:
     """With several int8 recipes, keep the best (validate.rank_candidates) under the seed's file name;
@@ -167,16 +209,23 @@ def _pick_int8(variants: list[VariantResult], req: ExportRequest,
     from .exporters.tflite_export import tflite_path
 
     contenders = [v for v in variants if v.file.variant == "tflite-int8"]
+    final = tflite_path(req.out_dir, req.stem, Precision.int8)
+
+    def keep(winner: VariantResult) -> None:  # the kept candidate ships under the seed's file name
+        if winner.file.path != final:
+            shutil.copyfile(winner.file.path, final)
+            winner.file = replace(winner.file, path=final, sidecar=final.with_suffix(".json"))
+            req.loaded.spec.preprocessing.with_layout("NHWC").save(winner.file.sidecar)
+
     if len(contenders) + len(conversion_failures) < 2:
+        if contenders:
+            keep(contenders[0])
         return variants, []
     by_recipe = {v.file.details["int8_recipe"]: v for v in contenders}
     ranked = rank_candidates([Candidate(recipe=r, verdict=v.verdict, latency_ms=v.latency.p50_ms,
                                         size_bytes=v.size_bytes) for r, v in by_recipe.items()])
     winner = by_recipe[ranked[0].recipe]
-    final = tflite_path(req.out_dir, req.stem, Precision.int8)
-    shutil.copyfile(winner.file.path, final)
-    winner.file = replace(winner.file, path=final, sidecar=final.with_suffix(".json"))
-    req.loaded.spec.preprocessing.with_layout("NHWC").save(winner.file.sidecar)
+    keep(winner)
     table = []
     for c in ranked:
         v, p = by_recipe[c.recipe], by_recipe[c.recipe].verdict.parity
@@ -219,7 +268,7 @@ def _run_export(req: ExportRequest, *, progress: Progress) -> ExportResult:
     converter = check_converter(req.converter)
     # Everything that can be rejected is rejected before any conversion starts.
     pairs = plan(req.formats, req.quantize, has_calibration=req.calibration_dir is not None, converter=converter)
-    recipes = recipes_for(req.int8_strategy or default_int8_strategy(converter))
+    recipes = (fallback_chain(converter) if req.int8_strategy is None else recipes_for(req.int8_strategy))
     gates = gates_with_overrides(req.gate_overrides)
     check_opset(req.opset or DEFAULT_OPSET)
     calib = (list_images(req.calibration_dir, limit=req.calibration_limit, seed=req.calibration_seed)
@@ -250,6 +299,12 @@ def _run_export(req: ExportRequest, *, progress: Progress) -> ExportResult:
 
     stages.seconds["inputs and PyTorch reference"] = time.perf_counter() - started
     req.out_dir.mkdir(parents=True, exist_ok=True)
+    checked: dict[Path, VariantResult] = {}  # int8 files judged during the fallback chain
+    fallback = req.int8_strategy is None and len(recipes) > 1
+
+    def validate_file(f: ExportedFile) -> VariantResult:
+        return _validate(f, req, reference, x_val, y_val, gates)
+
     files: list[ExportedFile] = []
     notes: list[str] = list(req.notes)
     with tempfile.TemporaryDirectory(prefix="skinreg-") as tmp:
@@ -279,7 +334,7 @@ def _run_export(req: ExportRequest, *, progress: Progress) -> ExportResult:
             int8_recipes = recipes if Precision.int8 in tflite_precisions else []
             saved = None
             if (converter == "onnx2tf" and any(p is not Precision.int8 for p in tflite_precisions)) or \
-                    any(r.backend == TF_BACKEND for r in int8_recipes):
+                    any(r.backend == TF_BACKEND for r in (int8_recipes[:1] if fallback else int8_recipes)):
                 progress("converting ONNX to a TF SavedModel (onnx2tf)")
                 with stages("SavedModel (onnx2tf)"):
                     saved = saved_model_from_onnx(onnx_file.path, spec, work)
@@ -292,13 +347,17 @@ def _run_export(req: ExportRequest, *, progress: Progress) -> ExportResult:
                     continue
                 for n, recipe in enumerate(int8_recipes, 1):
                     progress(f"converting TFLite int8 ({recipe.name}, {n}/{len(int8_recipes)})")
+                    # the default recipe of a fallback chain writes the shipped name; other candidates aside
                     path = (req.out_dir / "int8_candidates" / f"{req.stem}_int8_{recipe.name}.tflite"
-                            if len(int8_recipes) > 1 else None)
+                            if len(int8_recipes) > 1 and not (fallback and n == 1) else None)
                     try:
                         if recipe.backend == LITERT_BACKEND:
                             exported = export_litert(model, spec, req.out_dir, stem=req.stem, precision=precision,
                                                      calibration=calib_x, recipe=recipe, path=path)
                         else:
+                            if saved is None:  # a fallback from litert-torch to the TF converter
+                                with stages("SavedModel (onnx2tf)"):
+                                    saved = saved_model_from_onnx(onnx_file.path, spec, work)
                             exported = export_tflite(saved, spec, req.out_dir, stem=req.stem, precision=precision,
                                                      calibration=calib_x, recipe=recipe, path=path)
                     except ExportError as exc:
@@ -309,29 +368,24 @@ def _run_export(req: ExportRequest, *, progress: Progress) -> ExportResult:
                         continue
                     exported.details.update({"calibration": calibration_info})
                     files.append(exported)
+                    if fallback:  # judged now: the chain stops at the first recipe that passes
+                        progress(f"validating TFLite int8 ({recipe.name})")
+                        checked[exported.path] = validate_file(exported)
+                        if checked[exported.path].passed:
+                            break
                 if int8_recipes and len(conversion_failures) == len(int8_recipes):
                     raise ExportError("every int8 recipe failed to convert: " +
                                       "; ".join(f"{k}: {v}" for k, v in conversion_failures.items()))
+                if fallback and len(conversion_failures) + sum(1 for f in files if f.path in checked) > 1:
+                    notes.append(_fallback_note(int8_recipes, conversion_failures, checked))
 
     stages.seconds["other conversions (TFLite, ONNX quantized)"] = time.perf_counter() - started - sum(stages.seconds.values())
     variants = []
     validation_started = time.perf_counter()
     for f in files:
-        progress(f"validating and timing {f.variant}")
-        try:
-            runner = (OnnxRunner if f.format is Format.onnx else TFLiteRunner)(f.path, threads=req.threads)
-            outputs = runner.logits(x_val)
-            parity = compare(reference, outputs, y_val)
-            timing = latency(runner, x_val[:1], runs=req.latency_runs)
-        except Exception as exc:  # exported but cannot run: a failed variant, reported with the rest
-            first = first_line(exc)
-            variants.append(VariantResult(file=f, size_bytes=size_bytes(f.path), latency=Latency(0.0, 0.0, 0, req.threads),
-                                          verdict=Verdict(f.variant, Parity(float("nan"), float("nan"), 0.0, 0),
-                                                          [f"{f.variant}: exported but cannot run: {first}"])))
-            continue
-        verdict = judge(f.variant, parity, gates[f.precision])
-        variants.append(VariantResult(file=f, size_bytes=size_bytes(f.path), latency=timing, verdict=verdict,
-                                      logits=outputs))
+        if f.path not in checked:
+            progress(f"validating and timing {f.variant}")
+        variants.append(checked.get(f.path) or validate_file(f))
     _check_untouched(files)
 
     stages.seconds["validation and timing"] = time.perf_counter() - validation_started
@@ -351,7 +405,8 @@ def _run_export(req: ExportRequest, *, progress: Progress) -> ExportResult:
                           int8_candidates=int8_candidates,
                           pytorch_latency=pt_latency, pytorch_accuracy=pt_acc, validation=val_info,
                           calibration=calibration_info, wall_s=time.perf_counter() - started, notes=notes,
-                          x_val=x_val, val_images=val_images, gates=gates, stage_seconds=stages.seconds)
+                          x_val=x_val, val_images=val_images, gates=gates, stage_seconds=stages.seconds,
+                          int8_strategy=req.int8_strategy)
     progress("writing report")
     result.report_json, result.report_md = write_report(result, gates)
     result.plot_png = write_plot(result)

@@ -17,7 +17,7 @@ def rows(result: "ExportResult") -> list[dict[str, Any]]:
     pt = result.pytorch_latency.p50_ms
     out = [{"variant": "pytorch", "format": "pytorch", "precision": "float32", "file": "-", "size_bytes": None,
             "latency_p50_ms": pt, "latency_p90_ms": result.pytorch_latency.p90_ms, "latency_ratio": 1.0,
-            "accuracy": result.pytorch_accuracy, "status": "reference"}]
+            "accuracy": result.pytorch_accuracy, "status": "reference", "runtime": "PyTorch eager"}]
     for v in result.variants:
         p = v.verdict.parity
         out.append({"variant": v.file.variant, "format": v.file.format.value, "precision": v.file.precision.value,
@@ -28,8 +28,19 @@ def rows(result: "ExportResult") -> list[dict[str, Any]]:
                     "parity_top1_agreement": p.top1_agreement, "accuracy": p.accuracy,
                     "accuracy_drop": p.accuracy_drop, "status": v.verdict.status, "failures": v.verdict.failures,
                     "converter": v.file.converter, "converter_version": v.file.converter_version,
-                    "details": v.file.details})
+                    "details": v.file.details, "runtime": runtime(v)})
     return out
+
+
+def runtime(v: Any) -> str:
+    """What a variant's latency was measured with: the ORT CPU provider, or TFLite with XNNPACK (the
+    default delegate, as on a phone) or its builtin kernels when XNNPACK took no op."""
+    if v.file.format.value == "onnx":
+        return "ONNX Runtime CPU"
+    delegates = v.file.details.get("delegates") or {}
+    if v.latency.runs == 0:
+        return "-"
+    return f"TFLite, {delegates.get('latency_delegate', 'default delegates')}"
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -48,19 +59,22 @@ def markdown(result: "ExportResult") -> str:
         "",
         _sampling_line(result.validation),
         "",
-        "| format | precision | size MB | latency ms (p90) | × PyTorch | max abs | top-1 agree | accuracy % | drop pts | gate |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| format | precision | size MB | latency ms (p90) | × PyTorch | timed with | max abs | top-1 agree | accuracy % "
+        "| drop pts | gate |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows(result):
         size = "-" if r["size_bytes"] is None else f"{r['size_bytes'] / 1e6:.2f}"
         lines.append(
             f"| {r['format']} | {r['precision']} | {size} | {r['latency_p50_ms']:.2f} ({r['latency_p90_ms']:.2f}) | "
-            f"{_fmt(r['latency_ratio'], '.2f')} | {_fmt(r.get('parity_max_abs'), '.2e')} | "
+            f"{_fmt(r['latency_ratio'], '.2f')} | {r['runtime']} | {_fmt(r.get('parity_max_abs'), '.2e')} | "
             f"{_fmt(r.get('parity_top1_agreement'), '.3f')} | {_fmt(r['accuracy'], '.1f')} | "
             f"{_fmt(r.get('accuracy_drop'), '.2f')} | {r['status']} |")
     if result.int8_candidates:
         f32 = next((v for v in result.variants if v.file.variant == "tflite-float32"), None)
-        lines += ["", "## int8 candidates (--int8-strategy auto)", "",
+        how = ("every recipe compared (--int8-strategy auto)" if result.int8_strategy == "auto" else
+               "the default recipe, then the fallback chain until one passed its gate")
+        lines += ["", f"## int8 candidates: {how}", "",
                   "Ranked by: passing the int8 gate, then accuracy on the labelled set (capped at the float32 "
                   "model's: a gain over it is quantization noise), or top-1 agreement without labels, then "
                   "latency, then size.", "",

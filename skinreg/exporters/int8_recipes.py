@@ -46,6 +46,18 @@ INT8_RECIPES: dict[str, Int8Recipe] = {
     )
 }
 DEFAULT_RECIPE = "tf-per-channel"
+# The default command's int8: the converter's own recipe first; if it fails to convert, to run under
+# XNNPACK or the builtin kernels, or its gate, the next is tried and the first that passes is kept.
+# The second recipe comes from the other backend, since a recipe of the same converter usually shares
+# the cause of the failure (ResNet50's onnx2tf MaxPool padding broke per-tensor and per-channel alike).
+FALLBACK_CHAINS = {
+    "onnx2tf": ("tf-per-channel", "litert-per-channel", "litert-float-ends"),
+    "litert-torch": ("litert-per-channel", "litert-float-ends", "tf-per-channel"),
+}
+
+
+def fallback_chain(converter: str | None) -> list[Int8Recipe]:
+    return [INT8_RECIPES[n] for n in FALLBACK_CHAINS["litert-torch" if converter == "litert-torch" else "onnx2tf"]]
 
 
 def recipes_for(strategy: str) -> list[Int8Recipe]:

@@ -80,7 +80,55 @@ def simplify_onnx(path: Path, spec: ModelSpec) -> None:
     onnx.save(model, str(path))
 
 
-def saved_model_from_onnx(onnx_path: Path, spec: ModelSpec, work_dir: Path, *, use_onnxsim: bool = False) -> Path:
+def zero_pad_relu_maxpools(path: Path) -> int:
+    """Rewrite, in place, each padded MaxPool that reads a Relu output as Pad(0) + unpadded MaxPool;
+    returns how many. Exact: after a Relu every value is >= 0, so a padded 0 never wins a max.
+
+    Why: onnx2tf turns a MaxPool whose padding TF cannot express (ResNet's 3x3/2 pad 1 stem pool) into
+    PADV2 with float32's minimum (-3.4e38) as the pad value, unless it quantizes by itself
+    (onnx2tf/ops/MaxPool.py; upstream PINTO0309/onnx2tf#444, workaround in #446). The TF Lite int8
+    calibrator then counts that pad value into the activation range: the stem's scale becomes ~1e36,
+    XNNPACK refuses the residual ADD that mixes it with a normal scale ("failed to prepare") and the
+    builtin kernels abort the process. A zero Pad quantizes to the zero point like any conv padding."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if opset < 11:  # Pad takes its pads as an input from opset 11
+        return 0
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    nodes, rewritten = [], 0
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        pads = list(attrs.get("pads", []))
+        src = producer.get(node.input[0]) if node.input else None
+        if (node.op_type != "MaxPool" or not any(pads) or attrs.get("ceil_mode", 0)
+                or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")
+                or len(node.output) != 1 or src is None or src.op_type != "Relu"):
+            nodes.append(node)
+            continue
+        rank = len(pads) // 2  # spatial dims; ONNX Pad wants begins then ends over all dims (N, C first)
+        name = f"skinreg_zero_pad_{rewritten}"
+        graph.initializer.extend([
+            numpy_helper.from_array(np.array([0, 0, *pads[:rank], 0, 0, *pads[rank:]], np.int64), f"{name}_pads"),
+            numpy_helper.from_array(np.array(0.0, np.float32), f"{name}_value")])
+        nodes.append(helper.make_node("Pad", [node.input[0], f"{name}_pads", f"{name}_value"], [f"{name}_out"],
+                                      name=name, mode="constant"))
+        pool = helper.make_node("MaxPool", [f"{name}_out"], list(node.output), name=node.name,
+                                **{k: v for k, v in attrs.items() if k != "pads"})
+        nodes.append(pool)
+        rewritten += 1
+    if rewritten:
+        del graph.node[:]
+        graph.node.extend(nodes)
+        onnx.save(model, str(path))
+    return rewritten
+
+
+def saved_model_from_onnx(onnx_path: Path, spec: ModelSpec, work_dir: Path, *, use_onnxsim: bool = False,
+                          zero_pad_maxpools: bool = True) -> Path:
     """onnx2tf: NCHW ONNX -> NHWC SavedModel with batch fixed at 1 (the mobile contract).
 
     onnx2tf rewrites its input file in place (onnxsim, then op renaming with sng4onnx), so it gets its
@@ -88,7 +136,8 @@ def saved_model_from_onnx(onnx_path: Path, spec: ModelSpec, work_dir: Path, *, u
     whichever `onnxsim` was first on PATH, so the result depended on whether a venv was activated, and
     measured on EfficientNet-B0 it changed neither the TFLite file's size nor its outputs while adding
     conversion time (benchmarks/onnxsim_pass.py; numbers in the README). `use_onnxsim=True` runs
-    onnxsim in-process on the copy instead, for models that need it."""
+    onnxsim in-process on the copy instead, for models that need it. `zero_pad_maxpools`: see
+    zero_pad_relu_maxpools (off only to reproduce the ResNet int8 failure in tests)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     _import_tensorflow_safely()
     import onnx2tf
@@ -101,6 +150,8 @@ def saved_model_from_onnx(onnx_path: Path, spec: ModelSpec, work_dir: Path, *, u
     shutil.copyfile(onnx_path, copy)
     if use_onnxsim:
         simplify_onnx(copy, spec)
+    if zero_pad_maxpools and (n := zero_pad_relu_maxpools(copy)):
+        log.info("%d padded MaxPool after Relu rewritten as zero Pad + MaxPool for onnx2tf (int8-safe, exact)", n)
     out = work_dir / "saved_model"
     shutil.rmtree(out, ignore_errors=True)
     chatter = io.StringIO()
