@@ -154,6 +154,14 @@ def check_variant(uri: str, v: "VariantResult", result: "ExportResult", *, tags:
         if v.file.format is Format.onnx:
             _onnx_paths(paths, served, x, batch)
         else:
+            from .delegates import check_delegates
+
+            # the served file with XNNPACK and with the builtin kernels, each in a child process first: a
+            # broken int8 file aborts the process that loads it, and this one may be the hooks worker
+            delegates = check_delegates(served)
+            if not delegates.passed:
+                check.failures.append(delegates.reason(v.file.variant))
+                return check
             _tflite_paths(paths, served, x)
         fixed_onnx = v.file.format is Format.onnx and not check.dynamic_batch
 
