@@ -19,8 +19,9 @@ from .exporters.int8_recipes import AUTO, INT8_RECIPES
 CONVERTER_HELP = (f"TFLite converter: {' or '.join(TFLITE_CONVERTERS)} (default onnx2tf; litert-torch makes float32 "
                   "and int8 straight from PyTorch). onnx-tf is not supported.")
 STRATEGY_HELP = (f"int8 recipe: {AUTO} (export every recipe, validate each, keep the best that passes) or one of "
-                 f"{', '.join(INT8_RECIPES)}. Default: tf-per-channel, or litert-per-channel with --converter "
-                 "litert-torch.")
+                 f"{', '.join(INT8_RECIPES)} (that recipe only). Default: tf-per-channel (litert-per-channel with "
+                 "--converter litert-torch), and if it fails to convert, to run under XNNPACK or the builtin "
+                 "kernels, or its gate, the next recipe of a short fallback chain until one passes.")
 from .errors import SkinregError
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

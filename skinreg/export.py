@@ -184,6 +184,15 @@ def _validate(f: ExportedFile, req: ExportRequest, reference: np.ndarray, x_val:
     return VariantResult(file=f, size_bytes=size_bytes(f.path), latency=timing, verdict=verdict, logits=outputs)
 
 
+def _move_candidate(f: ExportedFile, req: ExportRequest, recipe: str) -> ExportedFile:
+    dest = req.out_dir / "int8_candidates" / f"{req.stem}_int8_{recipe}.tflite"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    f.path.replace(dest)
+    if f.sidecar is not None and f.sidecar.exists():
+        f.sidecar.replace(dest.with_suffix(".json"))
+    return replace(f, path=dest, sidecar=dest.with_suffix(".json") if f.sidecar is not None else None)
+
+
 def _fallback_note(chain: list, conversion_failures: dict[str, str], checked: dict[Path, VariantResult]) -> str:
     tried = {v.file.details.get("int8_recipe"): v for v in checked.values()}
     kept = next((name for name, v in tried.items() if v.passed), None)
@@ -370,9 +379,14 @@ def _run_export(req: ExportRequest, *, progress: Progress) -> ExportResult:
                     files.append(exported)
                     if fallback:  # judged now: the chain stops at the first recipe that passes
                         progress(f"validating TFLite int8 ({recipe.name})")
-                        checked[exported.path] = validate_file(exported)
-                        if checked[exported.path].passed:
+                        judged = validate_file(exported)
+                        if judged.passed:
+                            checked[exported.path] = judged
                             break
+                        if n == 1:  # the default lost: it moves aside, kept for inspection like any candidate
+                            judged.file = _move_candidate(exported, req, recipe.name)
+                            files[-1] = judged.file
+                        checked[judged.file.path] = judged
                 if int8_recipes and len(conversion_failures) == len(int8_recipes):
                     raise ExportError("every int8 recipe failed to convert: " +
                                       "; ".join(f"{k}: {v}" for k, v in conversion_failures.items()))

@@ -98,6 +98,8 @@ def test_default_command_falls_back_when_its_recipe_fails_under_xnnpack(tmp_path
     assert i8.file.path == tmp_path / "out" / "m_int8.tflite" and check_delegates(i8.file.path).passed
     table = {c["recipe"]: c for c in result.int8_candidates}
     assert set(table) == {"tf-per-channel", "litert-per-channel"}  # the chain stopped at the first pass
+    moved = tmp_path / "out" / "int8_candidates" / "m_int8_tf-per-channel.tflite"  # the loser kept to inspect
+    assert moved.exists() and not check_delegates(moved).passed
     assert "XNNPACK" in table["tf-per-channel"]["why_lost"] and table["litert-per-channel"]["chosen"]
     note = next(n for n in result.notes if n.startswith("int8 fallback chain"))
     assert "tf-per-channel failed" in note and "kept litert-per-channel" in note
