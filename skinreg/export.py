@@ -19,7 +19,7 @@ from .data import ImageSet, list_images, read_image_folder, stratified_sample, s
 from .enums import Format, Precision
 from .errors import ExportError, GateError, InputError, first_line
 from .exporters import ExportedFile, check_converter, file_sha256, plan
-from .exporters.int8_recipes import DEFAULT_RECIPE, LITERT_BACKEND, TF_BACKEND, fallback_chain, recipes_for
+from .exporters.int8_recipes import LITERT_BACKEND, TF_BACKEND, fallback_chain, recipes_for
 from .measure import Latency, Stages, interleaved_latency, latency, size_bytes
 from .models import LoadedModel
 from .runtime import DEFAULT_THREADS, OnnxRunner, TFLiteRunner, TorchRunner
@@ -49,7 +49,7 @@ class ExportRequest:
     calibration_limit: int | None = None
     calibration_seed: int = 0
     converter: str | None = None  # TFLite converter: onnx2tf (default) or litert-torch
-    int8_strategy: str | None = None  # a recipe name, or "auto"; None: the converter's own default recipe
+    int8_strategy: str | None = None  # a recipe name, or "auto"; None: the converter's fallback chain (int8_recipes)
     max_validation_images: int = 200
     validation_seed: int = 0  # of the stratified sample when a set is larger than max_validation_images
     dynamic_batch: bool = True  # False for a pt2 GraphModule whose batch was fixed at 1 when logged
@@ -151,10 +151,6 @@ def _check_untouched(files: list[ExportedFile]) -> None:
         if f.sha256 and file_sha256(f.path) != f.sha256:
             raise ExportError(f"{f.path.name} changed after it was written and validated (sha256 differs): a "
                               "converter modified a shipped file; report this as a skinreg bug")
-
-
-def default_int8_strategy(converter: str | None) -> str:
-    return "litert-per-channel" if converter == "litert-torch" else DEFAULT_RECIPE
 
 
 def _validate(f: ExportedFile, req: ExportRequest, reference: np.ndarray, x_val: np.ndarray,

@@ -48,7 +48,7 @@ class ExportOptions:
     experiment: str = DEFAULT_EXPERIMENT
     candidate_alias: str | None = CANDIDATE
     force: bool = False
-    int8_strategy: str | None = None  # None: the converter's default recipe (see export.default_int8_strategy)
+    int8_strategy: str | None = None  # None: the converter's default recipe, then its fallback chain (int8_recipes)
     converter: str | None = None  # TFLite converter: onnx2tf (default) or litert-torch
 
     def settings_hash(self, calibration_sha: str | None) -> str:

@@ -45,7 +45,6 @@ INT8_RECIPES: dict[str, Int8Recipe] = {
                    float_ends=True),
     )
 }
-DEFAULT_RECIPE = "tf-per-channel"
 # The default command's int8: the converter's own recipe first; if it fails to convert, to run under
 # XNNPACK or the builtin kernels, or its gate, the next is tried and the first that passes is kept.
 # The second recipe comes from the other backend, since a recipe of the same converter usually shares
