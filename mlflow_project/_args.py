@@ -6,12 +6,19 @@ import sys
 from skinreg.cli import app
 
 TRUE = {"true", "1", "yes"}
+# The `export` entry point's parameters as `skinreg export-version` options (tests/test_settings.py).
+EXPORT_VERSION = {"lists": ("formats", "quantize", "gates"), "flags": ("allow-pickle", "force"),
+                  "rename": {"formats": "format", "gates": "gate"}}
 
 
 def run(command: str, *, lists: tuple[str, ...] = (), flags: tuple[str, ...] = (), rename: dict | None = None) -> None:
+    app(translate(command, sys.argv[1:], lists=lists, flags=flags, rename=rename))
+
+
+def translate(command: str, argv: list[str], *, lists: tuple[str, ...] = (), flags: tuple[str, ...] = (),
+              rename: dict | None = None) -> list[str]:
     """lists: comma-separated values that become repeated options; flags: booleans."""
     rename = rename or {}
-    argv = sys.argv[1:]
     out = [command]
     for key, value in zip(argv[::2], argv[1::2]):
         name = key.lstrip("-")
@@ -21,8 +28,9 @@ def run(command: str, *, lists: tuple[str, ...] = (), flags: tuple[str, ...] = (
             if value.lower() in TRUE:
                 out.append(f"--{rename.get(name, name)}")
             continue
-        if name.replace("-", "_") in ("input_size", "epochs", "num_classes", "opset"):
+        if name.replace("-", "_") in ("input_size", "epochs", "num_classes", "opset", "latency_runs", "threads",
+                                      "calibration_size", "calibration_seed"):
             value = str(int(float(value)))  # MLflow passes float parameters as "96.0"
         for item in (value.split(",") if name in lists else [value]):
             out += [f"--{rename.get(name, name)}", item.strip()]
-    app(out)
+    return out

@@ -1,5 +1,4 @@
 """Entry point `export`: skinreg export-version."""
-from _args import run
+from _args import EXPORT_VERSION, run
 
-run("export-version", lists=("formats", "quantize", "gates"), flags=("allow-pickle", "force"),
-    rename={"formats": "format", "gates": "gate"})
+run("export-version", **EXPORT_VERSION)

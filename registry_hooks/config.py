@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from skinreg.errors import InputError
+from skinreg.settings import ExportSettings, from_strings
 
 ENV_SECRET = "SKINREG_WEBHOOK_SECRET"
 ENV_PREFIX = "SKINREG_HOOKS_"
@@ -24,7 +25,10 @@ class Executor(str, Enum):
 
 
 @dataclass
-class HooksConfig:
+class HooksConfig(ExportSettings):
+    """The export settings (every field of skinreg.settings.ExportSettings, as SKINREG_HOOKS_<FIELD>: the
+    hooks can set everything `skinreg export-version` can) and the service's own settings."""
+
     # -- receiver ------------------------------------------------------------------------------
     sources: list[str] = field(default_factory=list)  # registered models the hooks act on; empty = none
     secret: str = ""  # the webhook's signing secret; the receiver refuses to start without one
@@ -41,12 +45,6 @@ class HooksConfig:
     stale_running_s: float = 7200.0  # an export marked 'running' this long, by a run we do not own, is dead
     dead_requeue_s: float = 21600.0  # the reconciler queues a dead job's work again after this long; 0: never
     # -- export settings passed to skinreg.pipeline.ExportOptions --------------------------------
-    formats: list[str] = field(default_factory=lambda: ["all"])
-    quantize: list[str] = field(default_factory=list)
-    calibration_dir: Path | None = None
-    eval_dir: Path | None = None
-    gates: dict[str, float] = field(default_factory=dict)
-    latency_runs: int = 30
     name_pattern: str = "{source}-{variant}"
     candidate_alias: str = "candidate"
     # -- mlflow-run executor ---------------------------------------------------------------------
@@ -58,22 +56,14 @@ class HooksConfig:
 
     def export_options(self) -> Any:
         """The pipeline's own ExportOptions (imported lazily: it pulls in the exporters)."""
-        from skinreg.enums import Format, Precision
         from skinreg.pipeline import ExportOptions
 
-        return ExportOptions(formats=[Format(f) for f in self.formats], quantize=[Precision(p) for p in self.quantize],
-                             calibration_dir=self.calibration_dir, eval_dir=self.eval_dir,
-                             gate_overrides=dict(self.gates), latency_runs=self.latency_runs,
-                             name_pattern=self.name_pattern, candidate_alias=self.candidate_alias or None)
+        return ExportOptions(**vars(self.settings()), name_pattern=self.name_pattern,
+                             candidate_alias=self.candidate_alias or None)
 
     def validate(self) -> "HooksConfig":
-        """Reject bad settings at start-up, not at the first job."""
-        from skinreg.enums import Format, Precision
-
-        for kind, values, enum in (("format", self.formats, Format), ("quantize", self.quantize, Precision)):
-            bad = [v for v in values if v not in {e.value for e in enum}]
-            if bad:
-                raise InputError(f"bad {kind} {', '.join(bad)}: expected one of {', '.join(e.value for e in enum)}")
+        """Reject bad settings at start-up, not at the first job (bad enum values already failed in
+        ExportSettings.normalize)."""
         if self.tolerance_s <= 0 or self.max_attempts < 1 or self.lease_s <= 0:
             raise InputError("tolerance_s, lease_s must be > 0 and max_attempts >= 1")
         if "{source}" not in self.name_pattern or "{variant}" not in self.name_pattern:
@@ -101,32 +91,21 @@ def _split(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def _gates(value: str) -> dict[str, float]:
-    out = {}
-    for item in _split(value):
-        key, sep, num = item.partition("=")
-        try:
-            out[key] = float(num)
-        except ValueError:
-            raise InputError(f"bad {ENV_PREFIX}GATES item {item!r}: expected PRECISION.FIELD=VALUE") from None
-        if not sep:
-            raise InputError(f"bad {ENV_PREFIX}GATES item {item!r}: expected PRECISION.FIELD=VALUE")
-    return out
-
-
 def from_env(env: Mapping[str, str] | None = None) -> HooksConfig:
     """HooksConfig from SKINREG_HOOKS_<FIELD> (upper case; lists comma-separated) and SKINREG_WEBHOOK_SECRET."""
     env = os.environ if env is None else env
     cfg = HooksConfig(secret=env.get(ENV_SECRET, ""))
-    casts = {"sources": _split, "formats": _split, "quantize": _split, "gates": _gates, "queue_path": Path,
-             "calibration_dir": Path, "eval_dir": Path, "executor": Executor, "tolerance_s": int,
-             "max_attempts": int, "latency_runs": int, "backoff_s": float, "backoff_max_s": float,
+    casts = {"sources": _split, "queue_path": Path, "executor": Executor, "tolerance_s": int,
+             "max_attempts": int, "backoff_s": float, "backoff_max_s": float,
              "lease_s": float, "poll_s": float, "stale_running_s": float, "reconcile_interval_s": float,
              "dead_requeue_s": float}
-    values: dict[str, Any] = {}
+    export_fields = set(ExportSettings.__dataclass_fields__)
+    values: dict[str, Any] = from_strings({name: env[ENV_PREFIX + name.upper()] for name in export_fields
+                                           if ENV_PREFIX + name.upper() in env},
+                                          what=lambda name: ENV_PREFIX + name.upper())
     for name in HooksConfig.__dataclass_fields__:
         raw = env.get(ENV_PREFIX + name.upper())
-        if raw is None or name == "secret":
+        if raw is None or name == "secret" or name in export_fields:
             continue
         try:
             values[name] = casts.get(name, str)(raw)

@@ -129,19 +129,8 @@ def _run_child(cmd: list[str], *, what: str) -> subprocess.CompletedProcess:
 
 
 def _export_flags(cfg: HooksConfig) -> list[str]:
-    flags: list[str] = []
-    for f in cfg.formats:
-        flags += ["--format", f]
-    for q in cfg.quantize:
-        flags += ["--quantize", q]
-    for k, v in cfg.gates.items():
-        flags += ["--gate", f"{k}={v}"]
-    if cfg.calibration_dir:
-        flags += ["--calibration-dir", str(cfg.calibration_dir)]
-    if cfg.eval_dir:
-        flags += ["--eval-dir", str(cfg.eval_dir)]
-    return flags + ["--latency-runs", str(cfg.latency_runs), "--name-pattern", cfg.name_pattern,
-                    "--candidate-alias", cfg.candidate_alias]
+    """Every export setting the hooks hold, as `skinreg export-version` options (ExportSettings.to_cli_args)."""
+    return cfg.to_cli_args() + ["--name-pattern", cfg.name_pattern, "--candidate-alias", cfg.candidate_alias]
 
 
 class _ChildExecutor:
@@ -221,12 +210,8 @@ class MlflowRunExecutor(_ChildExecutor):
         return cmd
 
     def _export_cmd(self, ref: VersionRef) -> list[str]:
-        c = self.cfg
-        # The MLproject `export` entry point takes comma-separated lists (mlflow_project/_args.py)
-        return self._mlflow_run("export", {
-            "model_uri": ref.uri, "formats": ",".join(c.formats), "quantize": ",".join(c.quantize),
-            "calibration_dir": str(c.calibration_dir or ""), "eval_dir": str(c.eval_dir or ""),
-            "gates": ",".join(f"{k}={v}" for k, v in c.gates.items())})
+        # The MLproject `export` entry point takes every export setting, lists comma-separated
+        return self._mlflow_run("export", {"model_uri": ref.uri, **self.cfg.to_mlproject_params()})
 
     def _promote_cmd(self, ref: VersionRef, alias: str) -> list[str]:
         return self._mlflow_run("promote", {"model_uri": ref.uri, "alias": alias})

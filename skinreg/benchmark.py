@@ -98,6 +98,7 @@ def run_one(arch: str, *, data: Path, work: Path, input_size: int, epochs: int, 
             int8_strategy: str, opsets: bool, progress: Callable[[str], None]) -> dict:
     from .errors import GateError
     from .export import ExportRequest, run_export
+    from .settings import ExportSettings
     from .train import train
 
     progress(f"[{arch}] training at {input_size}px for {epochs} epochs on the synthetic demo data")
@@ -107,9 +108,9 @@ def run_one(arch: str, *, data: Path, work: Path, input_size: int, epochs: int, 
     train_s = time.perf_counter() - t0
     progress(f"[{arch}] val accuracy {trained.val_accuracy:.1f}% after {train_s:.0f}s; exporting "
              f"(--int8-strategy {int8_strategy})")
-    req = ExportRequest(loaded=trained.loaded, out_dir=work / "export", stem=arch, calibration_dir=data / "calibration",
-                        eval_dir=data / "val", latency_runs=latency_runs,
-                        int8_strategy=None if int8_strategy == "default" else int8_strategy)
+    settings = ExportSettings(calibration_dir=data / "calibration", eval_dir=data / "val", latency_runs=latency_runs,
+                              int8_strategy=None if int8_strategy == "default" else int8_strategy)
+    req = ExportRequest(loaded=trained.loaded, out_dir=work / "export", stem=arch, **settings.request_kwargs())
     t0 = time.perf_counter()
     try:
         result = run_export(req, progress=lambda m: progress(f"[{arch}] {m}"))

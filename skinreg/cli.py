@@ -12,17 +12,9 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
-from .enums import Device, Format, Precision
-from .exporters import TFLITE_CONVERTERS
-from .exporters.int8_recipes import AUTO, INT8_RECIPES
-
-CONVERTER_HELP = (f"TFLite converter: {' or '.join(TFLITE_CONVERTERS)} (default onnx2tf; litert-torch makes float32 "
-                  "and int8 straight from PyTorch). onnx-tf is not supported.")
-STRATEGY_HELP = (f"int8 recipe: {AUTO} (export every recipe, validate each, keep the best that passes) or one of "
-                 f"{', '.join(INT8_RECIPES)} (that recipe only). Default: tf-per-channel (litert-per-channel with "
-                 "--converter litert-torch), and if it fails to convert, to run under XNNPACK or the builtin "
-                 "kernels, or its gate, the next recipe of a short fallback chain until one passes.")
+from .enums import Device
 from .errors import SkinregError
+from .settings import ExportSettings, export_settings_options
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -79,46 +71,17 @@ def _progress() -> Callable[[str], None]:
     return show
 
 
-def _parse_gates(items: list[str]) -> dict[str, float]:
-    from .errors import InputError
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        prec, _, field = key.partition(".")
-        fields = ("min_top1_agreement", "max_abs", "max_accuracy_drop")
-        if not sep or prec not in [p.value for p in Precision] or field not in fields:
-            raise InputError(f"bad --gate {item!r}: expected PRECISION.FIELD=VALUE with PRECISION in "
-                             f"float32/float16/int8 and FIELD in {'/'.join(fields)}, e.g. int8.min_top1_agreement=0.95")
-        try:
-            out[key] = float(value)
-        except ValueError:
-            raise InputError(f"bad --gate {item!r}: {value!r} is not a number") from None
-    return out
-
-
 @command("export")
+@export_settings_options
 def export_cmd(
     checkpoint: Annotated[Path, typer.Option(help="PyTorch .pth: a state_dict, or a dict with state_dict + metadata.")],
     arch: Annotated[Optional[str], typer.Option(help="Architecture (default: from the checkpoint, else guessed from its keys).")] = None,
-    format: Annotated[list[Format], typer.Option("--format", help="onnx, tflite or all (repeatable).")] = [Format.all],
-    quantize: Annotated[list[Precision], typer.Option(help="Extra precisions: float16, int8 (repeatable). "
-                                                      "Default: float16, plus int8 when --calibration-dir is given.")] = [],
-    calibration_dir: Annotated[Optional[Path], typer.Option(help="JPG/PNG images (recursive) for int8 calibration.")] = None,
-    eval_dir: Annotated[Optional[Path], typer.Option(help="ImageFolder (one folder per class) for accuracy.")] = None,
     input_size: Annotated[Optional[int], typer.Option(help="Square input size (default: checkpoint's, else 224).")] = None,
     device: Annotated[Device, typer.Option(help="Device of the PyTorch reference; conversion itself runs on CPU.")] = Device.cpu,
     num_classes: Annotated[Optional[int], typer.Option(help="Expected class count (checked against the checkpoint).")] = None,
     labels: Annotated[Optional[str], typer.Option(help="Comma-separated class labels.")] = None,
-    opset: Annotated[Optional[int], typer.Option(help="ONNX opset (default 17; 18+ uses the dynamo exporter).")] = None,
     output_dir: Annotated[Optional[Path], typer.Option(help="Where files go (default: beside the checkpoint).")] = None,
-    converter: Annotated[Optional[str], typer.Option(help=CONVERTER_HELP)] = None,
-    gate: Annotated[list[str], typer.Option(help="Override a gate: PRECISION.FIELD=VALUE (repeatable).")] = [],
-    latency_runs: Annotated[int, typer.Option(help="Timed runs per variant (after warm-up).")] = 30,
-    threads: Annotated[int, typer.Option(help="Threads for every runtime.")] = 2,
-    int8_strategy: Annotated[Optional[str], typer.Option(help=STRATEGY_HELP)] = None,
-    calibration_size: Annotated[Optional[int], typer.Option(help="Subsample this many calibration images.")] = None,
-    calibration_seed: Annotated[int, typer.Option(help="Seed of the calibration subsample.")] = 0,
+    *, settings: ExportSettings,
 ) -> None:
     """Export a checkpoint to ONNX and TFLite, validate every file against PyTorch, and report."""
     from .errors import InputError
@@ -133,10 +96,7 @@ def export_cmd(
     loaded = load_checkpoint(checkpoint, arch=arch, num_classes=num_classes, input_size=input_size,
                              labels=labels.split(",") if labels else None)
     req = ExportRequest(loaded=loaded, out_dir=output_dir or checkpoint.parent, stem=checkpoint.stem,
-                        formats=format, quantize=quantize, calibration_dir=calibration_dir, eval_dir=eval_dir,
-                        opset=opset, gate_overrides=_parse_gates(gate), latency_runs=latency_runs,
-                        threads=threads, converter=converter, calibration_limit=calibration_size,
-                        calibration_seed=calibration_seed, int8_strategy=int8_strategy)
+                        **settings.request_kwargs())
     try:
         result = run_export(req, progress=_progress())
     except SkinregError as exc:
@@ -190,14 +150,9 @@ def train_cmd(
 
 
 @command("export-version")
+@export_settings_options
 def export_version_cmd(
     model_uri: Annotated[str, typer.Option(help="models:/NAME/VERSION or models:/NAME@ALIAS of a PyTorch version.")],
-    format: Annotated[list[Format], typer.Option("--format", help="onnx, tflite or all (repeatable).")] = [Format.all],
-    quantize: Annotated[list[Precision], typer.Option(help="Extra precisions (repeatable); default float16 (+int8 with calibration).")] = [],
-    calibration_dir: Annotated[Optional[Path], typer.Option(help="JPG/PNG images for int8 calibration.")] = None,
-    eval_dir: Annotated[Optional[Path], typer.Option(help="ImageFolder for accuracy.")] = None,
-    opset: Annotated[Optional[int], typer.Option(help="ONNX opset (default 17).")] = None,
-    gate: Annotated[list[str], typer.Option(help="Override a gate: PRECISION.FIELD=VALUE (repeatable).")] = [],
     allow_pickle: Annotated[bool, typer.Option(help="Allow loading a pickled PyTorch model (executes its code).")] = False,
     arch: Annotated[Optional[str], typer.Option(help="Architecture, for versions registered without skinreg metadata.")] = None,
     num_classes: Annotated[Optional[int], typer.Option()] = None,
@@ -205,21 +160,16 @@ def export_version_cmd(
     labels: Annotated[Optional[str], typer.Option(help="Comma-separated labels.")] = None,
     name_pattern: Annotated[str, typer.Option(help="Variant model names; {source} and {variant}.")] = "{source}-{variant}",
     candidate_alias: Annotated[str, typer.Option(help="Alias set on passing variants ('' for none).")] = "candidate",
-    latency_runs: Annotated[int, typer.Option()] = 30,
     force: Annotated[bool, typer.Option(help="Export again even if this version was exported with these settings.")] = False,
-    int8_strategy: Annotated[Optional[str], typer.Option(help=STRATEGY_HELP)] = None,
-    converter: Annotated[Optional[str], typer.Option(help=CONVERTER_HELP)] = None,
+    *, settings: ExportSettings,
 ) -> None:
     """Export a registered PyTorch version: log validated variants with metrics, register them, alias `candidate`."""
     from .errors import GateError
     from .pipeline import ExportOptions, export_version
 
-    opts = ExportOptions(formats=format, quantize=quantize, calibration_dir=calibration_dir, eval_dir=eval_dir,
-                         opset=opset, gate_overrides=_parse_gates(gate), allow_pickle=allow_pickle, arch=arch,
-                         num_classes=num_classes, input_size=input_size,
-                         labels=labels.split(",") if labels else None, name_pattern=name_pattern,
-                         candidate_alias=candidate_alias or None, latency_runs=latency_runs, force=force,
-                         int8_strategy=int8_strategy, converter=converter)
+    opts = ExportOptions(**vars(settings), allow_pickle=allow_pickle, arch=arch, num_classes=num_classes,
+                         input_size=input_size, labels=labels.split(",") if labels else None,
+                         name_pattern=name_pattern, candidate_alias=candidate_alias or None, force=force)
     res = export_version(model_uri, opts, progress=_progress())
     if res.report:
         typer.echo(res.report)

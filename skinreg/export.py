@@ -308,7 +308,9 @@ def _run_export(req: ExportRequest, *, progress: Progress) -> ExportResult:
     fallback = req.int8_strategy is None and len(recipes) > 1
 
     def validate_file(f: ExportedFile) -> VariantResult:
-        return _validate(f, req, reference, x_val, y_val, gates)
+        recipe = f.details.get("int8_recipe")
+        with stages(f"validate {f.variant}" + (f" ({recipe})" if recipe else "")):
+            return _validate(f, req, reference, x_val, y_val, gates)
 
     files: list[ExportedFile] = []
     notes: list[str] = list(req.notes)
@@ -325,10 +327,12 @@ def _run_export(req: ExportRequest, *, progress: Progress) -> ExportResult:
         for fmt, precision in pairs:
             if fmt is Format.onnx and precision is Precision.float16:
                 progress("converting ONNX float16")
-                files.append(export_onnx_float16(onnx_file, req.out_dir, stem=req.stem))
+                with stages("ONNX float16"):
+                    files.append(export_onnx_float16(onnx_file, req.out_dir, stem=req.stem))
             elif fmt is Format.onnx and precision is Precision.int8:
                 progress("quantizing ONNX int8 (static QDQ)")
-                files.append(export_onnx_int8(onnx_file, req.out_dir, stem=req.stem, calibration=calib_x))
+                with stages("ONNX int8 (static QDQ)"):
+                    files.append(export_onnx_int8(onnx_file, req.out_dir, stem=req.stem, calibration=calib_x))
                 files[-1].details.update({"calibration": calibration_info})
         tflite_precisions = [p for f, p in pairs if f is Format.tflite]
         conversion_failures: dict[str, str] = {}  # recipe -> why (auto only: one failed recipe is a lost candidate)
@@ -346,9 +350,10 @@ def _run_export(req: ExportRequest, *, progress: Progress) -> ExportResult:
             for precision in tflite_precisions:
                 if precision is not Precision.int8:
                     progress(f"converting TFLite {precision.value} ({converter})")
-                    files.append(export_litert(model, spec, req.out_dir, stem=req.stem, precision=precision)
-                                 if converter == "litert-torch" else
-                                 export_tflite(saved, spec, req.out_dir, stem=req.stem, precision=precision))
+                    with stages(f"TFLite {precision.value} ({converter})"):
+                        files.append(export_litert(model, spec, req.out_dir, stem=req.stem, precision=precision)
+                                     if converter == "litert-torch" else
+                                     export_tflite(saved, spec, req.out_dir, stem=req.stem, precision=precision))
                     continue
                 for n, recipe in enumerate(int8_recipes, 1):
                     progress(f"converting TFLite int8 ({recipe.name}, {n}/{len(int8_recipes)})")
@@ -356,15 +361,15 @@ def _run_export(req: ExportRequest, *, progress: Progress) -> ExportResult:
                     path = (req.out_dir / "int8_candidates" / f"{req.stem}_int8_{recipe.name}.tflite"
                             if len(int8_recipes) > 1 and not (fallback and n == 1) else None)
                     try:
-                        if recipe.backend == LITERT_BACKEND:
-                            exported = export_litert(model, spec, req.out_dir, stem=req.stem, precision=precision,
-                                                     calibration=calib_x, recipe=recipe, path=path)
-                        else:
-                            if saved is None:  # a fallback from litert-torch to the TF converter
-                                with stages("SavedModel (onnx2tf)"):
-                                    saved = saved_model_from_onnx(onnx_file.path, spec, work)
-                            exported = export_tflite(saved, spec, req.out_dir, stem=req.stem, precision=precision,
-                                                     calibration=calib_x, recipe=recipe, path=path)
+                        if recipe.backend == TF_BACKEND and saved is None:  # a fallback from litert-torch
+                            with stages("SavedModel (onnx2tf)"):
+                                saved = saved_model_from_onnx(onnx_file.path, spec, work)
+                        with stages(f"TFLite int8 ({recipe.name})"):
+                            exported = (export_litert(model, spec, req.out_dir, stem=req.stem, precision=precision,
+                                                      calibration=calib_x, recipe=recipe, path=path)
+                                        if recipe.backend == LITERT_BACKEND else
+                                        export_tflite(saved, spec, req.out_dir, stem=req.stem, precision=precision,
+                                                      calibration=calib_x, recipe=recipe, path=path))
                     except ExportError as exc:
                         if len(int8_recipes) == 1:
                             raise
@@ -389,23 +394,21 @@ def _run_export(req: ExportRequest, *, progress: Progress) -> ExportResult:
                 if fallback and len(conversion_failures) + sum(1 for f in files if f.path in checked) > 1:
                     notes.append(_fallback_note(int8_recipes, conversion_failures, checked))
 
-    stages.seconds["other conversions (TFLite, ONNX quantized)"] = time.perf_counter() - started - sum(stages.seconds.values())
     variants = []
-    validation_started = time.perf_counter()
     for f in files:
         if f.path not in checked:
             progress(f"validating and timing {f.variant}")
         variants.append(checked.get(f.path) or validate_file(f))
     _check_untouched(files)
 
-    stages.seconds["validation and timing"] = time.perf_counter() - validation_started
     contenders = [v for v in variants if v.file.variant == "tflite-int8" and v.passed]
     if len(contenders) > 1:
         # Candidates are ranked on latency: time them (and TFLite float32, their reference) side by side.
         progress(f"timing {len(contenders)} passing int8 candidates side by side")
         timed = [v for v in variants if v.file.variant == "tflite-float32" and v.passed] + contenders
-        runners = {str(v.file.path): TFLiteRunner(v.file.path, threads=req.threads) for v in timed}
-        fresh = interleaved_latency(runners, x_val[:1], runs=req.latency_runs)
+        with stages("int8 candidates timed side by side"):
+            runners = {str(v.file.path): TFLiteRunner(v.file.path, threads=req.threads) for v in timed}
+            fresh = interleaved_latency(runners, x_val[:1], runs=req.latency_runs)
         for v in timed:
             v.latency = fresh[str(v.file.path)]
         notes.append(f"TFLite float32 and the {len(contenders)} passing int8 candidates were timed side by side "
@@ -418,8 +421,10 @@ def _run_export(req: ExportRequest, *, progress: Progress) -> ExportResult:
                           x_val=x_val, val_images=val_images, gates=gates, stage_seconds=stages.seconds,
                           int8_strategy=req.int8_strategy)
     progress("writing report")
+    with stages("report and plot"):
+        result.plot_png = write_plot(result)
+    result.wall_s = time.perf_counter() - started
     result.report_json, result.report_md = write_report(result, gates)
-    result.plot_png = write_plot(result)
     if result.failures:
         raise GateError(result.failures, result)
     return result

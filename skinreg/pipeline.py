@@ -19,6 +19,7 @@ from .errors import GateError, RegistryError, SkinregError, first_line
 from .export import ExportRequest, ExportResult, run_export
 from .measure import Stages
 from .registry import STAGE_FOR_ALIAS, TAG, Registry, VersionRef
+from .settings import ExportSettings
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +30,10 @@ CANDIDATE = "candidate"
 
 
 @dataclass
-class ExportOptions:
-    formats: list[Format] = field(default_factory=lambda: [Format.all])
-    quantize: list[Precision] = field(default_factory=list)
-    calibration_dir: Path | None = None
-    eval_dir: Path | None = None
-    opset: int | None = None
-    gate_overrides: dict[str, float] = field(default_factory=dict)
-    latency_runs: int = 30
-    threads: int = 2
+class ExportOptions(ExportSettings):
+    """The export settings (skinreg.settings.ExportSettings, declared once) plus what a registry-driven
+    export needs: how to read the source version and where the variants go."""
+
     allow_pickle: bool = False
     # For versions that carry no skinreg spec (registered by hand): fill what is missing.
     arch: str | None = None
@@ -48,8 +44,6 @@ class ExportOptions:
     experiment: str = DEFAULT_EXPERIMENT
     candidate_alias: str | None = CANDIDATE
     force: bool = False
-    int8_strategy: str | None = None  # None: the converter's default recipe, then its fallback chain (int8_recipes)
-    converter: str | None = None  # TFLite converter: onnx2tf (default) or litert-torch
 
     def settings_hash(self, calibration_sha: str | None) -> str:
         keep = {k: v for k, v in asdict(self).items() if k not in ("latency_runs", "threads", "force", "experiment")}
@@ -129,11 +123,7 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                 with io("registry: download source"):
                     loaded, dynamic_batch, notes = load_source(ref, opts, Path(tmp))
                 req = ExportRequest(loaded=loaded, out_dir=Path(tmp) / "out", stem=ref.name.replace("/", "_"),
-                                    formats=opts.formats, quantize=opts.quantize, calibration_dir=opts.calibration_dir,
-                                    eval_dir=opts.eval_dir, opset=opts.opset, gate_overrides=opts.gate_overrides,
-                                    latency_runs=opts.latency_runs, threads=opts.threads, dynamic_batch=dynamic_batch,
-                                    int8_strategy=opts.int8_strategy, converter=opts.converter,
-                                    notes=notes)
+                                    dynamic_batch=dynamic_batch, notes=notes, **opts.request_kwargs())
                 try:
                     result = run_export(req, progress=progress)
                 except GateError as exc:

@@ -122,7 +122,7 @@ def test_consumers_load_by_alias_and_agree_with_pytorch(exported, trained, demo_
 
 def test_failed_gate_registers_nothing_for_that_variant_and_promote_refuses(tracking, trained, demo_data):
     uri = register(trained, demo_data)
-    res = export_version(uri, full_options(demo_data, gate_overrides={"int8.min_top1_agreement": 1.01}))
+    res = export_version(uri, full_options(demo_data, gates={"int8.min_top1_agreement": 1.01}))
     assert res.status == "failed" and "tflite-int8" in res.failed and "tflite-int8" not in res.variants
     client = MlflowClient()
     assert not client.search_registered_models("name='skin-tflite-int8'")

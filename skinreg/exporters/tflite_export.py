@@ -128,7 +128,7 @@ def zero_pad_relu_maxpools(path: Path) -> int:
 
 
 def saved_model_from_onnx(onnx_path: Path, spec: ModelSpec, work_dir: Path, *, use_onnxsim: bool = False,
-                          zero_pad_maxpools: bool = True) -> Path:
+                          zero_pad_maxpools: bool = True, strict_mode: bool = True) -> Path:
     """onnx2tf: NCHW ONNX -> NHWC SavedModel with batch fixed at 1 (the mobile contract).
 
     onnx2tf rewrites its input file in place (onnxsim, then op renaming with sng4onnx), so it gets its
@@ -166,6 +166,7 @@ def saved_model_from_onnx(onnx_path: Path, spec: ModelSpec, work_dir: Path, *, u
                 output_integer_quantized_tflite=False,
                 copy_onnx_input_output_names_to_tflite=True,
                 output_signaturedefs=True,
+                disable_strict_mode=not strict_mode,
                 non_verbose=True,
             )
     except BaseException as exc:  # onnx2tf calls sys.exit on some failures

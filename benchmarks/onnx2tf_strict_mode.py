@@ -1,0 +1,74 @@
+"""Is onnx2tf's strict mode worth its time? onnx2tf by default runs a "strict accuracy correction"
+pass: it checks each op against onnxruntime and corrects transpositions. `disable_strict_mode=True`
+skips that. Here both modes convert the same ONNX in this one process, in the order given. For each,
+it prints the onnx2tf time, the TFLite float32 size, and max |TFLite - onnxruntime| on the same
+inputs. With `--int8`, it adds the tf-per-channel int8 file's top-1 agreement with onnxruntime.
+
+Use a trained model (an export's `<stem>.onnx`) and real images. Random weights give tiny logits,
+which hide any error:
+  .venv/bin/python benchmarks/onnx2tf_strict_mode.py --onnx out/resnet50.onnx --images data/val \
+      --calibration data/calibration [--int8] [--off-first]
+Without --onnx: EfficientNet-B0 with random weights on random inputs, 224 px.
+"""
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch  # noqa: F401  (torch before TensorFlow: see tflite_export._import_tensorflow_safely)
+
+from skinreg.enums import Precision
+from skinreg.exporters.int8_recipes import INT8_RECIPES
+from skinreg.exporters.onnx_export import export_onnx
+from skinreg.exporters.tflite_export import export_tflite, saved_model_from_onnx
+from skinreg.models import ModelSpec, build_model
+from skinreg.preprocess import Preprocessing
+from skinreg.runtime import OnnxRunner, TFLiteRunner
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--onnx", type=Path)
+ap.add_argument("--images", type=Path, help="folder of images (recursive) to compare outputs on")
+ap.add_argument("--calibration", type=Path, help="calibration images for --int8")
+ap.add_argument("--size", type=int, default=224)
+ap.add_argument("--int8", action="store_true")
+ap.add_argument("--off-first", action="store_true")
+args = ap.parse_args()
+
+pre = Preprocessing(input_size=args.size, labels=("a", "b", "c", "d"))
+with tempfile.TemporaryDirectory() as tmp:
+    tmp = Path(tmp)
+    if args.onnx:
+        onnx_path = args.onnx
+    else:
+        torch.manual_seed(0)
+        onnx_path = export_onnx(build_model("efficientnet_b0", 4).eval(), ModelSpec("efficientnet_b0", 4, pre), tmp,
+                                stem="m").path
+    if args.images:
+        from skinreg.data import list_images
+
+        x = pre.batch(list_images(args.images).paths[:64])
+    else:
+        x = np.random.default_rng(0).normal(size=(16, 3, args.size, args.size)).astype(np.float32)
+    cal = None
+    if args.int8:
+        from skinreg.data import list_images
+
+        cal = pre.batch(list_images(args.calibration).paths) if args.calibration else x
+    spec = ModelSpec("efficientnet_b0", 4, pre)  # only the preprocessing is read by the converters
+    ref = OnnxRunner(onnx_path).logits(x)
+    for strict in ((False, True) if args.off_first else (True, False)):
+        t0 = time.perf_counter()
+        saved = saved_model_from_onnx(onnx_path, spec, tmp / f"strict_{strict}", strict_mode=strict)
+        t_conv = time.perf_counter() - t0
+        f32 = export_tflite(saved, spec, tmp / f"out_{strict}", stem="m", precision=Precision.float32)
+        diff = float(np.abs(TFLiteRunner(f32.path).logits(x) - ref).max())
+        line = (f"strict_mode={'on ' if strict else 'off'} onnx2tf {t_conv:6.1f} s  tflite fp32 "
+                f"{f32.path.stat().st_size / 1e6:6.2f} MB  max|tflite - onnx| {diff:.2e} "
+                f"(largest |logit| {float(np.abs(ref).max()):.3g}, {len(x)} inputs)")
+        if args.int8:
+            i8 = export_tflite(saved, spec, tmp / f"out_{strict}", stem="m", precision=Precision.int8,
+                               calibration=cal, recipe=INT8_RECIPES["tf-per-channel"])
+            agree = float((TFLiteRunner(i8.path).logits(x).argmax(1) == ref.argmax(1)).mean())
+            line += f"  int8 agreement {agree:.3f}"
+        print(line, flush=True)
