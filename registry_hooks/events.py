@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from skinreg.registry import TAG
+from skinreg.tags import VARIANT_OF
 
 
 class JobKind(str, Enum):
@@ -85,7 +85,7 @@ def decide(doc: dict[str, Any], *, sources: list[str], name_pattern: str = "{sou
     # Loop guard: never act on what skinreg registers itself. Variant versions carry the tag in the
     # payload; a variant name listed as a source by mistake is caught by its name. The worker checks
     # the registered model's own `skinreg.variant_of` tag again before it runs anything.
-    if TAG + "variant_of" in (data.get("tags") or {}) or variant_name_re(
+    if VARIANT_OF in (data.get("tags") or {}) or variant_name_re(
             [s for s in sources if s != name], name_pattern).match(name):
         return Decision(event, reason=f"{name!r} is a skinreg variant")
     version = str(data["version"]) if data.get("version") not in (None, "") else None

@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from skinreg.errors import SkinregError, first_line
-from skinreg.registry import TAG, Registry, VersionRef
+from skinreg.registry import Registry, VersionRef
 
 from .config import HooksConfig
 from .events import JobKind, JobSpec
 from .queue import DEAD, JobQueue
+from skinreg.tags import EXPORT_REASON, EXPORT_RUN_ID, EXPORT_STATUS, EXPORT_VARIANTS, VARIANT_OF
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +47,13 @@ class ReconcileReport:
 
 
 def _export_missing(reg: Registry, ref: VersionRef, stale_running_s: float) -> str | None:
-    status = ref.tags.get(TAG + "export.status")
+    status = ref.tags.get(EXPORT_STATUS)
     if status is None:
         return "never exported"
     if status == "error":
-        return f"last export failed: {ref.tags.get(TAG + 'export.reason', '?')}"
+        return f"last export failed: {ref.tags.get(EXPORT_REASON, '?')}"
     if status == "running":
-        run_id = ref.tags.get(TAG + "export.run_id")
+        run_id = ref.tags.get(EXPORT_RUN_ID)
         if not run_id:
             return "marked running without a run"
         state = reg.run_state(run_id)
@@ -64,8 +65,8 @@ def _export_missing(reg: Registry, ref: VersionRef, stale_running_s: float) -> s
 
 
 def _alias_missing(reg: Registry, ref: VersionRef, alias: str) -> str | None:
-    status = ref.tags.get(TAG + "export.status")
-    recorded = json.loads(ref.tags.get(TAG + "export.variants", "{}"))
+    status = ref.tags.get(EXPORT_STATUS)
+    recorded = json.loads(ref.tags.get(EXPORT_VARIANTS, "{}"))
     if not recorded:
         # failed with nothing passing: no variant can follow; running: the alias job waits for it
         return None if status == "failed" else f"{alias} on {ref.uri}, which has no variants yet"
@@ -112,7 +113,7 @@ def _reconcile_source(reg: Registry, name: str, cfg: HooksConfig, report: Reconc
     if not reg.exists(name):
         report.notes.append(f"{name}: no such registered model (yet)")
         return
-    if TAG + "variant_of" in reg.registered_model_tags(name):
+    if VARIANT_OF in reg.registered_model_tags(name):
         report.notes.append(f"{name}: is a skinreg variant; remove it from the sources")
         return
     versions = {v.version: v for v in reg.versions(name)}

@@ -16,11 +16,14 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from skinreg.errors import CheckpointError, ExportError, InputError, SkinregError, UnsupportedError, first_line
-from skinreg.registry import TAG, Registry, VersionRef
+from skinreg.registry import Registry, VersionRef
 
 from .config import Executor, HooksConfig
 from .events import JobKind
 from .queue import Job, JobQueue, current_owner
+from skinreg.tags import (
+    EXPORT_FAILED, EXPORT_REASON, EXPORT_RUN, EXPORT_RUN_ID, EXPORT_STATUS, EXPORT_VARIANTS, VARIANT_OF,
+)
 
 log = logging.getLogger(__name__)
 
@@ -151,15 +154,15 @@ class _ChildExecutor:
     def export(self, ref: VersionRef, on_run: Callable[[str], None]) -> ExportOutcome:
         proc = _run_child(self._export_cmd(ref), what=f"export {ref.uri}")
         after = self.registry.get(ref.name, ref.version)
-        status = after.tags.get(TAG + "export.status")
-        run_id = after.tags.get(TAG + "export.run_id")
+        status = after.tags.get(EXPORT_STATUS)
+        run_id = after.tags.get(EXPORT_RUN_ID)
         if run_id:
             on_run(run_id)
         # export-version exits 4 when some variants failed their gates: that is a result, not an error
         if proc.returncode in (0, 4) and status in ("passed", "failed"):
             # the pipeline skips a version already exported with these settings: same run as before
-            skipped = ref.tags.get(TAG + "export.status") in ("passed", "failed") and \
-                ref.tags.get(TAG + "export.run_id") == run_id
+            skipped = ref.tags.get(EXPORT_STATUS) in ("passed", "failed") and \
+                ref.tags.get(EXPORT_RUN_ID) == run_id
             return ExportOutcome(status="skipped" if skipped else status, run_id=run_id)
         raise ExportError(f"export of {ref.uri} exited {proc.returncode} (export.status={status}): "
                           f"{_tail(proc.stderr)}")
@@ -332,8 +335,8 @@ class Worker:
     def registry_guard(self, job: Job) -> Outcome | None:
         """Second loop guard (the receiver checked names and payload tags): a model that skinreg made."""
         tags = self.registry.registered_model_tags(job.spec.name)
-        if TAG + "variant_of" in tags:
-            return Outcome(f"ignored: {job.spec.name} is a skinreg variant of {tags[TAG + 'variant_of']}")
+        if VARIANT_OF in tags:
+            return Outcome(f"ignored: {job.spec.name} is a skinreg variant of {tags[VARIANT_OF]}")
         return None
 
     def _record_run(self, job: Job) -> Callable[[str], None]:
@@ -355,14 +358,14 @@ class Worker:
         ref = self.registry.get(name, version)
         self._recover_interrupted(job, ref)
         ref = self.registry.get(name, version)
-        run_id = ref.tags.get(TAG + "export.run_id")
-        if ref.tags.get(TAG + "export.status") not in ("passed", "failed"):
+        run_id = ref.tags.get(EXPORT_RUN_ID)
+        if ref.tags.get(EXPORT_STATUS) not in ("passed", "failed"):
             res = self.executor.export(ref, self._record_run(job))  # the alias follows to variants: make them
             ref, run_id = self.registry.get(name, version), res.run_id
-        recorded = json.loads(ref.tags.get(TAG + "export.variants", "{}"))
+        recorded = json.loads(ref.tags.get(EXPORT_VARIANTS, "{}"))
         if not recorded:
             return Outcome(f"nothing to follow: {ref.uri} has no passing variants "
-                           f"({ref.tags.get(TAG + 'export.reason', 'no export')})", run_id=run_id)
+                           f"({ref.tags.get(EXPORT_REASON, 'no export')})", run_id=run_id)
         # Already in place: promote would only set the same aliases again (and fire the same webhook)
         if all(str(self.registry.aliases(nv.split("/", 1)[0]).get(alias)) == nv.split("/", 1)[1]
                for nv in recorded.values()):
@@ -392,8 +395,8 @@ class Worker:
           checked for completeness (every variant the run registered is recorded, with its alias).
         A dead export is rolled back like the pipeline would have: the run's variant versions are
         deleted, the run is marked KILLED and the source version 'error', then it is exported again."""
-        status = ref.tags.get(TAG + "export.status")
-        run_id = ref.tags.get(TAG + "export.run_id")
+        status = ref.tags.get(EXPORT_STATUS)
+        run_id = ref.tags.get(EXPORT_RUN_ID)
         # Ours, hence dead: a run of an earlier attempt of this very job with a local executor (killed, or
         # ended by an error it could not report because MLflow was down, which leaves the run RUNNING).
         ours = self.executor.local and bool(run_id) and (
@@ -411,12 +414,12 @@ class Worker:
         from skinreg.pipeline import variant_models
 
         return [v for name in variant_models(source, registry=self.registry) for v in self.registry.versions(name)
-                if v.tags.get(TAG + "export_run") == run_id]
+                if v.tags.get(EXPORT_RUN) == run_id]
 
     def _export_complete(self, ref: VersionRef, run_id: str) -> bool:
         try:
-            recorded = set(json.loads(ref.tags[TAG + "export.variants"]).values())
-            json.loads(ref.tags[TAG + "export.failed"])
+            recorded = set(json.loads(ref.tags[EXPORT_VARIANTS]).values())
+            json.loads(ref.tags[EXPORT_FAILED])
         except (KeyError, ValueError):
             return False
         registered = {f"{v.name}/{v.version}" for v in self._run_versions(ref.name, run_id)}
@@ -433,6 +436,6 @@ class Worker:
             if self.registry.run_state(run_id).status == "RUNNING":
                 self.registry.terminate_run(run_id, "KILLED")
         self.registry.set_version_tags(ref.name, ref.version, {
-            TAG + "export.status": "error", TAG + "export.reason": f"export run {run_id} was interrupted"})
+            EXPORT_STATUS: "error", EXPORT_REASON: f"export run {run_id} was interrupted"})
         log.warning("%s: export run %s was interrupted; rolled back %s; exporting again", ref.uri, run_id,
                     ", ".join(removed) or "no variant versions")

@@ -133,10 +133,11 @@ def train_cmd(
     """Train a small classifier on the demo data: a checkpoint, or (--register-as) a registered PyTorch version."""
     if register_as:
         from .pipeline import train_and_register
+        from .tags import VAL_ACCURACY
 
         ref = train_and_register(data_dir, name=register_as, arch=arch, input_size=input_size, epochs=epochs,
                                  seed=seed, progress=_progress())
-        typer.echo(f"registered {ref.uri} (val accuracy {ref.tags.get('skinreg.val_accuracy')}%)")
+        typer.echo(f"registered {ref.uri} (val accuracy {ref.tags.get(VAL_ACCURACY)}%)")
         return
     from .data import generate_demo_data
     from .models import save_checkpoint

@@ -26,6 +26,7 @@ import numpy as np
 from .enums import Format
 from .errors import first_line
 from .exporters import file_sha256
+from .tags import DYNAMIC_BATCH, INPUT_SHAPE
 from .validate import Outcome
 
 if TYPE_CHECKING:
@@ -147,9 +148,9 @@ def check_variant(uri: str, v: "VariantResult", result: "ExportResult", *, tags:
         except Exception as exc:
             check.failures.append(f"{v.file.variant}: the served file does not load: {first_line(exc)}")
             return check
-        for key, fact in (("dynamic_batch", str(check.dynamic_batch).lower()), ("input_shape", json.dumps(check.input_shape))):
-            if tags is not None and f"skinreg.{key}" in tags and tags[f"skinreg.{key}"] != fact:
-                check.failures.append(f"{v.file.variant}: tag skinreg.{key}={tags.get(f'skinreg.{key}')} but the served "
+        for key, fact in ((DYNAMIC_BATCH, str(check.dynamic_batch).lower()), (INPUT_SHAPE, json.dumps(check.input_shape))):
+            if tags is not None and key in tags and tags[key] != fact:
+                check.failures.append(f"{v.file.variant}: tag {key}={tags.get(key)} but the served "
                                       f"file says {fact}")
         if v.file.format is Format.onnx:
             _onnx_paths(paths, served, x, batch)

@@ -18,8 +18,15 @@ from .enums import Format, Precision
 from .errors import GateError, RegistryError, SkinregError, first_line
 from .export import ExportRequest, ExportResult, run_export
 from .measure import Stages
-from .registry import STAGE_FOR_ALIAS, TAG, Registry, VersionRef
+from .registry import STAGE_FOR_ALIAS, Registry, VersionRef
 from .settings import ExportSettings
+from .tags import (
+    ACCURACY, ACCURACY_DROP, ARCH, CONSUMER_CHECK, CONVERTER, CONVERTER_VERSION, DYNAMIC_BATCH, EXPORT_FAILED,
+    EXPORT_REASON, EXPORT_RUN, EXPORT_RUN_ID, EXPORT_SETTINGS, EXPORT_STATUS, EXPORT_VARIANTS, FAILURE,
+    FORMAT, GATE, INPUT_SHAPE, INPUT_SIZE, INT8_RECIPE, LABELS, LATENCY_P50_MS, LATENCY_P90_MS,
+    PARITY_MAX_ABS, PARITY_TOP1_AGREEMENT, PRECISION, PREFIX, SETTINGS, SHA256, SIZE_BYTES, SOURCE,
+    SOURCE_NAME, SOURCE_RUN, SOURCE_VERSION, STATUS, VAL_ACCURACY, VARIANT, VARIANT_OF,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +89,7 @@ def _calibration_sha(opts: ExportOptions) -> str | None:
 
 
 def _recorded_variants(ref: VersionRef) -> dict[str, str]:
-    return json.loads(ref.tags.get(TAG + "export.variants", "{}"))
+    return json.loads(ref.tags.get(EXPORT_VARIANTS, "{}"))
 
 
 def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | None = None,
@@ -97,24 +104,24 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
 
     reg = registry or Registry()
     ref = reg.resolve(model_uri)
-    if TAG + "variant_of" in ref.tags:
-        raise RegistryError(f"{ref.uri} is a variant made by skinreg (of {ref.tags[TAG + 'variant_of']}); "
+    if VARIANT_OF in ref.tags:
+        raise RegistryError(f"{ref.uri} is a variant made by skinreg (of {ref.tags[VARIANT_OF]}); "
                             "export its source version instead")
     settings = opts.settings_hash(_calibration_sha(opts))
     recorded = _recorded_variants(ref)
-    if (not opts.force and ref.tags.get(TAG + "export.settings") == settings
-            and ref.tags.get(TAG + "export.status") in ("passed", "failed") and recorded):
+    if (not opts.force and ref.tags.get(EXPORT_SETTINGS) == settings
+            and ref.tags.get(EXPORT_STATUS) in ("passed", "failed") and recorded):
         existing = {v: reg.get(*nv.split("/", 1)) for v, nv in recorded.items()}
-        progress(f"{ref.uri} was already exported with these settings (run {ref.tags.get(TAG + 'export.run_id')}); "
+        progress(f"{ref.uri} was already exported with these settings (run {ref.tags.get(EXPORT_RUN_ID)}); "
                  "nothing to do (--force to redo)")
-        return PipelineResult(source=ref, run_id=ref.tags.get(TAG + "export.run_id"), status="skipped",
-                              variants=existing, failed=json.loads(ref.tags.get(TAG + "export.failed", "{}")))
+        return PipelineResult(source=ref, run_id=ref.tags.get(EXPORT_RUN_ID), status="skipped",
+                              variants=existing, failed=json.loads(ref.tags.get(EXPORT_FAILED, "{}")))
 
     with run_context(f"export {ref.name} v{ref.version}", opts.experiment) as run:
         run_id = run.info.run_id
-        mlflow.set_tags({TAG + "source": ref.uri, TAG + "source_name": ref.name, TAG + "source_version": ref.version,
-                         TAG + "settings": settings})
-        reg.set_version_tags(ref.name, ref.version, {TAG + "export.status": "running", TAG + "export.run_id": run_id})
+        mlflow.set_tags({SOURCE: ref.uri, SOURCE_NAME: ref.name, SOURCE_VERSION: ref.version,
+                         SETTINGS: settings})
+        reg.set_version_tags(ref.name, ref.version, {EXPORT_STATUS: "running", EXPORT_RUN_ID: run_id})
         registered: list[VersionRef] = []
         io = Stages()
         try:
@@ -145,12 +152,12 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                         continue
                     progress(f"registering {name}")
                     dynamic, shape = file_facts(v.file.path, v.file.format)  # the file the consumer check re-reads
-                    tags = {**_variant_tags(ref, v, run_id, settings), TAG + "dynamic_batch": str(dynamic).lower(),
-                            TAG + "input_shape": json.dumps(shape)}
+                    tags = {**_variant_tags(ref, v, run_id, settings), DYNAMIC_BATCH: str(dynamic).lower(),
+                            INPUT_SHAPE: json.dumps(shape)}
                     with io("registry: register"):
                         versions[v.file.variant] = reg.register(name, v.model_uri, tags=tags, run_id=run_id,
                                                                 model_id=model_ids[v.file.variant],
-                                                                model_tags={TAG + "variant_of": ref.name})
+                                                                model_tags={VARIANT_OF: ref.name})
                     registered.append(versions[v.file.variant])
                 for v in passing:  # what the registry serves, loaded as each consumer loads it
                     mv = versions[v.file.variant]
@@ -166,9 +173,9 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                 rows = {r["variant"]: r for r in report_rows(result)}
                 for variant, mv in versions.items():
                     check = result.consumer_checks[variant]
-                    facts = {TAG + "consumer_check": check.summary()[:5000],  # and, on a version reused from
-                             TAG + "dynamic_batch": str(check.dynamic_batch).lower(),  # an older skinreg, the
-                             TAG + "input_shape": json.dumps(check.input_shape)}  # facts it lacks
+                    facts = {CONSUMER_CHECK: check.summary()[:5000],  # and, on a version reused from
+                             DYNAMIC_BATCH: str(check.dynamic_batch).lower(),  # an older skinreg, the
+                             INPUT_SHAPE: json.dumps(check.input_shape)}  # facts it lacks
                     facts = {k: v for k, v in facts.items() if mv.tags.get(k) != v}
                     with io("registry: version tags and descriptions"):
                         reg.set_version_tags(mv.name, mv.version, facts)
@@ -182,15 +189,15 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                 variants = dict(versions)
                 status = "failed" if failed else "passed"
                 reg.set_version_tags(ref.name, ref.version, {
-                    TAG + "export.status": status, TAG + "export.settings": settings,
-                    TAG + "export.variants": json.dumps({k: f"{v.name}/{v.version}" for k, v in variants.items()}),
-                    TAG + "export.failed": json.dumps(failed),
-                    TAG + "export.reason": "; ".join(failed.values()) if failed else "all variants passed their gates "
+                    EXPORT_STATUS: status, EXPORT_SETTINGS: settings,
+                    EXPORT_VARIANTS: json.dumps({k: f"{v.name}/{v.version}" for k, v in variants.items()}),
+                    EXPORT_FAILED: json.dumps(failed),
+                    EXPORT_REASON: "; ".join(failed.values()) if failed else "all variants passed their gates "
                                                                                     "and consumer checks",
                 })
-                mlflow.set_tag(TAG + "status", status)
+                mlflow.set_tag(STATUS, status)
                 if failed:
-                    mlflow.set_tag(TAG + "failure", "; ".join(failed.values())[:5000])
+                    mlflow.set_tag(FAILURE, "; ".join(failed.values())[:5000])
                 if opts.candidate_alias:
                     for v in variants.values():
                         reg.set_alias(v.name, opts.candidate_alias, v.version)
@@ -209,9 +216,9 @@ def _roll_back(reg: Registry, registered: list[VersionRef], ref: VersionRef, rea
 
     steps = [(f"deleting {mv.name}/{mv.version}", lambda mv=mv: reg.delete_version(mv.name, mv.version))
              for mv in registered]  # never leave a half-registered export behind
-    steps += [("tagging the run", lambda: mlflow.set_tags({TAG + "status": "failed", TAG + "failure": reason[:5000]})),
+    steps += [("tagging the run", lambda: mlflow.set_tags({STATUS: "failed", FAILURE: reason[:5000]})),
               (f"tagging {ref.uri}", lambda: reg.set_version_tags(ref.name, ref.version, {
-                  TAG + "export.status": "error", TAG + "export.reason": reason[:5000]}))]
+                  EXPORT_STATUS: "error", EXPORT_REASON: reason[:5000]}))]
     for what, step in steps:
         try:
             step()
@@ -231,8 +238,8 @@ def _earlier_version(reg: Registry, name: str, ref: VersionRef, settings: str, s
     """A version of variant model `name` made from the same source version with the same settings, holding
     the same file (sha256): anything else was not validated by this run and is not reused."""
     for v in reg.versions(name):
-        if v.tags.get(TAG + "source_version") == ref.version and v.tags.get(TAG + "settings") == settings \
-                and v.tags.get(TAG + "source_name") == ref.name and v.tags.get(TAG + "sha256") == sha256:
+        if v.tags.get(SOURCE_VERSION) == ref.version and v.tags.get(SETTINGS) == settings \
+                and v.tags.get(SOURCE_NAME) == ref.name and v.tags.get(SHA256) == sha256:
             return v
     return None
 
@@ -275,9 +282,9 @@ def train_and_register(data_dir: Path, *, name: str = "skin-classifier", arch: s
         info = log_source_model(res.loaded, registered_name=name, example=example)
     version = str(info.registered_model_version)
     pre = res.loaded.spec.preprocessing
-    reg.set_version_tags(name, version, {TAG + "arch": arch, TAG + "input_size": pre.input_size,
-                                         TAG + "labels": ",".join(pre.labels),
-                                         TAG + "val_accuracy": f"{res.val_accuracy:.2f}"})
+    reg.set_version_tags(name, version, {ARCH: arch, INPUT_SIZE: pre.input_size,
+                                         LABELS: ",".join(pre.labels),
+                                         VAL_ACCURACY: f"{res.val_accuracy:.2f}"})
     return reg.get(name, version)
 
 
@@ -286,25 +293,25 @@ def _variant_tags(ref: VersionRef, v: Any, run_id: str, settings: str) -> dict[s
     consumer_check) are set after the consumer check has read that file back from the registry."""
     p = v.verdict.parity
     tags = {
-        TAG + "variant_of": ref.name, TAG + "source_name": ref.name, TAG + "source_version": ref.version,
-        TAG + "source_run": ref.run_id or "", TAG + "export_run": run_id, TAG + "settings": settings,
-        TAG + "variant": v.file.variant, TAG + "format": v.file.format.value, TAG + "precision": v.file.precision.value,
-        TAG + "converter": v.file.converter, TAG + "converter_version": v.file.converter_version,
-        TAG + "sha256": v.file.sha256, TAG + "gate": v.verdict.status,
-        TAG + "size_bytes": v.size_bytes, TAG + "latency_p50_ms": f"{v.latency.p50_ms:.3f}",
-        TAG + "latency_p90_ms": f"{v.latency.p90_ms:.3f}", TAG + "parity_max_abs": f"{p.max_abs:.3g}",
-        TAG + "parity_top1_agreement": f"{p.top1_agreement:.4f}",
+        VARIANT_OF: ref.name, SOURCE_NAME: ref.name, SOURCE_VERSION: ref.version,
+        SOURCE_RUN: ref.run_id or "", EXPORT_RUN: run_id, SETTINGS: settings,
+        VARIANT: v.file.variant, FORMAT: v.file.format.value, PRECISION: v.file.precision.value,
+        CONVERTER: v.file.converter, CONVERTER_VERSION: v.file.converter_version,
+        SHA256: v.file.sha256, GATE: v.verdict.status,
+        SIZE_BYTES: v.size_bytes, LATENCY_P50_MS: f"{v.latency.p50_ms:.3f}",
+        LATENCY_P90_MS: f"{v.latency.p90_ms:.3f}", PARITY_MAX_ABS: f"{p.max_abs:.3g}",
+        PARITY_TOP1_AGREEMENT: f"{p.top1_agreement:.4f}",
     }
     if p.accuracy is not None:
-        tags[TAG + "accuracy"] = f"{p.accuracy:.2f}"
-        tags[TAG + "accuracy_drop"] = f"{p.accuracy_drop:.2f}"
+        tags[ACCURACY] = f"{p.accuracy:.2f}"
+        tags[ACCURACY_DROP] = f"{p.accuracy_drop:.2f}"
     details = v.file.details
     if details.get("int8_recipe"):
-        tags[TAG + "int8_recipe"] = details["int8_recipe"]
+        tags[INT8_RECIPE] = details["int8_recipe"]
     calibration = details.get("calibration") or {}
     for key in ("count", "file_list_sha256", "content_sha256", "source", "seed"):  # the calibration set, recorded with the variant
         if calibration.get(key) is not None:
-            tags[f"{TAG}calibration.{key}"] = calibration[key]
+            tags[f"{PREFIX}calibration.{key}"] = calibration[key]
     return tags
 
 
@@ -312,21 +319,21 @@ def promote(model_uri: str, alias: str, *, stages: bool = False, registry: Regis
     """Move `alias` on the source version and on every passing variant made from it."""
     reg = registry or Registry()
     ref = reg.resolve(model_uri)
-    if TAG + "variant_of" in ref.tags:
+    if VARIANT_OF in ref.tags:
         raise RegistryError(f"{ref.uri} is a variant; promote its source "
-                            f"(models:/{ref.tags[TAG + 'variant_of']}/{ref.tags.get(TAG + 'source_version')})")
+                            f"(models:/{ref.tags[VARIANT_OF]}/{ref.tags.get(SOURCE_VERSION)})")
     recorded = _recorded_variants(ref)
-    refused = json.loads(ref.tags.get(TAG + "export.failed", "{}"))
+    refused = json.loads(ref.tags.get(EXPORT_FAILED, "{}"))
     if not recorded:
-        reason = ref.tags.get(TAG + "export.reason", "it was never exported")
+        reason = ref.tags.get(EXPORT_REASON, "it was never exported")
         raise RegistryError(f"nothing to promote: {ref.uri} has no passing variants ({reason}); run "
                             f"`skinreg export-version --model-uri {ref.uri}` first")
     moved = []
     for variant, name_version in recorded.items():
         name, version = name_version.split("/", 1)
         vref = reg.get(name, version)
-        if vref.tags.get(TAG + "gate") != "passed":  # never promote a variant that failed its gate
-            refused[variant] = f"gate {vref.tags.get(TAG + 'gate')}"
+        if vref.tags.get(GATE) != "passed":  # never promote a variant that failed its gate
+            refused[variant] = f"gate {vref.tags.get(GATE)}"
             continue
         reg.set_alias(name, alias, version)
         if stages and alias in STAGE_FOR_ALIAS:
@@ -352,4 +359,4 @@ def demote(name: str, alias: str, *, registry: Registry | None = None) -> list[s
 
 def variant_models(source: str, *, registry: Registry | None = None) -> list[str]:
     reg = registry or Registry()
-    return [m.name for m in reg.registered_models() if (m.tags or {}).get(TAG + "variant_of") == source]
+    return [m.name for m in reg.registered_models() if (m.tags or {}).get(VARIANT_OF) == source]

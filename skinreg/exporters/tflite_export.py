@@ -127,8 +127,22 @@ def zero_pad_relu_maxpools(path: Path) -> int:
     return rewritten
 
 
+def _write_saved_model(model: Any, out: Path) -> None:
+    """The SavedModel onnx2tf writes with output_signaturedefs (its own code: one `serving_default`
+    endpoint over the Keras model's inputs), without the float32 and float16 .tflite files it then
+    converts from the Keras model. skinreg never used those, and they were ~85 % of onnx2tf's time:
+    each conversion serialises the Keras model again (measured: 82 of 96 s for EfficientNet-B0)."""
+    import tensorflow as tf
+    import tf_keras
+
+    archive = tf_keras.export.ExportArchive()
+    archive.add_endpoint(name="serving_default", fn=lambda *inputs: model(inputs),
+                         input_signature=[tf.TensorSpec(t.shape, t.dtype, t.name) for t in model.inputs])
+    archive.write_out(str(out))
+
+
 def saved_model_from_onnx(onnx_path: Path, spec: ModelSpec, work_dir: Path, *, use_onnxsim: bool = False,
-                          zero_pad_maxpools: bool = True, strict_mode: bool = True) -> Path:
+                          zero_pad_maxpools: bool = True, own_save: bool = True) -> Path:
     """onnx2tf: NCHW ONNX -> NHWC SavedModel with batch fixed at 1 (the mobile contract).
 
     onnx2tf rewrites its input file in place (onnxsim, then op renaming with sng4onnx), so it gets its
@@ -137,7 +151,8 @@ def saved_model_from_onnx(onnx_path: Path, spec: ModelSpec, work_dir: Path, *, u
     measured on EfficientNet-B0 it changed neither the TFLite file's size nor its outputs while adding
     conversion time (benchmarks/onnxsim_pass.py; numbers in the README). `use_onnxsim=True` runs
     onnxsim in-process on the copy instead, for models that need it. `zero_pad_maxpools`: see
-    zero_pad_relu_maxpools (off only to reproduce the ResNet int8 failure in tests)."""
+    zero_pad_relu_maxpools (off only to reproduce the ResNet int8 failure in tests). `own_save`: see
+    _write_saved_model (off: onnx2tf saves, and spends most of its time on .tflite files nobody reads)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     _import_tensorflow_safely()
     import onnx2tf
@@ -158,7 +173,7 @@ def saved_model_from_onnx(onnx_path: Path, spec: ModelSpec, work_dir: Path, *, u
     try:
         # onnx2tf and TF print every tensor spec to stdout; keep it for the log, off the console.
         with contextlib.redirect_stdout(chatter):
-            onnx2tf.convert(
+            model = onnx2tf.convert(
                 input_onnx_file_path=str(copy),
                 output_folder_path=str(out),
                 overwrite_input_shape=[f"{INPUT_NAME}:1,3,{size},{size}"],
@@ -166,9 +181,11 @@ def saved_model_from_onnx(onnx_path: Path, spec: ModelSpec, work_dir: Path, *, u
                 output_integer_quantized_tflite=False,
                 copy_onnx_input_output_names_to_tflite=True,
                 output_signaturedefs=True,
-                disable_strict_mode=not strict_mode,
+                                disable_model_save=own_save,
                 non_verbose=True,
             )
+            if own_save:
+                _write_saved_model(model, out)
     except BaseException as exc:  # onnx2tf calls sys.exit on some failures
         log.error("onnx2tf output:\n%s", chatter.getvalue()[-4000:])
         raise ExportError(f"onnx2tf could not convert {Path(onnx_path).name}: {first_line(exc)}") from exc
