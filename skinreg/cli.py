@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -14,6 +15,7 @@ import typer
 
 from .enums import Device
 from .errors import SkinregError
+from .quiet import filtered_stderr
 from .settings import ExportSettings, export_settings_options
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -21,6 +23,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 app = typer.Typer(help="Export PyTorch image classifiers to validated ONNX and TFLite, driven by the MLflow registry.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+
+
+@app.callback()
+def _options(verbose: Annotated[bool, typer.Option("--verbose", "-v", help=(
+        "Show everything: debug logs, MLflow's download bars, TensorFlow/converter output, warnings "
+        "(otherwise they go to a log file named at the end)."))] = False) -> None:
+    if verbose:
+        os.environ["SKINREG_VERBOSE"] = "1"
 
 
 def command(name: str | None = None, *, typer_app: typer.Typer | None = None, **kw):
@@ -31,8 +41,12 @@ def command(name: str | None = None, *, typer_app: typer.Typer | None = None, **
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             _setup_logging()
+            # one-shot commands: converter/MLflow chatter to a log file (skinreg.quiet); the hooks' long-lived
+            # processes (typer_app) keep their stderr as it is
+            quiet = filtered_stderr() if typer_app is None else contextlib.nullcontext()
             try:
-                return fn(*args, **kwargs)
+                with quiet:
+                    return fn(*args, **kwargs)
             except SkinregError as exc:
                 typer.echo(f"error: {exc}", err=True)
                 raise typer.Exit(exc.exit_code) from None
@@ -56,7 +70,11 @@ def command(name: str | None = None, *, typer_app: typer.Typer | None = None, **
 
 
 def _setup_logging() -> None:
-    level = logging.DEBUG if os.environ.get("SKINREG_DEBUG") else logging.INFO
+    from .quiet import verbose
+
+    level = logging.DEBUG if os.environ.get("SKINREG_DEBUG") or verbose() else logging.INFO
+    if not verbose():  # MLflow's per-download bars: dozens per export-version
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("skinreg").setLevel(level)
     logging.getLogger("registry_hooks").setLevel(level)

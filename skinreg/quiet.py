@@ -1,0 +1,96 @@
+"""Quiet, useful console output for the one-shot commands (`export`, `export-version`, `train`,
+`demo`, `benchmark`). The lines that matter are the progress lines, the report and the URIs. They
+used to drown in chatter written straight to file descriptor 2: TensorFlow's absl start-up lines, the
+TF Lite converter's `fully_quantize` line, the interpreter's XNNPACK notice, MLflow's
+"Downloading artifacts" bars and the pyfunc type-hint UserWarning. That includes output from C++
+and from child processes, which no Python logging setting reaches.
+
+While a command runs, fd 2 goes through a pipe. A reader thread sends the known chatter to a log
+file and passes everything else on unchanged. When something was held back, one line at the end says
+where the log file is (not after an error: its one line stays the last). `skinreg -v ...` (or SKINREG_VERBOSE=1) turns the filter off and shows all of
+it inline. Under a test runner that replaces sys.stderr, nothing is redirected."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Iterator
+
+CHATTER = re.compile(
+    rb"^\s*(WARNING: All log messages before absl::InitializeLog"
+    rb"|[IW]0000 \d"                                          # absl INFO/WARNING lines (TF start-up, cuda probes)
+    rb"|fully_quantize: "                                     # the TF Lite converter's calibration line
+    rb"|INFO: Created TensorFlow Lite XNNPACK delegate"
+    rb"|Downloading artifacts:"                               # MLflow's per-download tqdm bars
+    rb"|color_warning\("
+    rb"|\S+data_validation\.py:\d+: UserWarning: .*Add type hints to the `predict` method)")
+
+
+def verbose() -> bool:
+    return os.environ.get("SKINREG_VERBOSE", "") not in ("", "0", "false")
+
+
+@contextlib.contextmanager
+def filtered_stderr(name: str = "skinreg") -> Iterator[Path | None]:
+    """Route fd 2 through the chatter filter for the duration; yields the log file (None: not filtering)."""
+    try:
+        real = sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):
+        real = False
+    if verbose() or not real:
+        yield None
+        return
+    log_path = Path(tempfile.gettempdir()) / f"{name}-{os.getpid()}.log"
+    sys.stderr.flush()
+    saved = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    held = [0]
+
+    def pump() -> None:
+        pending = b""
+        with open(log_path, "ab") as log:
+            while True:
+                try:
+                    chunk = os.read(read_end, 65536)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                pending += chunk
+                # progress bars rewrite their line with \r: each \r or \n ends a piece
+                pieces = re.split(rb"(\r\n|\r|\n)", pending)
+                pending = pieces.pop()
+                for text, sep in zip(pieces[::2], pieces[1::2]):
+                    if CHATTER.match(text):
+                        held[0] += 1
+                        log.write(text + b"\n")
+                    elif text or sep != b"\r":
+                        os.write(saved, text + sep)
+            if pending:
+                os.write(saved, pending)
+        os.close(read_end)
+
+    thread = threading.Thread(target=pump, name="skinreg-stderr-filter", daemon=True)
+    thread.start()
+    ok = False
+    try:
+        yield log_path
+        ok = True
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # the pipe's last writer in this process is gone: the reader drains and stops
+        thread.join(timeout=5)
+        if not thread.is_alive():  # else a child still holds the pipe: the reader keeps the fd to the end
+            os.close(saved)
+        if held[0] and ok:  # after an error its one line stays the last word
+            sys.stderr.write(f"({held[0]} lines of converter/MLflow chatter in {log_path}; -v shows them)\n")
+            sys.stderr.flush()
+        elif log_path.exists() and log_path.stat().st_size == 0:
+            log_path.unlink()
