@@ -138,7 +138,7 @@ def run_one(arch: str, *, data: Path, work: Path, input_size: int, epochs: int, 
         Target("int8 top-1 agreement with PyTorch", i8.verdict.parity.top1_agreement if ran else None, 0.97, "",
                at_least=True),
         Target(f"whole export, {n_recipes} int8 recipe(s) tried (ONNX + TFLite + validation + timing)", export_s,
-               90.0 if n_recipes == 1 else None, " s"),
+               60.0 if n_recipes == 1 else None, " s"),
     ]
     opset_ms = {}
     if opsets:
