@@ -30,7 +30,7 @@ from .tags import DYNAMIC_BATCH, INPUT_SHAPE
 from .validate import Outcome
 
 if TYPE_CHECKING:
-    from .export import ExportResult, VariantResult
+    from .results import ExportResult, VariantResult
 
 log = logging.getLogger(__name__)
 

@@ -2,6 +2,12 @@
 
 No conversion code lives here: exporters convert, `validate` judges, `measure` times,
 `report` writes. The registry pipeline (pipeline.py) calls `run_export` as well.
+
+`run_export` is a few named stages (`_Export`: check -> reference -> convert -> validate -> time
+candidates -> choose int8 -> report). Conversions dispatch through one table, `EXPORTERS`:
+(format, precision, backend) -> an exporter with one signature that returns an ExportedFile. The
+SavedModel that the TF Lite converter's exporters share is built once, on first use. Result types
+live in results.py.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from .exporters.int8_recipes import LITERT_BACKEND, TF_BACKEND, fallback_chain, 
 from .measure import Latency, Stages, interleaved_latency, latency, size_bytes
 from .models import LoadedModel
 from .runtime import DEFAULT_THREADS, OnnxRunner, TFLiteRunner, TorchRunner
+from .results import ExportResult, VariantResult  # noqa: F401  (their home; imported from here too)
 from .validate import Candidate, Parity, Verdict, compare, gates_with_overrides, judge, rank_candidates
 
 log = logging.getLogger(__name__)
@@ -54,49 +61,6 @@ class ExportRequest:
     validation_seed: int = 0  # of the stratified sample when a set is larger than max_validation_images
     dynamic_batch: bool = True  # False for a pt2 GraphModule whose batch was fixed at 1 when logged
     notes: list[str] = field(default_factory=list)
-
-
-@dataclass
-class VariantResult:
-    file: ExportedFile
-    size_bytes: int
-    latency: Latency
-    verdict: Verdict
-    logits: np.ndarray | None = None  # the validated outputs on ExportResult.x_val (the consumer check's reference)
-    model_uri: str | None = None  # set once logged to MLflow
-
-    @property
-    def passed(self) -> bool:
-        return self.verdict.passed
-
-
-@dataclass
-class ExportResult:
-    spec: Any
-    stem: str
-    out_dir: Path
-    variants: list[VariantResult]
-    pytorch_latency: Latency
-    pytorch_accuracy: float | None
-    validation: dict[str, Any]
-    calibration: dict[str, Any] | None
-    wall_s: float
-    int8_candidates: list[dict[str, Any]] = field(default_factory=list)
-    report_json: Path | None = None
-    report_md: Path | None = None
-    plot_png: Path | None = None
-    notes: list[str] = field(default_factory=list)
-    x_val: np.ndarray | None = None  # the preprocessed validation images (NCHW float32)
-    val_images: list[Any] = field(default_factory=list)  # the same images as paths or HWC arrays
-    consumer_checks: dict[str, Any] = field(default_factory=dict)  # variant -> ConsumerCheck, after registration
-    gates: dict[Precision, Any] = field(default_factory=dict)
-    stage_seconds: dict[str, float] = field(default_factory=dict)  # where the time went (report + run metrics)
-    int8_strategy: str | None = None  # as requested: None is the default recipe with its fallback chain
-
-    @property
-    def failures(self) -> list[str]:
-        return [f for v in self.variants for f in v.verdict.failures] + \
-            [f for c in self.consumer_checks.values() for f in c.failures]
 
 
 def _validation_set(req: ExportRequest, calib: ImageSet | None, evalset: ImageSet | None
@@ -263,168 +227,243 @@ def run_export(req: ExportRequest, *, progress: Progress = lambda msg: None) -> 
                           "with room") from exc
 
 
-def _run_export(req: ExportRequest, *, progress: Progress) -> ExportResult:
-    from .exporters.onnx_export import (DEFAULT_OPSET, check_opset, export_onnx, export_onnx_float16,
-                                        export_onnx_int8)
-    from .report import write_plot, write_report
+# -- the exporter table: (format, precision, backend) -> one exporter, one signature -----------------
+Exporter = Callable[["_Export", Precision, Any, "Path | None"], ExportedFile]
 
-    started = time.perf_counter()
-    stages = Stages()
-    converter = check_converter(req.converter)
-    # Everything that can be rejected is rejected before any conversion starts.
-    pairs = plan(req.formats, req.quantize, has_calibration=req.calibration_dir is not None, converter=converter)
-    recipes = (fallback_chain(converter) if req.int8_strategy is None else recipes_for(req.int8_strategy))
-    gates = gates_with_overrides(req.gate_overrides)
-    check_opset(req.opset or DEFAULT_OPSET)
-    calib = (list_images(req.calibration_dir, limit=req.calibration_limit, seed=req.calibration_seed)
-             if req.calibration_dir else None)
-    if calib is not None and len(calib) < MIN_CALIBRATION_IMAGES:
-        raise InputError(f"only {len(calib)} usable calibration images in {calib.source}: int8 needs at least "
-                         f"{MIN_CALIBRATION_IMAGES} (50-200 representative images recommended); add images"
-                         + (" or raise --calibration-size" if req.calibration_limit else ""))
-    evalset = read_image_folder(req.eval_dir) if req.eval_dir else None
-    spec, model = req.loaded.spec, req.loaded.model
-    pre = spec.preprocessing
 
-    progress(f"preparing validation images ({'eval' if evalset else 'calibration' if calib else 'synthetic'})")
-    val_images, y_val, val_info = _validation_set(req, calib, evalset)
-    x_val = pre.batch(val_images)
-    torch_runner = TorchRunner(model, threads=req.threads, batch_one=not req.dynamic_batch)
-    reference = torch_runner.logits(x_val)
-    pt_acc = float((reference.argmax(1) == y_val).mean() * 100) if y_val is not None else None
-    val_info["reference_max_abs_logit"] = float(np.abs(reference).max())  # scale for the max-abs numbers
-    pt_latency = latency(torch_runner, x_val[:1], runs=req.latency_runs)
-    calibration_info = None
-    if calib is not None:
-        calibration_info = {"source": calib.source, "count": len(calib), "skipped": len(calib.skipped),
-                            "file_list_sha256": calib.file_list_sha256(), "content_sha256": calib.content_sha256(),
-                            "seed": req.calibration_seed,
-                            "limit": req.calibration_limit, "preprocessing": pre.to_dict(),
-                            "class_counts": _calibration_classes(calib, list(pre.labels))}
+def _onnx_float16(run: "_Export", precision: Precision, recipe: Any, path: Path | None) -> ExportedFile:
+    from .exporters.onnx_export import export_onnx_float16
 
-    stages.seconds["inputs and PyTorch reference"] = time.perf_counter() - started
-    req.out_dir.mkdir(parents=True, exist_ok=True)
-    checked: dict[Path, VariantResult] = {}  # int8 files judged during the fallback chain
-    fallback = req.int8_strategy is None and len(recipes) > 1
+    return export_onnx_float16(run.onnx_file, run.req.out_dir, stem=run.req.stem)
 
-    def validate_file(f: ExportedFile) -> VariantResult:
-        recipe = f.details.get("int8_recipe")
-        with stages(f"validate {f.variant}" + (f" ({recipe})" if recipe else "")):
-            return _validate(f, req, reference, x_val, y_val, gates)
 
-    files: list[ExportedFile] = []
-    notes: list[str] = list(req.notes)
-    with tempfile.TemporaryDirectory(prefix="skinreg-") as tmp:
-        work = Path(tmp)
-        want_onnx = any(f is Format.onnx for f, _ in pairs)
-        progress("exporting ONNX")
-        with stages("ONNX export"):
-            onnx_file = export_onnx(model, spec, req.out_dir if want_onnx else work, stem=req.stem,
-                                    opset=req.opset or DEFAULT_OPSET, dynamic_batch=req.dynamic_batch)
-        calib_x = pre.batch(calib.paths) if calib is not None else None
+def _onnx_int8(run: "_Export", precision: Precision, recipe: Any, path: Path | None) -> ExportedFile:
+    from .exporters.onnx_export import export_onnx_int8
+
+    return export_onnx_int8(run.onnx_file, run.req.out_dir, stem=run.req.stem, calibration=run.calib_x)
+
+
+def _tf_lite_converter(run: "_Export", precision: Precision, recipe: Any, path: Path | None) -> ExportedFile:
+    from .exporters.tflite_export import export_tflite
+
+    return export_tflite(run.saved_model(), run.spec, run.req.out_dir, stem=run.req.stem, precision=precision,
+                         calibration=run.calib_x if precision is Precision.int8 else None, recipe=recipe, path=path)
+
+
+def _litert_torch(run: "_Export", precision: Precision, recipe: Any, path: Path | None) -> ExportedFile:
+    from .exporters.litert_export import export_litert
+
+    return export_litert(run.req.loaded.model, run.spec, run.req.out_dir, stem=run.req.stem, precision=precision,
+                         calibration=run.calib_x if precision is Precision.int8 else None, recipe=recipe, path=path)
+
+
+# backend: "onnxruntime" for ONNX files, the --converter for TFLite float32/float16, the recipe's for int8
+EXPORTERS: dict[tuple[Format, Precision, str], Exporter] = {
+    (Format.onnx, Precision.float16, "onnxruntime"): _onnx_float16,
+    (Format.onnx, Precision.int8, "onnxruntime"): _onnx_int8,
+    (Format.tflite, Precision.float32, "onnx2tf"): _tf_lite_converter,
+    (Format.tflite, Precision.float16, "onnx2tf"): _tf_lite_converter,
+    (Format.tflite, Precision.float32, "litert-torch"): _litert_torch,
+    (Format.tflite, Precision.int8, TF_BACKEND): _tf_lite_converter,
+    (Format.tflite, Precision.int8, LITERT_BACKEND): _litert_torch,
+}
+
+
+class _Export:
+    """One export, as named stages: check -> reference -> convert -> validate -> time candidates ->
+    choose int8 -> report. Each stage is timed into `stages` (the report's "Where the time went")."""
+
+    def __init__(self, req: ExportRequest, progress: Progress) -> None:
+        self.req, self.progress, self.spec = req, progress, req.loaded.spec
+        self.started, self.stages = time.perf_counter(), Stages()
+        self.files: list[ExportedFile] = []
+        self.checked: dict[Path, VariantResult] = {}  # int8 files judged during the fallback chain
+        self.conversion_failures: dict[str, str] = {}  # recipe -> why
+        self.notes: list[str] = list(req.notes)
+        self.variants: list[VariantResult] = []
+        self.int8_candidates: list[dict] = []
+        self._saved: Path | None = None
+
+    def check(self) -> None:
+        """Everything that can be rejected is rejected before any conversion starts."""
+        from .exporters.onnx_export import DEFAULT_OPSET, check_opset
+
+        req = self.req
+        self.converter = check_converter(req.converter)
+        self.pairs = plan(req.formats, req.quantize, has_calibration=req.calibration_dir is not None,
+                          converter=self.converter)
+        self.recipes = fallback_chain(self.converter) if req.int8_strategy is None else recipes_for(req.int8_strategy)
+        self.fallback = req.int8_strategy is None and len(self.recipes) > 1
+        self.gates = gates_with_overrides(req.gate_overrides)
+        check_opset(req.opset or DEFAULT_OPSET)
+        self.calib = (list_images(req.calibration_dir, limit=req.calibration_limit, seed=req.calibration_seed)
+                      if req.calibration_dir else None)
+        if self.calib is not None and len(self.calib) < MIN_CALIBRATION_IMAGES:
+            raise InputError(f"only {len(self.calib)} usable calibration images in {self.calib.source}: int8 needs at "
+                             f"least {MIN_CALIBRATION_IMAGES} (50-200 representative images recommended); add images"
+                             + (" or raise --calibration-size" if req.calibration_limit else ""))
+        self.evalset = read_image_folder(req.eval_dir) if req.eval_dir else None
+
+    def reference(self) -> None:
+        """The validation images, PyTorch's logits and latency on them, and the calibration record."""
+        req, pre, calib = self.req, self.spec.preprocessing, self.calib
+        self.progress(f"preparing validation images "
+                      f"({'eval' if self.evalset else 'calibration' if calib else 'synthetic'})")
+        self.val_images, self.y_val, self.val_info = _validation_set(req, calib, self.evalset)
+        self.x_val = pre.batch(self.val_images)
+        torch_runner = TorchRunner(req.loaded.model, threads=req.threads, batch_one=not req.dynamic_batch)
+        self.reference_logits = torch_runner.logits(self.x_val)
+        self.pt_acc = (float((self.reference_logits.argmax(1) == self.y_val).mean() * 100)
+                       if self.y_val is not None else None)
+        self.val_info["reference_max_abs_logit"] = float(np.abs(self.reference_logits).max())
+        self.pt_latency = latency(torch_runner, self.x_val[:1], runs=req.latency_runs)
+        self.calibration_info = None
+        if calib is not None:
+            self.calibration_info = {
+                "source": calib.source, "count": len(calib), "skipped": len(calib.skipped),
+                "file_list_sha256": calib.file_list_sha256(), "content_sha256": calib.content_sha256(),
+                "seed": req.calibration_seed, "limit": req.calibration_limit, "preprocessing": pre.to_dict(),
+                "class_counts": _calibration_classes(calib, list(pre.labels))}
+        self.calib_x = pre.batch(calib.paths) if calib is not None else None
+        self.stages.seconds["inputs and PyTorch reference"] = time.perf_counter() - self.started
+
+    def saved_model(self) -> Path:
+        """onnx2tf's SavedModel, built once, on first use (only the TF Lite converter's exporters need it)."""
+        if self._saved is None:
+            from .exporters.tflite_export import saved_model_from_onnx
+
+            self.progress("converting ONNX to a TF SavedModel (onnx2tf)")
+            with self.stages("SavedModel (onnx2tf)"):
+                self._saved = saved_model_from_onnx(self.onnx_file.path, self.spec, self.work)
+        return self._saved
+
+    def _export(self, fmt: Format, precision: Precision, backend: str, label: str, *, recipe: Any = None,
+                path: Path | None = None) -> ExportedFile:
+        with self.stages(label):
+            exported = EXPORTERS[(fmt, precision, backend)](self, precision, recipe, path)
+        if precision is Precision.int8:
+            exported.details.update({"calibration": self.calibration_info})
+        return exported
+
+    def convert(self, work: Path) -> None:
+        """ONNX first (every other file starts from it or from the PyTorch model), then the table."""
+        from .exporters.onnx_export import DEFAULT_OPSET, export_onnx
+
+        req, self.work = self.req, work
+        req.out_dir.mkdir(parents=True, exist_ok=True)
+        want_onnx = any(f is Format.onnx for f, _ in self.pairs)
+        self.progress("exporting ONNX")
+        with self.stages("ONNX export"):
+            self.onnx_file = export_onnx(req.loaded.model, self.spec, req.out_dir if want_onnx else work,
+                                         stem=req.stem, opset=req.opset or DEFAULT_OPSET,
+                                         dynamic_batch=req.dynamic_batch)
         if want_onnx:
-            files.append(onnx_file)
-        for fmt, precision in pairs:
-            if fmt is Format.onnx and precision is Precision.float16:
-                progress("converting ONNX float16")
-                with stages("ONNX float16"):
-                    files.append(export_onnx_float16(onnx_file, req.out_dir, stem=req.stem))
-            elif fmt is Format.onnx and precision is Precision.int8:
-                progress("quantizing ONNX int8 (static QDQ)")
-                with stages("ONNX int8 (static QDQ)"):
-                    files.append(export_onnx_int8(onnx_file, req.out_dir, stem=req.stem, calibration=calib_x))
-                files[-1].details.update({"calibration": calibration_info})
-        tflite_precisions = [p for f, p in pairs if f is Format.tflite]
-        conversion_failures: dict[str, str] = {}  # recipe -> why (auto only: one failed recipe is a lost candidate)
-        if tflite_precisions:
-            from .exporters.litert_export import export_litert
-            from .exporters.tflite_export import export_tflite, saved_model_from_onnx
+            self.files.append(self.onnx_file)
+        for fmt, precision in self.pairs:
+            if fmt is Format.onnx and precision is not Precision.float32:
+                label = "ONNX int8 (static QDQ)" if precision is Precision.int8 else f"ONNX {precision.value}"
+                self.progress(f"converting {label}")
+                self.files.append(self._export(fmt, precision, "onnxruntime", label))
+            elif fmt is Format.tflite and precision is not Precision.int8:
+                self.progress(f"converting TFLite {precision.value} ({self.converter})")
+                self.files.append(self._export(fmt, precision, self.converter,
+                                               f"TFLite {precision.value} ({self.converter})"))
+        if (Format.tflite, Precision.int8) in self.pairs:
+            self._convert_int8()
 
-            int8_recipes = recipes if Precision.int8 in tflite_precisions else []
-            saved = None
-            if (converter == "onnx2tf" and any(p is not Precision.int8 for p in tflite_precisions)) or \
-                    any(r.backend == TF_BACKEND for r in (int8_recipes[:1] if fallback else int8_recipes)):
-                progress("converting ONNX to a TF SavedModel (onnx2tf)")
-                with stages("SavedModel (onnx2tf)"):
-                    saved = saved_model_from_onnx(onnx_file.path, spec, work)
-            for precision in tflite_precisions:
-                if precision is not Precision.int8:
-                    progress(f"converting TFLite {precision.value} ({converter})")
-                    with stages(f"TFLite {precision.value} ({converter})"):
-                        files.append(export_litert(model, spec, req.out_dir, stem=req.stem, precision=precision)
-                                     if converter == "litert-torch" else
-                                     export_tflite(saved, spec, req.out_dir, stem=req.stem, precision=precision))
-                    continue
-                for n, recipe in enumerate(int8_recipes, 1):
-                    progress(f"converting TFLite int8 ({recipe.name}, {n}/{len(int8_recipes)})")
-                    # the default recipe of a fallback chain writes the shipped name; other candidates aside
-                    path = (req.out_dir / "int8_candidates" / f"{req.stem}_int8_{recipe.name}.tflite"
-                            if len(int8_recipes) > 1 and not (fallback and n == 1) else None)
-                    try:
-                        if recipe.backend == TF_BACKEND and saved is None:  # a fallback from litert-torch
-                            with stages("SavedModel (onnx2tf)"):
-                                saved = saved_model_from_onnx(onnx_file.path, spec, work)
-                        with stages(f"TFLite int8 ({recipe.name})"):
-                            exported = (export_litert(model, spec, req.out_dir, stem=req.stem, precision=precision,
-                                                      calibration=calib_x, recipe=recipe, path=path)
-                                        if recipe.backend == LITERT_BACKEND else
-                                        export_tflite(saved, spec, req.out_dir, stem=req.stem, precision=precision,
-                                                      calibration=calib_x, recipe=recipe, path=path))
-                    except ExportError as exc:
-                        if len(int8_recipes) == 1:
-                            raise
-                        log.warning("int8 recipe %s failed: %s", recipe.name, exc)
-                        conversion_failures[recipe.name] = str(exc)
-                        continue
-                    exported.details.update({"calibration": calibration_info})
-                    files.append(exported)
-                    if fallback:  # judged now: the chain stops at the first recipe that passes
-                        progress(f"validating TFLite int8 ({recipe.name})")
-                        judged = validate_file(exported)
-                        if judged.passed:
-                            checked[exported.path] = judged
-                            break
-                        if n == 1:  # the default lost: it moves aside, kept for inspection like any candidate
-                            judged.file = _move_candidate(exported, req, recipe.name)
-                            files[-1] = judged.file
-                        checked[judged.file.path] = judged
-                if int8_recipes and len(conversion_failures) == len(int8_recipes):
-                    raise ExportError("every int8 recipe failed to convert: " +
-                                      "; ".join(f"{k}: {v}" for k, v in conversion_failures.items()))
-                if fallback and len(conversion_failures) + sum(1 for f in files if f.path in checked) > 1:
-                    notes.append(_fallback_note(int8_recipes, conversion_failures, checked))
+    def _convert_int8(self) -> None:
+        """Every recipe asked for (auto); or the fallback chain, each judged at once, until one passes."""
+        recipes, req = self.recipes, self.req
+        for n, recipe in enumerate(recipes, 1):
+            self.progress(f"converting TFLite int8 ({recipe.name}, {n}/{len(recipes)})")
+            # the default recipe of a fallback chain writes the shipped name; other candidates aside
+            path = (req.out_dir / "int8_candidates" / f"{req.stem}_int8_{recipe.name}.tflite"
+                    if len(recipes) > 1 and not (self.fallback and n == 1) else None)
+            try:
+                exported = self._export(Format.tflite, Precision.int8, recipe.backend,
+                                        f"TFLite int8 ({recipe.name})", recipe=recipe, path=path)
+            except ExportError as exc:
+                if len(recipes) == 1:
+                    raise
+                log.warning("int8 recipe %s failed: %s", recipe.name, exc)
+                self.conversion_failures[recipe.name] = str(exc)
+                continue
+            self.files.append(exported)
+            if not self.fallback:
+                continue
+            self.progress(f"validating TFLite int8 ({recipe.name})")
+            judged = self._judge(exported)
+            if judged.passed:
+                self.checked[exported.path] = judged
+                break
+            if n == 1:  # the default lost: it moves aside, kept for inspection like any candidate
+                judged.file = self.files[-1] = _move_candidate(exported, req, recipe.name)
+            self.checked[judged.file.path] = judged
+        if len(self.conversion_failures) == len(recipes):
+            raise ExportError("every int8 recipe failed to convert: " +
+                              "; ".join(f"{k}: {v}" for k, v in self.conversion_failures.items()))
+        tried = len(self.conversion_failures) + sum(1 for f in self.files if f.path in self.checked)
+        if self.fallback and tried > 1:
+            self.notes.append(_fallback_note(recipes, self.conversion_failures, self.checked))
 
-    variants = []
-    for f in files:
-        if f.path not in checked:
-            progress(f"validating and timing {f.variant}")
-        variants.append(checked.get(f.path) or validate_file(f))
-    _check_untouched(files)
+    def _judge(self, f: ExportedFile) -> VariantResult:
+        recipe = f.details.get("int8_recipe")
+        with self.stages(f"validate {f.variant}" + (f" ({recipe})" if recipe else "")):
+            return _validate(f, self.req, self.reference_logits, self.x_val, self.y_val, self.gates)
 
-    contenders = [v for v in variants if v.file.variant == "tflite-int8" and v.passed]
-    if len(contenders) > 1:
-        # Candidates are ranked on latency: time them (and TFLite float32, their reference) side by side.
-        progress(f"timing {len(contenders)} passing int8 candidates side by side")
-        timed = [v for v in variants if v.file.variant == "tflite-float32" and v.passed] + contenders
-        with stages("int8 candidates timed side by side"):
-            runners = {str(v.file.path): TFLiteRunner(v.file.path, threads=req.threads) for v in timed}
-            fresh = interleaved_latency(runners, x_val[:1], runs=req.latency_runs)
+    def validate(self) -> None:
+        for f in self.files:
+            if f.path not in self.checked:
+                self.progress(f"validating and timing {f.variant}")
+            self.variants.append(self.checked.get(f.path) or self._judge(f))
+        _check_untouched(self.files)
+
+    def time_candidates(self) -> None:
+        """Passing int8 candidates are ranked on latency: time them and TFLite float32 side by side."""
+        contenders = [v for v in self.variants if v.file.variant == "tflite-int8" and v.passed]
+        if len(contenders) < 2:
+            return
+        self.progress(f"timing {len(contenders)} passing int8 candidates side by side")
+        timed = [v for v in self.variants if v.file.variant == "tflite-float32" and v.passed] + contenders
+        with self.stages("int8 candidates timed side by side"):
+            runners = {str(v.file.path): TFLiteRunner(v.file.path, threads=self.req.threads) for v in timed}
+            fresh = interleaved_latency(runners, self.x_val[:1], runs=self.req.latency_runs)
         for v in timed:
             v.latency = fresh[str(v.file.path)]
-        notes.append(f"TFLite float32 and the {len(contenders)} passing int8 candidates were timed side by side "
-                     f"(interleaved in rounds), so their latencies compare with each other.")
-    variants, int8_candidates = _pick_int8(variants, req, conversion_failures)
-    result = ExportResult(spec=spec, stem=req.stem, out_dir=req.out_dir, variants=variants,
-                          int8_candidates=int8_candidates,
-                          pytorch_latency=pt_latency, pytorch_accuracy=pt_acc, validation=val_info,
-                          calibration=calibration_info, wall_s=time.perf_counter() - started, notes=notes,
-                          x_val=x_val, val_images=val_images, gates=gates, stage_seconds=stages.seconds,
-                          int8_strategy=req.int8_strategy)
-    progress("writing report")
-    with stages("report and plot"):
-        result.plot_png = write_plot(result)
-    result.wall_s = time.perf_counter() - started
-    result.report_json, result.report_md = write_report(result, gates)
+        self.notes.append(f"TFLite float32 and the {len(contenders)} passing int8 candidates were timed side by "
+                          "side (interleaved in rounds), so their latencies compare with each other.")
+
+    def choose_int8(self) -> None:
+        self.variants, self.int8_candidates = _pick_int8(self.variants, self.req, self.conversion_failures)
+
+    def report(self) -> ExportResult:
+        from .report import write_plot, write_report
+
+        req = self.req
+        result = ExportResult(spec=self.spec, stem=req.stem, out_dir=req.out_dir, variants=self.variants,
+                              int8_candidates=self.int8_candidates, pytorch_latency=self.pt_latency,
+                              pytorch_accuracy=self.pt_acc, validation=self.val_info,
+                              calibration=self.calibration_info, wall_s=0.0, notes=self.notes, x_val=self.x_val,
+                              val_images=self.val_images, gates=self.gates, stage_seconds=self.stages.seconds,
+                              int8_strategy=req.int8_strategy)
+        self.progress("writing report")
+        with self.stages("report and plot"):
+            result.plot_png = write_plot(result)
+        result.wall_s = time.perf_counter() - self.started
+        result.report_json, result.report_md = write_report(result, self.gates)
+        return result
+
+
+def _run_export(req: ExportRequest, *, progress: Progress) -> ExportResult:
+    run = _Export(req, progress)
+    run.check()
+    run.reference()
+    with tempfile.TemporaryDirectory(prefix="skinreg-") as tmp:
+        run.convert(Path(tmp))
+    run.validate()
+    run.time_candidates()
+    run.choose_int8()
+    result = run.report()
     if result.failures:
         raise GateError(result.failures, result)
     return result

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,8 +19,7 @@ from .models import LoadedModel, ModelSpec, build_model, load_checkpoint
 from .preprocess import Preprocessing
 
 if TYPE_CHECKING:
-    from .export import ExportResult, VariantResult
-    from .pipeline import ExportOptions
+    from .results import ExportResult, VariantResult
     from .registry import VersionRef
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,19 @@ def _pip(*names: str) -> list[str]:
 
 
 # -- source models -------------------------------------------------------------------------
-def load_source(ref: "VersionRef", opts: "ExportOptions", tmp: Path) -> tuple[LoadedModel, bool, list[str]]:
+@dataclass(frozen=True)
+class SourceHints:
+    """How to read a source version: what fills in for a version registered without skinreg metadata,
+    and whether its pickled code may run. Separate from the export settings (what to export)."""
+
+    allow_pickle: bool = False
+    arch: str | None = None
+    num_classes: int | None = None
+    input_size: int | None = None
+    labels: list[str] | None = None
+
+
+def load_source(ref: "VersionRef", opts: SourceHints, tmp: Path) -> tuple[LoadedModel, bool, list[str]]:
     """Return (eager-or-graph model + spec, dynamic batch?, notes for the report)."""
     import mlflow
     from mlflow.models import Model
@@ -69,7 +81,7 @@ def load_source(ref: "VersionRef", opts: "ExportOptions", tmp: Path) -> tuple[Lo
     return loaded, True, [f"source is the checkpoint artifact {checkpoints[0].name} (loaded with weights_only=True)"]
 
 
-def _load_pytorch_flavor(ref: "VersionRef", mlmodel: Any, local: Path, opts: "ExportOptions"
+def _load_pytorch_flavor(ref: "VersionRef", mlmodel: Any, local: Path, opts: SourceHints
                          ) -> tuple[LoadedModel, bool, list[str]]:
     import mlflow.pytorch
     import torch

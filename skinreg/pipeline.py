@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__
-from .enums import Format, Precision
-from .errors import GateError, RegistryError, SkinregError, first_line
+from .enums import Format
+from .errors import GateError, RegistryError, first_line
 from .export import ExportRequest, ExportResult, run_export
 from .measure import Stages
 from .registry import STAGE_FOR_ALIAS, Registry, VersionRef
@@ -51,6 +51,12 @@ class ExportOptions(ExportSettings):
     experiment: str = DEFAULT_EXPERIMENT
     candidate_alias: str | None = CANDIDATE
     force: bool = False
+
+    def source_hints(self) -> "SourceHints":
+        from .mlflow_io import SourceHints
+
+        return SourceHints(allow_pickle=self.allow_pickle, arch=self.arch, num_classes=self.num_classes,
+                           input_size=self.input_size, labels=self.labels)
 
     def settings_hash(self, calibration_sha: str | None) -> str:
         keep = {k: v for k, v in asdict(self).items() if k not in ("latency_runs", "threads", "force", "experiment")}
@@ -128,7 +134,7 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
             with tempfile.TemporaryDirectory(prefix="skinreg-src-") as tmp:
                 progress(f"loading {ref.uri}")
                 with io("registry: download source"):
-                    loaded, dynamic_batch, notes = load_source(ref, opts, Path(tmp))
+                    loaded, dynamic_batch, notes = load_source(ref, opts.source_hints(), Path(tmp))
                 req = ExportRequest(loaded=loaded, out_dir=Path(tmp) / "out", stem=ref.name.replace("/", "_"),
                                     dynamic_batch=dynamic_batch, notes=notes, **opts.request_kwargs())
                 try:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from .enums import Precision
 
 if TYPE_CHECKING:
-    from .export import ExportResult
+    from .results import ExportResult
     from .validate import Gate
 
 
