@@ -1,7 +1,8 @@
 """The HTTP service: POST /webhook (MLflow deliveries), GET /jobs, GET /jobs/{id}, GET /health.
 
-A delivery is answered 2xx only after its jobs are committed to the queue; the work itself runs
-in the worker (a thread of this service, or separate `skinreg hooks worker` processes)."""
+A delivery is answered 2xx only after its jobs are committed to the queue (procrastinate on
+PostgreSQL); the work itself runs in workers (a thread of this service, and/or `skinreg hooks worker`
+processes on any host)."""
 
 from __future__ import annotations
 
@@ -49,17 +50,17 @@ async def _read_capped(request: Request, cap: int) -> bytes:
 def create_app(cfg: HooksConfig, *, queue: JobQueue | None = None, run_worker: bool = False,
                run_reconciler: bool = False) -> FastAPI:
     secret = cfg.require_secret()
-    q = queue or JobQueue(cfg.queue_path, max_attempts=cfg.max_attempts)
+    q = queue or JobQueue(cfg.database_url, max_attempts=cfg.max_attempts)
     stop = threading.Event()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         threads = []
+        await run_in_threadpool(q.check_ready)
         if run_worker:
-            from .worker import Worker
+            from .runner import worker_thread
 
-            worker = Worker(cfg, q)
-            threads.append(threading.Thread(target=worker.run_forever, args=(stop,), name="hooks-worker", daemon=True))
+            threads.append(worker_thread(cfg, stop))
         if run_reconciler and cfg.reconcile_interval_s > 0:
             from .reconcile import reconcile_forever
 
@@ -69,12 +70,13 @@ def create_app(cfg: HooksConfig, *, queue: JobQueue | None = None, run_worker: b
         for t in threads:
             t.start()
         log.info("receiver: sources %s, queue %s, worker %s, reconciler every %ss", ", ".join(cfg.sources) or "(none)",
-                 q.path, "on" if run_worker else "off", cfg.reconcile_interval_s if run_reconciler else "off")
+                 q.where, "on" if run_worker else "off", cfg.reconcile_interval_s if run_reconciler else "off")
         yield
         stop.set()
         for t in threads:
             # A job that outlasts this wait is left 'running' and taken over at the next start.
             t.join(timeout=10)
+        await run_in_threadpool(q.close)
         alive = [t.name for t in threads if t.is_alive()]
         log.info("receiver stopped%s", f" ({', '.join(alive)} still busy: its job is taken over at the next start)"
                  if alive else "")

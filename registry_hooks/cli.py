@@ -1,7 +1,8 @@
 """CLI commands of registry_hooks, mounted into `skinreg` by skinreg.cli (module-level imports: typer only).
 
   skinreg hooks serve      the receiver (+ a worker thread and the periodic reconciler by default)
-  skinreg hooks worker     a worker process (run several for more throughput)
+  skinreg hooks worker     a worker process (run several, on any hosts, for more throughput)
+  skinreg hooks init-db    create the queue's schema in the PostgreSQL database (idempotent)
   skinreg hooks status     jobs and their state
   skinreg hooks install    create or update the MLflow webhook
   skinreg reconcile        queue the work the registry says is missing
@@ -18,8 +19,8 @@ import typer
 
 Sources = Annotated[list[str], typer.Option("--source", help="Source registered model to act on (repeatable; "
                                                              "env SKINREG_HOOKS_SOURCES, comma-separated).")]
-QueuePath = Annotated[Optional[Path], typer.Option("--queue", help="SQLite job queue file "
-                                                                   "(env SKINREG_HOOKS_QUEUE_PATH; default ./skinreg-hooks.db).")]
+QueuePath = Annotated[Optional[str], typer.Option("--database-url", help="PostgreSQL of the job queue, normally the "
+                                                  "one the MLflow server uses (env SKINREG_HOOKS_DATABASE_URL).")]
 ExecutorOpt = Annotated[Optional[str], typer.Option("--executor", help="inprocess | subprocess | mlflow-run "
                                                                        "(env SKINREG_HOOKS_EXECUTOR).")]
 Formats = Annotated[list[str], typer.Option("--format", help="Export formats: onnx, tflite, all (repeatable; "
@@ -81,7 +82,7 @@ def register(app: typer.Typer, command: Callable) -> None:
 
         from .app import create_app
 
-        cfg = _config(sources=source, queue_path=queue, reconcile_interval_s=reconcile_interval,
+        cfg = _config(sources=source, database_url=queue, reconcile_interval_s=reconcile_interval,
                       tolerance_s=tolerance, executor=executor, formats=format, latency_runs=latency_runs)
         if not cfg.sources:
             typer.echo("warning: no --source / SKINREG_HOOKS_SOURCES: every delivery will be ignored", err=True)
@@ -96,28 +97,23 @@ def register(app: typer.Typer, command: Callable) -> None:
         format: Formats = [],
         latency_runs: LatencyRuns = None,
         until_idle: Annotated[bool, typer.Option(help="Exit once no job is due (for cron or a batch job).")] = False,
+        name: Annotated[Optional[str], typer.Option(help="Worker name in logs and procrastinate's tables.")] = None,
     ) -> None:
-        """Run queued jobs: retries with backoff; takes over jobs a killed worker left running."""
+        """Run queued jobs (procrastinate worker): retries with backoff; takes over jobs of workers whose
+        heartbeats stopped."""
         _no_pickle()
-        import signal
-        import threading
+        import asyncio
 
         from .queue import JobQueue
-        from .worker import Worker
+        from .runner import work
 
-        cfg = _config(sources=source, queue_path=queue, executor=executor, formats=format, latency_runs=latency_runs)
-        w = Worker(cfg, JobQueue(cfg.queue_path, max_attempts=cfg.max_attempts))
+        cfg = _config(sources=source, database_url=queue, executor=executor, formats=format, latency_runs=latency_runs)
+        # procrastinate's worker: SIGTERM/SIGINT finish the current job, then exit (a SIGKILL leaves it
+        # 'doing'; another worker takes it over once this one's heartbeats are stalled_s old)
+        asyncio.run(work(cfg, until_idle=until_idle, name=name))
         if until_idle:
-            for job in w.run_until_idle(timeout_s=86400):
-                typer.echo(f"job {job.id} {job.key}: {job.state} {job.outcome or job.last_error or ''}")
-            return
-        stop = threading.Event()
-        # SIGTERM: finish the current job, then exit (a SIGKILL instead leaves it for the next worker)
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        try:
-            w.run_forever(stop)
-        except KeyboardInterrupt:
-            stop.set()
+            counts = JobQueue(cfg.database_url).counts()
+            typer.echo("no job due; totals: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
 
     @command("status", typer_app=hooks_app)
     def status_cmd(
@@ -132,27 +128,34 @@ def register(app: typer.Typer, command: Callable) -> None:
 
         from .queue import JobQueue
 
-        cfg = _config(queue_path=queue)
-        if not cfg.queue_path.exists():
-            from skinreg.errors import InputError
-
-            raise InputError(f"no job queue at {cfg.queue_path}: pass --queue or set SKINREG_HOOKS_QUEUE_PATH")
-        q = JobQueue(cfg.queue_path, max_attempts=cfg.max_attempts)
+        cfg = _config(database_url=queue)
+        q = JobQueue(cfg.database_url, max_attempts=cfg.max_attempts)
+        q.check_ready()
         jobs = q.jobs(state=state, limit=limit)
         if as_json:
             for j in jobs:
                 typer.echo(json.dumps(j.to_dict()))
             return
         typer.echo(f"{'id':>5}  {'state':8} {'key':42} {'origin':9} {'tries':>5} {'dup':>3}  {'run':32}  outcome")
-        for j in jobs:
+        for j in jobs:  # tries: procrastinate's attempts so far (+1 while running)
             detail = j.outcome or j.last_error or ""
             if j.state == "pending" and j.next_run_at > time.time():
                 detail = f"retry in {j.next_run_at - time.time():.0f}s; {detail}"
-            typer.echo(f"{j.id:>5}  {j.state:8} {j.key[:42]:42} {j.origin:9} {j.attempts:>5} {j.deliveries - 1:>3}  "
+            typer.echo(f"{j.id:>5}  {j.state:8} {j.key[:42]:42} {j.origin:9} {j.attempts + (j.state == 'running'):>5} {j.deliveries - 1:>3}  "
                        f"{(j.run_id or '-'):32}  {detail[:120]}")
         typer.echo("totals: " + ", ".join(f"{k} {v}" for k, v in sorted(q.counts().items())), err=True)
         typer.echo("deliveries: " + (", ".join(f"{k} {v}" for k, v in sorted(q.delivery_counts().items())) or "none"),
                    err=True)
+
+    @command("init-db", typer_app=hooks_app)
+    def init_db_cmd(queue: QueuePath = None) -> None:
+        """Create the job queue's schema (procrastinate's tables and skinreg's) in the PostgreSQL database;
+        running it again changes nothing."""
+        from .queue import SCHEMA, init_db, redact
+
+        cfg = _config(database_url=queue)
+        done = init_db(cfg.database_url)
+        typer.echo(f"{redact(cfg.database_url)} schema {SCHEMA}: " + ("; ".join(done) if done else "already up to date"))
 
     @command("install", typer_app=hooks_app)
     def install_cmd(
@@ -179,12 +182,12 @@ def register(app: typer.Typer, command: Callable) -> None:
         from .queue import JobQueue
         from .reconcile import reconcile
 
-        cfg = _config(sources=source, queue_path=queue)
+        cfg = _config(sources=source, database_url=queue)
         if not cfg.sources:
             from skinreg.errors import InputError
 
             raise InputError("no source models: pass --source NAME or set SKINREG_HOOKS_SOURCES")
-        report = reconcile(cfg, JobQueue(cfg.queue_path, max_attempts=cfg.max_attempts), include_dead=include_dead)
+        report = reconcile(cfg, JobQueue(cfg.database_url, max_attempts=cfg.max_attempts), include_dead=include_dead)
         for item in report.queued:
             typer.echo(f"{'already queued' if item.merged else 'queued'} job {item.job_id} {item.spec.key}: {item.why}")
         for note in report.notes:

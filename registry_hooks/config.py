@@ -34,14 +34,17 @@ class HooksConfig(ExportSettings):
     secret: str = ""  # the webhook's signing secret; the receiver refuses to start without one
     tolerance_s: int = 300  # max |now - X-MLflow-Timestamp|; replays older than this are rejected outright
     # -- queue -----------------------------------------------------------------------------------
-    queue_path: Path = Path("skinreg-hooks.db")
+    # The PostgreSQL the MLflow server uses (postgresql://... or MLflow's postgresql+psycopg2://...): the queue
+    # (procrastinate) lives in its own schema there. `skinreg hooks init-db` creates it.
+    database_url: str = ""
     # -- worker ----------------------------------------------------------------------------------
     executor: Executor = Executor.inprocess
     max_attempts: int = 5  # a job killed or failing this often is parked as 'dead' (poison-pill guard)
     backoff_s: float = 10.0  # first retry delay; doubles per attempt
     backoff_max_s: float = 300.0
-    lease_s: float = 60.0  # a running job whose lease is not renewed for this long is taken over
-    poll_s: float = 0.5  # idle worker polling interval (a local SQLite read)
+    heartbeat_s: float = 10.0  # workers' heartbeat interval (procrastinate), and how often they look for stalled jobs
+    stalled_s: float = 30.0  # a job whose worker sent no heartbeat for this long is taken over by another worker
+    poll_s: float = 2.0  # fallback polling interval; LISTEN/NOTIFY wakes a worker as soon as a job is deferred
     stale_running_s: float = 7200.0  # an export marked 'running' this long, by a run we do not own, is dead
     dead_requeue_s: float = 21600.0  # the reconciler queues a dead job's work again after this long; 0: never
     # -- export settings passed to skinreg.pipeline.ExportOptions --------------------------------
@@ -64,8 +67,11 @@ class HooksConfig(ExportSettings):
     def validate(self) -> "HooksConfig":
         """Reject bad settings at start-up, not at the first job (bad enum values already failed in
         ExportSettings.normalize)."""
-        if self.tolerance_s <= 0 or self.max_attempts < 1 or self.lease_s <= 0:
-            raise InputError("tolerance_s, lease_s must be > 0 and max_attempts >= 1")
+        if self.tolerance_s <= 0 or self.max_attempts < 1 or self.heartbeat_s <= 0 or self.poll_s <= 0:
+            raise InputError("tolerance_s, heartbeat_s, poll_s must be > 0 and max_attempts >= 1")
+        if self.stalled_s <= 2 * self.heartbeat_s:
+            raise InputError(f"stalled_s ({self.stalled_s:g}) must be over twice heartbeat_s ({self.heartbeat_s:g}): "
+                             "a live worker would be taken for dead")
         if "{source}" not in self.name_pattern or "{variant}" not in self.name_pattern:
             raise InputError(f"bad name pattern {self.name_pattern!r}: it needs {{source}} and {{variant}}")
         return self
@@ -95,9 +101,9 @@ def from_env(env: Mapping[str, str] | None = None) -> HooksConfig:
     """HooksConfig from SKINREG_HOOKS_<FIELD> (upper case; lists comma-separated) and SKINREG_WEBHOOK_SECRET."""
     env = os.environ if env is None else env
     cfg = HooksConfig(secret=env.get(ENV_SECRET, ""))
-    casts = {"sources": _split, "queue_path": Path, "executor": Executor, "tolerance_s": int,
+    casts = {"sources": _split, "executor": Executor, "tolerance_s": int,
              "max_attempts": int, "backoff_s": float, "backoff_max_s": float,
-             "lease_s": float, "poll_s": float, "stale_running_s": float, "reconcile_interval_s": float,
+             "heartbeat_s": float, "stalled_s": float, "poll_s": float, "stale_running_s": float, "reconcile_interval_s": float,
              "dead_requeue_s": float}
     export_fields = set(ExportSettings.__dataclass_fields__)
     values: dict[str, Any] = from_strings({name: env[ENV_PREFIX + name.upper()] for name in export_fields

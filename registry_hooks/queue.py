@@ -1,74 +1,98 @@
-"""The durable job queue: a small SQLite job table (states, attempts, next_run_at, lease).
+"""The job queue: procrastinate on PostgreSQL (the database the MLflow server already uses, in its own
+schema), plus three small tables of the receiver's own (deliveries for replay protection, refusal
+counters, and each job's outcome and MLflow run id).
 
-Why not Huey (installed): Huey dequeues a task before running it, so a worker killed mid-task
-loses it (there is no ack), and it has no notion of "the same work asked twice". Here a job stays
-in the table from the webhook's 2xx to its end: `running` rows carry a lease (owner + expiry,
-renewed by a heartbeat) and a worker that dies leaves a row that the next claim takes over, and a
-partial unique index on the dedupe key merges duplicate deliveries into one job.
-
-Every write is one `BEGIN IMMEDIATE` transaction, committed with synchronous=FULL before the
-receiver answers 2xx, so an acknowledged delivery survives a crash of the receiver.
+procrastinate does the queueing: `queueing_lock` (the job's dedupe key) merges a duplicate while one
+waits, `lock` (the source model's name) serialises the jobs of one source, retries are scheduled by
+a retry strategy, workers send heartbeats, and LISTEN/NOTIFY wakes a worker when a job is deferred.
+This module only maps skinreg's jobs onto it and reads its tables back for `hooks status` and
+`GET /jobs`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import socket
-import sqlite3
 import time
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+from urllib.parse import urlsplit
+
+from skinreg.errors import InputError
 
 from .events import JobKind, JobSpec
 
 log = logging.getLogger(__name__)
 
+SCHEMA = "skinreg_hooks"  # procrastinate's tables and ours live here, beside MLflow's tables in `public`
+TASK = "skinreg.hooks.job"  # the one procrastinate task: run a JobSpec
 PENDING, RUNNING, DONE, DEAD = "pending", "running", "done", "dead"
+# procrastinate's job statuses, as skinreg has always shown them
+STATE_OF = {"todo": PENDING, "doing": RUNNING, "succeeded": DONE, "failed": DEAD, "cancelled": "cancelled",
+            "aborted": "aborted", "aborting": RUNNING}
+STATUSES_OF = {PENDING: ("todo",), RUNNING: ("doing", "aborting"), DONE: ("succeeded",), DEAD: ("failed",),
+               "cancelled": ("cancelled",), "aborted": ("aborted",)}
 DELIVERY_KEEP_S = 86400  # deliveries older than max(this, 2 x tolerance) are pruned: stale ones are refused anyway
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    key         TEXT NOT NULL,
-    spec        TEXT NOT NULL,
-    state       TEXT NOT NULL,
-    origin      TEXT NOT NULL,
-    attempts    INTEGER NOT NULL DEFAULT 0,
-    interrupted INTEGER NOT NULL DEFAULT 0,
+OWN_TABLES = f"""
+CREATE TABLE IF NOT EXISTS {SCHEMA}.job_info (
+    job_id      BIGINT PRIMARY KEY,   -- procrastinate_jobs.id
     deliveries  INTEGER NOT NULL DEFAULT 1,
-    next_run_at REAL NOT NULL,
-    lease_owner TEXT,
-    lease_until REAL,
+    failures    INTEGER NOT NULL DEFAULT 0,  -- failed attempts (an outage or a busy version is not one)
+    outages     INTEGER NOT NULL DEFAULT 0,  -- consecutive waits for an unreachable MLflow (sets the backoff)
     run_id      TEXT,
     outcome     TEXT,
     last_error  TEXT,
-    created_at  REAL NOT NULL,
-    updated_at  REAL NOT NULL,
-    finished_at REAL
+    updated_at  DOUBLE PRECISION NOT NULL
 );
-CREATE UNIQUE INDEX IF NOT EXISTS jobs_active_key ON jobs(key) WHERE state IN ('pending', 'running');
-CREATE INDEX IF NOT EXISTS jobs_due ON jobs(state, next_run_at);
-CREATE TABLE IF NOT EXISTS deliveries (
+CREATE TABLE IF NOT EXISTS {SCHEMA}.deliveries (
     delivery_id TEXT PRIMARY KEY,
-    timestamp   INTEGER NOT NULL,
-    received_at REAL NOT NULL,
+    timestamp   BIGINT NOT NULL,
+    received_at DOUBLE PRECISION NOT NULL,
     event       TEXT NOT NULL,
     outcome     TEXT NOT NULL,
     job_ids     TEXT NOT NULL
 );
 -- Requests the receiver refused (bad or missing signature, stale, too large, malformed): one counter per
 -- reason, so a flood of forged requests costs constant space.
-CREATE TABLE IF NOT EXISTS refusals (
+CREATE TABLE IF NOT EXISTS {SCHEMA}.refusals (
     reason   TEXT PRIMARY KEY,
-    count    INTEGER NOT NULL,
-    last_at  REAL NOT NULL
+    count    BIGINT NOT NULL,
+    last_at  DOUBLE PRECISION NOT NULL
 );
 """
+
+_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)[^/\s@:]+(?::[^/\s@]*)?@")
+
+
+def redact(text: str | None) -> str | None:
+    """`scheme://user:password@host` -> `scheme://***@host`: a tracking or database URI in an error
+    message never reaches the queue or /jobs with its credentials."""
+    return None if text is None else _CREDENTIALS.sub(r"\g<scheme>***@", text)
+
+
+def conninfo(database_url: str) -> str:
+    """A libpq URL from the database setting, which may be written the way MLflow's
+    --backend-store-uri is (`postgresql+psycopg2://...`)."""
+    if not database_url:
+        raise InputError("no queue database: set SKINREG_HOOKS_DATABASE_URL (or --database-url) to the PostgreSQL "
+                         "URL your MLflow server uses, e.g. postgresql://mlflow@db:5432/mlflow")
+    scheme = urlsplit(database_url).scheme
+    if scheme.split("+")[0] not in ("postgresql", "postgres"):
+        raise InputError(f"the queue needs PostgreSQL, got a {scheme or 'plain path'} URL "
+                         f"({redact(database_url)}): set SKINREG_HOOKS_DATABASE_URL=postgresql://user@host:port/db")
+    return "postgresql" + database_url[len(scheme):]
+
+
+def make_app(database_url: str) -> Any:
+    """A procrastinate App on the queue schema of this database (connections use search_path=skinreg_hooks)."""
+    import procrastinate
+
+    return procrastinate.App(connector=procrastinate.PsycopgConnector(
+        conninfo=conninfo(database_url), kwargs={"options": f"-c search_path={SCHEMA}"},
+        min_size=1, max_size=4))
 
 
 @dataclass(frozen=True)
@@ -76,14 +100,15 @@ class Job:
     id: int
     key: str
     spec: JobSpec
-    state: str
+    state: str  # pending | running | done | dead (| cancelled | aborted)
+    status: str  # procrastinate's own status: todo | doing | succeeded | failed | ...
     origin: str
-    attempts: int
-    interrupted: int
+    attempts: int  # procrastinate's count of finished attempts (retries included)
+    interrupted: int  # how many earlier jobs of this work died with their worker (stalled heartbeats)
     deliveries: int
     next_run_at: float
-    lease_owner: str | None
-    lease_until: float | None
+    worker_id: int | None
+    previous_run_id: str | None  # the MLflow run of an interrupted predecessor (rolled back before exporting)
     run_id: str | None
     outcome: str | None
     last_error: str | None
@@ -114,260 +139,275 @@ class DeliveryRecord:
     job_ids: list[int]
 
 
-_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)[^/\s@:]+(?::[^/\s@]*)?@")
-
-
-def redact(text: str | None) -> str | None:
-    """`scheme://user:password@host` -> `scheme://***@host`: a tracking or database URI in an error
-    message never reaches the queue or /jobs with its credentials."""
-    return None if text is None else _CREDENTIALS.sub(r"\g<scheme>***@", text)
-
-
-def _proc_start(pid: int) -> str | None:
-    """The kernel's start time of a process (Linux): with the pid it names one process, even after pid reuse."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] in ("Z", "X"):  # a zombie (killed, not yet reaped by its parent) is gone too
-        return None
-    return fields[19]
-
-
-def _pid_namespace() -> str:
-    try:
-        return str(os.stat("/proc/self/ns/pid").st_ino)
-    except OSError:
-        return "?"
-
-
-def current_owner() -> str:
-    """host:pid:process-start:nonce:pid-namespace (the nonce tells apart two workers of one process; the
-    namespace tells whether a pid on "the same host" is one we can see at all: containers share hostnames)."""
-    return (f"{socket.gethostname()}:{os.getpid()}:{_proc_start(os.getpid()) or 0}:{os.urandom(3).hex()}:"
-            f"{_pid_namespace()}")
-
-
-def owner_is_dead(owner: str | None) -> bool:
-    """True only when the lease owner is provably gone: a process of this host and pid namespace that no
-    longer exists. Owners elsewhere (other hosts, other containers) are judged by their lease expiry alone."""
-    if not owner:
-        return True
-    host, pid, start, _, namespace = (owner.split(":") + ["", "", "", ""])[:5]
-    if host != socket.gethostname() or not pid.isdigit() or namespace != _pid_namespace() or namespace == "?":
-        return False  # another host, or another container with this hostname: only the lease can tell
-    if Path("/proc").is_dir():
-        return _proc_start(int(pid)) != start
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+_JOB_SELECT = f"""
+SELECT j.id, j.status, j.args, j.attempts, j.worker_id, j.queueing_lock,
+       EXTRACT(EPOCH FROM j.scheduled_at) AS scheduled_at,
+       i.deliveries, i.run_id, i.outcome, i.last_error, i.updated_at,
+       (SELECT EXTRACT(EPOCH FROM MIN(e.at)) FROM {SCHEMA}.procrastinate_events e WHERE e.job_id = j.id) AS created_at,
+       (SELECT EXTRACT(EPOCH FROM MAX(e.at)) FROM {SCHEMA}.procrastinate_events e
+         WHERE e.job_id = j.id AND e.type IN ('succeeded', 'failed', 'cancelled', 'aborted')) AS finished_at
+  FROM {SCHEMA}.procrastinate_jobs j LEFT JOIN {SCHEMA}.job_info i ON i.job_id = j.id
+ WHERE j.task_name = '{TASK}'"""
 
 
 class JobQueue:
-    def __init__(self, path: Path | str, *, max_attempts: int = 5) -> None:
-        self.path = Path(path)
-        self.max_attempts = max_attempts
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with closing(sqlite3.connect(self.path, timeout=30)) as db:
-            db.execute("PRAGMA journal_mode=WAL")  # readers (GET /jobs) never block the receiver's writes
-            db.executescript(SCHEMA)  # idempotent (IF NOT EXISTS); executescript commits by itself
+    """skinreg's view of the procrastinate queue: defer jobs (with dedupe), record deliveries, read state."""
 
+    def __init__(self, database_url: str, *, max_attempts: int = 5) -> None:
+        self.url = conninfo(database_url)
+        self.max_attempts = max_attempts
+        self._app: Any = None
+
+    @property
+    def where(self) -> str:
+        return redact(self.url) or ""
+
+    # -- plumbing ------------------------------------------------------------------------------
     @contextmanager
-    def _tx(self, *, write: bool = True) -> Iterator[sqlite3.Connection]:
-        # One short-lived connection per operation: safe across threads (receiver, worker, reconciler)
-        # and processes; BEGIN IMMEDIATE takes the write lock up front, so read-then-write is atomic.
-        with closing(sqlite3.connect(self.path, timeout=30, isolation_level=None)) as db:
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            try:
+    def _db(self) -> Iterator[Any]:
+        """One short-lived connection per operation, one transaction (safe across threads and processes)."""
+        import psycopg
+        from psycopg.rows import dict_row
+
+        with psycopg.connect(self.url, row_factory=dict_row, connect_timeout=10,
+                             options=f"-c search_path={SCHEMA}") as db:
+            with db.transaction():
                 yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+
+    def app(self) -> Any:
+        """A procrastinate App opened for synchronous defers (the receiver and the reconciler use it)."""
+        if self._app is None:
+            app = make_app(self.url)
+            app.open()
+            self._app = app
+        return self._app
+
+    def close(self) -> None:
+        if self._app is not None:
+            self._app.close()
+            self._app = None
+
+    def check_ready(self) -> None:
+        """Fail in one line when `skinreg hooks init-db` has not been run on this database."""
+        with self._db() as db:
+            found = db.execute("SELECT to_regclass(%s) AS t, to_regclass(%s) AS o",
+                               (f"{SCHEMA}.procrastinate_jobs", f"{SCHEMA}.job_info")).fetchone()
+        if not found["t"] or not found["o"]:
+            raise InputError(f"the queue schema {SCHEMA!r} is missing in {self.where}: run `skinreg hooks init-db`")
 
     # -- enqueue -------------------------------------------------------------------------------
-    def _enqueue(self, db: sqlite3.Connection, spec: JobSpec, origin: str, *, dedupe_done: bool) -> tuple[int, bool]:
-        now = time.time()
-        row = db.execute("SELECT id FROM jobs WHERE key = ? AND state IN (?, ?)", (spec.key, PENDING, RUNNING)).fetchone()
-        if row is None and dedupe_done:
-            row = db.execute("SELECT id FROM jobs WHERE key = ? AND state = ? ORDER BY id DESC LIMIT 1",
-                             (spec.key, DONE)).fetchone()
-        if row is not None:
-            db.execute("UPDATE jobs SET deliveries = deliveries + 1, updated_at = ? WHERE id = ?", (now, row["id"]))
-            return int(row["id"]), True
-        cur = db.execute("INSERT INTO jobs (key, spec, state, origin, next_run_at, created_at, updated_at) "
-                         "VALUES (?, ?, ?, ?, ?, ?, ?)", (spec.key, spec.to_json(), PENDING, origin, now, now, now))
-        return int(cur.lastrowid), False
+    def defer(self, spec: JobSpec, origin: str, *, merge_statuses: tuple[str, ...], interrupted: int = 0,
+              previous_run_id: str | None = None) -> tuple[int, bool]:
+        """Queue `spec` unless a job of the same key is in one of `merge_statuses` (then count the delivery
+        on it). A duplicate of a waiting job is also caught by procrastinate's queueing lock."""
+        from procrastinate.exceptions import AlreadyEnqueued
+
+        with self._db() as db:
+            row = db.execute("SELECT id FROM procrastinate_jobs WHERE task_name = %s AND queueing_lock = %s "
+                             "AND status = ANY(%s) ORDER BY id DESC LIMIT 1",
+                             (TASK, spec.key, list(merge_statuses))).fetchone()
+        if row is None:
+            try:
+                job_id = self.app().configure_task(TASK, lock=spec.name, queueing_lock=spec.key).defer(
+                    spec=json.loads(spec.to_json()), origin=origin, interrupted=interrupted,
+                    previous_run_id=previous_run_id)
+            except AlreadyEnqueued:
+                with self._db() as db:
+                    row = db.execute("SELECT id FROM procrastinate_jobs WHERE queueing_lock = %s AND status = 'todo'",
+                                     (spec.key,)).fetchone()
+                if row is None:  # it started in between: count the delivery on the running one
+                    return self.defer(spec, origin, merge_statuses=merge_statuses + ("doing",),
+                                      interrupted=interrupted, previous_run_id=previous_run_id)
+            else:
+                with self._db() as db:
+                    db.execute("INSERT INTO job_info (job_id, run_id, updated_at) VALUES (%s, %s, %s) "
+                               "ON CONFLICT (job_id) DO NOTHING", (job_id, previous_run_id, time.time()))
+                return job_id, False
+        with self._db() as db:
+            db.execute("INSERT INTO job_info (job_id, deliveries, run_id, updated_at) VALUES (%s, 2, %s, %s) "
+                       "ON CONFLICT (job_id) DO UPDATE SET deliveries = job_info.deliveries + 1, "
+                       "run_id = COALESCE(job_info.run_id, excluded.run_id), updated_at = excluded.updated_at",
+                       (row["id"], previous_run_id, time.time()))
+        return int(row["id"]), True
 
     @staticmethod
-    def _dedupe_done(spec: JobSpec) -> bool:
-        # An export of a given version is final (re-exporting is a deliberate `export-version --force`),
-        # so a later duplicate of a finished export is merged too. Alias jobs are not: an alias moved
-        # away and back to the same version is new work.
-        return spec.kind is JobKind.export
+    def _merge_statuses(spec: JobSpec, *, delivered: bool) -> tuple[str, ...]:
+        # Waiting or running work absorbs a duplicate. A delivered export of a version that was already
+        # exported is merged too (re-exporting is a deliberate `export-version --force`); an alias job is
+        # not: an alias moved away and back to the same version is new work. The reconciler asks only when
+        # the registry says the work is missing, so it merges into waiting or running work only.
+        live = ("todo", "doing")
+        return live + ("succeeded",) if delivered and spec.kind is JobKind.export else live
 
     def accept(self, *, delivery_id: str, timestamp: int, event: str, jobs: list[JobSpec], outcome: str) -> Accepted:
-        """Record a verified delivery and its jobs atomically; a delivery id seen before is a replay."""
-        now = time.time()
-        with self._tx() as db:
-            seen = db.execute("SELECT job_ids FROM deliveries WHERE delivery_id = ?", (delivery_id,)).fetchone()
-            if seen is not None:
-                return Accepted(replay=True, job_ids=json.loads(seen["job_ids"]), merged=[])
-            ids, merged = [], []
-            for spec in jobs:
-                job_id, was_merged = self._enqueue(db, spec, "webhook", dedupe_done=self._dedupe_done(spec))
-                ids.append(job_id)
-                if was_merged:
-                    merged.append(job_id)
+        """Record a verified delivery and queue its jobs; a delivery id seen before is a replay.
+
+        The jobs are deferred first, then the delivery is recorded, both before the 2xx answer. A crash in
+        between leaves queued work and no delivery record: MLflow sends the delivery again and its jobs
+        merge into the queued ones."""
+        with self._db() as db:
+            seen = db.execute("SELECT job_ids FROM deliveries WHERE delivery_id = %s", (delivery_id,)).fetchone()
+        if seen is not None:
+            return Accepted(replay=True, job_ids=json.loads(seen["job_ids"]), merged=[])
+        ids, merged = [], []
+        for spec in jobs:
+            job_id, was_merged = self.defer(spec, "webhook", merge_statuses=self._merge_statuses(spec, delivered=True))
+            ids.append(job_id)
+            if was_merged:
+                merged.append(job_id)
+        with self._db() as db:
             db.execute("INSERT INTO deliveries (delivery_id, timestamp, received_at, event, outcome, job_ids) "
-                       "VALUES (?, ?, ?, ?, ?, ?)", (delivery_id, timestamp, now, event, outcome, json.dumps(ids)))
+                       "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (delivery_id) DO NOTHING",
+                       (delivery_id, timestamp, time.time(), event, outcome, json.dumps(ids)))
         return Accepted(replay=False, job_ids=ids, merged=merged)
 
     def enqueue(self, spec: JobSpec, *, origin: str) -> tuple[int, bool]:
-        """Queue work found by the reconciler or asked for on the CLI: merged only into a pending or
-        running job with the same key (the registry, not an old job row, says the work is missing)."""
-        with self._tx() as db:
-            return self._enqueue(db, spec, origin, dedupe_done=False)
+        """Queue work found by the reconciler or asked for on the CLI: merged only into a waiting or
+        running job with the same key (the registry, not an old job, says the work is missing)."""
+        return self.defer(spec, origin, merge_statuses=self._merge_statuses(spec, delivered=False))
 
     def prune_deliveries(self, tolerance_s: int) -> int:
         cutoff = time.time() - max(DELIVERY_KEEP_S, 2 * tolerance_s)
-        with self._tx() as db:
-            return db.execute("DELETE FROM deliveries WHERE timestamp < ?", (cutoff,)).rowcount
+        with self._db() as db:
+            return db.execute("DELETE FROM deliveries WHERE timestamp < %s", (cutoff,)).rowcount
 
-    # -- worker side ---------------------------------------------------------------------------
-    def claim(self, owner: str, lease_s: float) -> Job | None:
-        """Take the next due job. Jobs left `running` by a dead worker (lease expired, or its process is
-        gone) go back to pending first, counted in `interrupted`; one that killed its worker
-        max_attempts times is parked as dead."""
-        now = time.time()
-        with self._tx() as db:
-            for row in db.execute("SELECT * FROM jobs WHERE state = ?", (RUNNING,)).fetchall():
-                if row["lease_until"] >= now and not owner_is_dead(row["lease_owner"]):
-                    continue
-                log.warning("job %s (%s) was left running by %s: taking it over", row["id"], row["key"], row["lease_owner"])
-                if row["attempts"] >= self.max_attempts:
-                    db.execute("UPDATE jobs SET state = ?, interrupted = interrupted + 1, lease_owner = NULL, "
-                               "last_error = ?, updated_at = ?, finished_at = ? WHERE id = ?",
-                               (DEAD, f"worker died {row['attempts']} times running it", now, now, row["id"]))
-                else:
-                    # next_run_at is kept: the interrupted job stays ahead of work queued after it
-                    db.execute("UPDATE jobs SET state = ?, interrupted = interrupted + 1, lease_owner = NULL, "
-                               "updated_at = ? WHERE id = ?", (PENDING, now, row["id"]))
-            row = db.execute("SELECT * FROM jobs WHERE state = ? AND next_run_at <= ? ORDER BY next_run_at, id LIMIT 1",
-                             (PENDING, now)).fetchone()
-            if row is None:
-                return None
-            db.execute("UPDATE jobs SET state = ?, attempts = attempts + 1, lease_owner = ?, lease_until = ?, "
-                       "updated_at = ? WHERE id = ?", (RUNNING, owner, now + lease_s, now, row["id"]))
-            return self._job(db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone())
-
-    def heartbeat(self, job_id: int, owner: str, lease_s: float) -> bool:
-        """Extend the lease; False if this worker no longer holds the job."""
-        with self._tx() as db:
-            return db.execute("UPDATE jobs SET lease_until = ? WHERE id = ? AND lease_owner = ? AND state = ?",
-                              (time.time() + lease_s, job_id, owner, RUNNING)).rowcount == 1
-
-    def holds(self, job_id: int, owner: str) -> bool:
-        """Whether `owner` still holds the job's lease (no other worker has taken it over)."""
-        with self._tx(write=False) as db:
-            row = db.execute("SELECT lease_owner, state FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return row is not None and row["lease_owner"] == owner and row["state"] == RUNNING
-
+    # -- what a running job records ---------------------------------------------------------------
     def set_run_id(self, job_id: int, run_id: str) -> None:
-        with self._tx() as db:
-            db.execute("UPDATE jobs SET run_id = ?, updated_at = ? WHERE id = ?", (run_id, time.time(), job_id))
+        self._info(job_id, run_id=run_id)
 
-    def finish(self, job_id: int, owner: str, *, outcome: str, run_id: str | None = None) -> None:
-        now = time.time()
-        with self._tx() as db:
-            db.execute("UPDATE jobs SET state = ?, outcome = ?, run_id = COALESCE(?, run_id), lease_owner = NULL, "
-                       "updated_at = ?, finished_at = ? WHERE id = ? AND lease_owner = ?",
-                       (DONE, outcome, run_id, now, now, job_id, owner))
+    def record(self, job_id: int, *, outcome: str | None = None, error: str | None = None,
+               run_id: str | None = None) -> None:
+        self._info(job_id, outcome=outcome, last_error=redact(error)[:5000] if error else None, run_id=run_id)
+        if outcome is not None:
+            with self._db() as db:
+                db.execute("UPDATE job_info SET outages = 0 WHERE job_id = %s", (job_id,))
 
-    def fail(self, job_id: int, owner: str, *, error: str, retry_in: float | None) -> str:
-        """Record a failed attempt: back to pending after `retry_in` seconds, or dead when retries are
-        used up (or retry_in is None: the error is permanent). Returns the new state."""
-        now = time.time()
-        with self._tx() as db:
-            row = db.execute("SELECT attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            dead = retry_in is None or row["attempts"] >= self.max_attempts
-            db.execute("UPDATE jobs SET state = ?, last_error = ?, next_run_at = ?, lease_owner = NULL, updated_at = ?, "
-                       "finished_at = ? WHERE id = ? AND lease_owner = ?",
-                       (DEAD if dead else PENDING, redact(error)[:5000], now + (retry_in or 0), now, now if dead else None,
-                        job_id, owner))
-            return DEAD if dead else PENDING
+    def _info(self, job_id: int, **values: Any) -> None:
+        values = {k: v for k, v in values.items() if v is not None}
+        cols = ", ".join(f"{k} = %({k})s" for k in values)
+        with self._db() as db:
+            db.execute("INSERT INTO job_info (job_id, updated_at) VALUES (%(job_id)s, %(now)s) "
+                       "ON CONFLICT (job_id) DO NOTHING", {"job_id": job_id, "now": time.time()})
+            db.execute(f"UPDATE job_info SET updated_at = %(now)s{', ' + cols if cols else ''} WHERE job_id = %(job_id)s",
+                       {**values, "job_id": job_id, "now": time.time()})
 
-    def defer(self, job_id: int, owner: str, *, reason: str, delay_s: float) -> None:
-        """Put a job back without using up an attempt (the work is busy elsewhere, not failing)."""
-        now = time.time()
-        with self._tx() as db:
-            db.execute("UPDATE jobs SET state = ?, attempts = attempts - 1, last_error = ?, next_run_at = ?, "
-                       "lease_owner = NULL, updated_at = ? WHERE id = ? AND lease_owner = ?",
-                       (PENDING, redact(reason), now + delay_s, now, job_id, owner))
+    def count_failure(self, job_id: int, *, error: str) -> int:
+        """Record a failed attempt; returns how many attempts of this job have failed."""
+        self._info(job_id, last_error=redact(error)[:5000])
+        with self._db() as db:
+            return int(db.execute("UPDATE job_info SET failures = failures + 1, outages = 0 WHERE job_id = %s "
+                                  "RETURNING failures", (job_id,)).fetchone()["failures"])
+
+    def count_outage(self, job_id: int) -> int:
+        """Record one more consecutive wait for MLflow; returns the streak."""
+        self._info(job_id)
+        with self._db() as db:
+            return int(db.execute("UPDATE job_info SET outages = outages + 1 WHERE job_id = %s RETURNING outages",
+                                  (job_id,)).fetchone()["outages"])
+
+    def holds(self, job_id: int, worker_id: int | None) -> bool:
+        """Whether this worker still runs the job (it has not been declared stalled and taken over)."""
+        with self._db() as db:
+            row = db.execute("SELECT status, worker_id FROM procrastinate_jobs WHERE id = %s", (job_id,)).fetchone()
+        return row is not None and row["status"] == "doing" and (worker_id is None or row["worker_id"] == worker_id)
 
     # -- reading -------------------------------------------------------------------------------
     @staticmethod
-    def _job(row: sqlite3.Row) -> Job:
-        d = dict(row)
-        d["spec"] = JobSpec.from_json(d["spec"])
-        return Job(**d)
+    def _job(row: dict) -> Job:
+        args = row["args"] or {}
+        spec = JobSpec.from_json(json.dumps(args.get("spec", {})))
+        created = float(row["created_at"] or row["scheduled_at"] or 0)
+        return Job(id=int(row["id"]), key=row["queueing_lock"] or spec.key, spec=spec,
+                   state=STATE_OF.get(row["status"], row["status"]), status=row["status"],
+                   origin=args.get("origin", "?"), attempts=int(row["attempts"]),
+                   interrupted=int(args.get("interrupted", 0)), deliveries=int(row["deliveries"] or 1),
+                   next_run_at=float(row["scheduled_at"] or created), worker_id=row["worker_id"],
+                   previous_run_id=args.get("previous_run_id"), run_id=row["run_id"], outcome=row["outcome"],
+                   last_error=row["last_error"], created_at=created, updated_at=float(row["updated_at"] or created),
+                   finished_at=float(row["finished_at"]) if row["finished_at"] else None)
 
     def jobs(self, *, state: str | None = None, limit: int = 200) -> list[Job]:
-        with self._tx(write=False) as db:
+        with self._db() as db:
             if state:
-                rows = db.execute("SELECT * FROM jobs WHERE state = ? ORDER BY id DESC LIMIT ?", (state, limit))
+                rows = db.execute(_JOB_SELECT + " AND j.status = ANY(%s) ORDER BY j.id DESC LIMIT %s",
+                                  (list(STATUSES_OF.get(state, (state,))), limit))
             else:
-                rows = db.execute("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,))
+                rows = db.execute(_JOB_SELECT + " ORDER BY j.id DESC LIMIT %s", (limit,))
             return [self._job(r) for r in rows.fetchall()]
 
     def get(self, job_id: int) -> Job | None:
-        with self._tx(write=False) as db:
-            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            return self._job(row) if row else None
+        with self._db() as db:
+            row = db.execute(_JOB_SELECT + " AND j.id = %s", (job_id,)).fetchone()
+        return self._job(row) if row else None
 
     def latest(self, key: str) -> Job | None:
-        with self._tx(write=False) as db:
-            row = db.execute("SELECT * FROM jobs WHERE key = ? ORDER BY id DESC LIMIT 1", (key,)).fetchone()
-            return self._job(row) if row else None
+        with self._db() as db:
+            row = db.execute(_JOB_SELECT + " AND j.queueing_lock = %s ORDER BY j.id DESC LIMIT 1", (key,)).fetchone()
+        return self._job(row) if row else None
 
     def delivery(self, delivery_id: str) -> DeliveryRecord | None:
-        with self._tx(write=False) as db:
-            row = db.execute("SELECT * FROM deliveries WHERE delivery_id = ?", (delivery_id,)).fetchone()
-        if row is None:
-            return None
-        return DeliveryRecord(delivery_id=row["delivery_id"], timestamp=row["timestamp"], event=row["event"],
-                              outcome=row["outcome"], job_ids=json.loads(row["job_ids"]))
+        with self._db() as db:
+            row = db.execute("SELECT * FROM deliveries WHERE delivery_id = %s", (delivery_id,)).fetchone()
+        return None if row is None else self._delivery(row)
+
+    @staticmethod
+    def _delivery(r: dict) -> DeliveryRecord:
+        return DeliveryRecord(delivery_id=r["delivery_id"], timestamp=r["timestamp"], event=r["event"],
+                              outcome=r["outcome"], job_ids=json.loads(r["job_ids"]))
 
     def deliveries(self, *, limit: int = 200) -> list[DeliveryRecord]:
-        with self._tx(write=False) as db:
-            rows = db.execute("SELECT * FROM deliveries ORDER BY received_at DESC LIMIT ?", (limit,)).fetchall()
-        return [DeliveryRecord(delivery_id=r["delivery_id"], timestamp=r["timestamp"], event=r["event"],
-                               outcome=r["outcome"], job_ids=json.loads(r["job_ids"])) for r in rows]
+        with self._db() as db:
+            rows = db.execute("SELECT * FROM deliveries ORDER BY received_at DESC LIMIT %s", (limit,)).fetchall()
+        return [self._delivery(r) for r in rows]
 
     def refuse(self, reason: str) -> None:
-        with self._tx() as db:
-            db.execute("INSERT INTO refusals (reason, count, last_at) VALUES (?, 1, ?) ON CONFLICT(reason) DO UPDATE "
-                       "SET count = count + 1, last_at = excluded.last_at", (reason, time.time()))
+        with self._db() as db:
+            db.execute("INSERT INTO refusals (reason, count, last_at) VALUES (%s, 1, %s) ON CONFLICT (reason) DO UPDATE "
+                       "SET count = refusals.count + 1, last_at = excluded.last_at", (reason, time.time()))
 
     def delivery_counts(self) -> dict[str, int]:
-        """Deliveries by what became of them: queued / ignored / replays are not stored (acknowledged only),
-        plus every refusal reason."""
-        with self._tx(write=False) as db:
-            out: dict[str, int] = {}
+        """Deliveries by what became of them (queued / ignored; replays are acknowledged, not stored), plus
+        every refusal reason."""
+        out: dict[str, int] = {}
+        with self._db() as db:
             for r in db.execute("SELECT outcome FROM deliveries"):
                 kind = "ignored" if r["outcome"].startswith("ignored") else "queued"
                 out[kind] = out.get(kind, 0) + 1
             for r in db.execute("SELECT reason, count FROM refusals"):
-                out[f"refused ({r['reason']})"] = r["count"]
-            return out
+                out[f"refused ({r['reason']})"] = int(r["count"])
+        return out
 
     def counts(self) -> dict[str, int]:
-        with self._tx(write=False) as db:
-            return {r["state"]: r["n"] for r in db.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")}
+        with self._db() as db:
+            rows = db.execute("SELECT status, COUNT(*) AS n FROM procrastinate_jobs WHERE task_name = %s "
+                              "GROUP BY status", (TASK,)).fetchall()
+        out: dict[str, int] = {}
+        for r in rows:
+            state = STATE_OF.get(r["status"], r["status"])
+            out[state] = out.get(state, 0) + int(r["n"])
+        return out
+
+
+def init_db(database_url: str) -> list[str]:
+    """Create (or bring up to date) the queue schema: procrastinate's tables and skinreg's own. Idempotent,
+    and safe to run from several hosts at once (an advisory lock serialises it)."""
+    import psycopg
+
+    done: list[str] = []
+    url = conninfo(database_url)
+    with psycopg.connect(url, options=f"-c search_path={SCHEMA}") as db:
+        with db.transaction():
+            db.execute("SELECT pg_advisory_xact_lock(hashtext('skinreg_hooks.init_db'))")
+            if db.execute("SELECT to_regnamespace(%s)", (SCHEMA,)).fetchone()[0] is None:
+                db.execute(f"CREATE SCHEMA {SCHEMA}")
+                done.append(f"created schema {SCHEMA}")
+            if db.execute("SELECT to_regclass(%s)", (f"{SCHEMA}.procrastinate_jobs",)).fetchone()[0] is None:
+                from procrastinate.schema import SchemaManager
+
+                db.execute(SchemaManager.get_schema())
+                done.append("applied procrastinate's schema")
+            before = db.execute("SELECT to_regclass(%s)", (f"{SCHEMA}.job_info",)).fetchone()[0]
+            db.execute(OWN_TABLES)
+            if before is None:
+                done.append("created skinreg's tables (job_info, deliveries, refusals)")
+    return done

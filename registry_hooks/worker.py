@@ -1,4 +1,4 @@
-"""The worker: claims jobs from the queue, decides what each needs, and has an executor run the
+"""The worker: procrastinate hands it a job, it decides what the job needs, and has an executor run the
 pipeline (in process, as a `skinreg` child process, or through `mlflow run`). It never converts or
 registers anything itself: that is skinreg.pipeline's job."""
 
@@ -13,14 +13,14 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from skinreg.errors import CheckpointError, ExportError, InputError, SkinregError, UnsupportedError, first_line
 from skinreg.registry import Registry, VersionRef
 
 from .config import Executor, HooksConfig
 from .events import JobKind
-from .queue import Job, JobQueue, current_owner
+from .queue import Job, JobQueue
 from skinreg.tags import (
     EXPORT_FAILED, EXPORT_REASON, EXPORT_RUN, EXPORT_RUN_ID, EXPORT_STATUS, EXPORT_VARIANTS, VARIANT_OF,
 )
@@ -225,101 +225,83 @@ EXECUTORS: dict[Executor, type] = {Executor.inprocess: InProcessExecutor, Execut
 
 
 # -- the worker ----------------------------------------------------------------------------------
+class RetryLater(Exception):
+    """Raised to procrastinate from a job: schedule this job again in `delay_s` seconds."""
+
+    def __init__(self, delay_s: float, reason: str) -> None:
+        super().__init__(reason)
+        self.delay_s = delay_s
+
+
+def _retry_policy() -> Any:
+    """procrastinate's retry strategy for skinreg jobs: the worker decides (RetryLater), procrastinate schedules."""
+    from procrastinate.retry import BaseRetryStrategy, RetryDecision
+
+    class Policy(BaseRetryStrategy):
+        def get_retry_decision(self, *, exception: BaseException, job: Any) -> Any:
+            if isinstance(exception, RetryLater):
+                return RetryDecision(retry_in={"seconds": max(exception.delay_s, 0.0)})
+            return None  # done with it: the job ends as failed ('dead')
+
+    return Policy()
+
+
 class Worker:
+    """Runs one skinreg job for procrastinate (`run_job`), in a worker thread of procrastinate's worker."""
+
     def __init__(self, cfg: HooksConfig, queue: JobQueue, *, registry: Registry | None = None) -> None:
         self.cfg, self.queue = cfg, queue
         self.registry = registry or Registry()
         self.executor: JobExecutor = EXECUTORS[cfg.executor](cfg, self.registry)
-        self.owner = current_owner()
-        self.outages: dict[int, int] = {}  # job id -> consecutive outages met (sets its capped backoff)
 
-    # -- loops ----------------------------------------------------------------------------------
-    def run_once(self) -> Job | None:
-        """Run the next due job, if any; return its row afterwards."""
-        job = self.queue.claim(self.owner, self.cfg.lease_s)
+    def run_job(self, job_id: int, worker_id: int | None) -> None:
+        job = self.queue.get(job_id)
         if job is None:
-            return None
-        self._execute(job)
-        return self.queue.get(job.id)
+            raise RuntimeError(f"job {job_id} is not in the queue")
+        self._execute(job, worker_id)
 
-    def run_forever(self, stop: threading.Event) -> None:
-        log.info("worker %s: executor %s, queue %s", self.owner, self.cfg.executor.value, self.queue.path)
-        while not stop.is_set():
-            try:
-                ran = self.run_once()
-            except Exception:  # the queue itself failed (disk, lock timeout): keep the worker alive
-                log.exception("worker loop")
-                ran = None
-            if ran is None:
-                stop.wait(self.cfg.poll_s)
-
-    def run_until_idle(self, *, timeout_s: float) -> list[Job]:
-        """Run due jobs until none is due (or timeout_s has passed): for cron-style workers."""
-        done, deadline = [], time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            job = self.run_once()
-            if job is None:
-                break
-            done.append(job)
-        return done
-
-    # -- one job --------------------------------------------------------------------------------
-    def _execute(self, job: Job) -> None:
-        stop = threading.Event()
-        beat = threading.Thread(target=self._heartbeat, args=(job.id, stop), daemon=True, name=f"lease-{job.id}")
-        beat.start()
-        log.info("job %s %s: attempt %s%s", job.id, job.key, job.attempts,
+    def _execute(self, job: Job, worker_id: int | None) -> None:
+        log.info("job %s %s: attempt %s%s", job.id, job.key, job.attempts + 1,
                  f" (after {job.interrupted} interruption(s))" if job.interrupted else "")
-        self.registry.fence = lambda: self._fence(job)
+        self.registry.fence = lambda: self._fence(job, worker_id)
         try:
             out = self.handle(job)
         except LeaseLost as exc:
             log.warning("job %s %s: %s; stopped without writing further", job.id, job.key, exc)
-            return
+            raise
         except Busy as exc:
             log.info("job %s %s: %s; again in %.0fs", job.id, job.key, exc, BUSY_RETRY_S)
-            self.queue.defer(job.id, self.owner, reason=str(exc), delay_s=BUSY_RETRY_S)
+            self.queue.record(job.id, error=str(exc))
+            raise RetryLater(BUSY_RETRY_S, str(exc)) from exc
         except Exception as exc:
+            msg = first_line(exc)
             if is_outage(str(exc)):
-                streak = self.outages[job.id] = self.outages.get(job.id, 0) + 1
+                streak = self.queue.count_outage(job.id)
                 delay = min(self.cfg.backoff_s * 2 ** (streak - 1), self.cfg.backoff_max_s)
                 log.warning("job %s %s: MLflow unreachable (%s); waiting %.0fs, attempt not used", job.id, job.key,
-                            first_line(exc), delay)
-                self.queue.defer(job.id, self.owner, reason=f"waiting for MLflow: {first_line(exc)}", delay_s=delay)
-                return
-            self.outages.pop(job.id, None)
-            permanent = isinstance(exc, PERMANENT)
-            delay = min(self.cfg.backoff_s * 2 ** max(job.attempts - 1, 0), self.cfg.backoff_max_s)
-            msg = first_line(exc)
-            state = self.queue.fail(job.id, self.owner, error=f"{type(exc).__name__}: {msg}",
-                                    retry_in=None if permanent else delay)
-            level = logging.ERROR if state == "dead" else logging.WARNING
-            log.log(level, "job %s %s failed (attempt %s): %s -> %s", job.id, job.key, job.attempts, msg,
-                    state if state == "dead" else f"retry in {delay:.0f}s",
+                            msg, delay)
+                self.queue.record(job.id, error=f"waiting for MLflow: {msg}")
+                raise RetryLater(delay, msg) from exc
+            failures = self.queue.count_failure(job.id, error=f"{type(exc).__name__}: {msg}")
+            permanent = isinstance(exc, PERMANENT) or failures >= self.cfg.max_attempts
+            delay = min(self.cfg.backoff_s * 2 ** (failures - 1), self.cfg.backoff_max_s)
+            log.log(logging.ERROR if permanent else logging.WARNING, "job %s %s failed (attempt %s): %s -> %s",
+                    job.id, job.key, failures, msg, "dead" if permanent else f"retry in {delay:.0f}s",
                     exc_info=not isinstance(exc, SkinregError))
+            if permanent:
+                raise
+            raise RetryLater(delay, msg) from exc
         else:
-            self.outages.pop(job.id, None)
-            self.queue.finish(job.id, self.owner, outcome=out.text, run_id=out.run_id)
+            self.queue.record(job.id, outcome=out.text, run_id=out.run_id)
             log.info("job %s %s: %s", job.id, job.key, out.text)
         finally:
             self.registry.fence = None
-            stop.set()
-            beat.join()
 
-    def _fence(self, job: Job) -> None:
-        """Before every registry write of an attempt: is the lease still ours? (in-process executor; the
-        children of the other executors are not fenced, see README)"""
-        if not self.queue.holds(job.id, self.owner):
-            raise LeaseLost(f"job {job.id} was taken over by another worker (its lease expired)")
-
-    def _heartbeat(self, job_id: int, stop: threading.Event) -> None:
-        while not stop.wait(self.cfg.lease_s / 3):
-            try:
-                if not self.queue.heartbeat(job_id, self.owner, self.cfg.lease_s):
-                    log.warning("job %s: lease lost (another worker took it over)", job_id)
-                    return
-            except Exception:
-                log.exception("job %s: heartbeat", job_id)
+    def _fence(self, job: Job, worker_id: int | None) -> None:
+        """Before every registry write of an attempt: does this worker still run the job? (in-process
+        executor; the children of the other executors are not fenced, see README)"""
+        if not self.queue.holds(job.id, worker_id):
+            raise LeaseLost(f"job {job.id} was taken over by another worker (its heartbeats stopped)")
 
     def handle(self, job: Job) -> Outcome:
         ignored = self.registry_guard(job)

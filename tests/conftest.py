@@ -61,3 +61,20 @@ def tracking(tmp_path, monkeypatch):
     yield uri
     mlflow.set_tracking_uri(None)
     mlflow.set_registry_uri(None)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster(tmp_path_factory) -> str:
+    """One throwaway PostgreSQL cluster for the session (Debian's binaries: `make postgres`)."""
+    from servers import postgres
+
+    with postgres(tmp_path_factory.mktemp("pg")) as url:
+        yield url
+
+
+@pytest.fixture()
+def queue_db(pg_cluster) -> str:
+    """A fresh database with the hooks' queue schema, for one test."""
+    from servers import queue_database
+
+    return queue_database(pg_cluster)

@@ -184,3 +184,25 @@ class CountingProxy:
             self.server.shutdown()
             self.server.server_close()
             thread.join(timeout=10)
+
+
+def new_database(cluster_url: str, name: str | None = None) -> str:
+    """A new, empty database in the cluster of `cluster_url` (a SQLAlchemy/libpq URL); returns its URL."""
+    import uuid
+
+    import psycopg
+
+    name = name or f"q_{uuid.uuid4().hex[:12]}"
+    base, _, _ = cluster_url.rpartition("/")
+    with psycopg.connect(base.replace("+psycopg2", "") + "/postgres", autocommit=True) as db:
+        db.execute(f'CREATE DATABASE "{name}"')
+    return f"{base}/{name}"
+
+
+def queue_database(cluster_url: str) -> str:
+    """A new database with the hooks' queue schema (`skinreg hooks init-db`)."""
+    from registry_hooks.queue import init_db
+
+    url = new_database(cluster_url)
+    init_db(url)
+    return url

@@ -1,9 +1,12 @@
 """registry_hooks: signed webhooks from a real `mlflow server` (SQLite store) to a real receiver
-(`skinreg hooks serve`, uvicorn) and worker processes (`skinreg hooks worker`), all on 127.0.0.1;
-and the signature checks as plain HTTP requests to a real uvicorn receiver in this process."""
+(`skinreg hooks serve`, uvicorn) and worker processes (`skinreg hooks worker`), all on 127.0.0.1, with
+the job queue (procrastinate) on a real throwaway PostgreSQL cluster; and the signature checks as plain
+HTTP requests to a real uvicorn receiver in this process. tests/test_cluster.py runs the MLflow server
+and the queue on one PostgreSQL database with several workers."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -31,8 +34,9 @@ from registry_hooks.events import JobKind, JobSpec
 from registry_hooks.queue import JobQueue
 from registry_hooks.reconcile import reconcile
 from registry_hooks.signature import sign
-from registry_hooks.worker import Worker
-from servers import CountingProxy, free_port, mlflow_server, wait_http
+from registry_hooks.runner import work
+from registry_hooks.worker import RetryLater, Worker
+from servers import CountingProxy, free_port, mlflow_server, queue_database, wait_http
 from skinreg.cli import app
 from skinreg.mlflow_io import log_source_model
 
@@ -86,6 +90,11 @@ def aliases(name: str) -> dict[str, str]:
         return {}
 
 
+def drain(cfg: HooksConfig) -> None:
+    """A `skinreg hooks worker --until-idle` in this process: run every due job, then return."""
+    asyncio.run(work(cfg, until_idle=True, install_signal_handlers=False))
+
+
 def register(trained, demo_data, name: str) -> str:
     with mlflow.start_run():
         example = trained.loaded.spec.preprocessing.batch(sorted((demo_data / "val").rglob("*.png"))[:2])
@@ -95,18 +104,18 @@ def register(trained, demo_data, name: str) -> str:
 
 # -- the signature check, on a real uvicorn receiver in this process (no MLflow server) ----------------
 @pytest.fixture()
-def receiver(tmp_path):
+def receiver(queue_db):
     import uvicorn
 
     # "skin-tflite-int8" is listed by mistake: the loop guard must still treat it as a variant of "skin"
-    cfg = HooksConfig(sources=["skin", "skin-tflite-int8"], secret=SECRET, queue_path=tmp_path / "queue.db")
+    cfg = HooksConfig(sources=["skin", "skin-tflite-int8"], secret=SECRET, database_url=queue_db)
     server = uvicorn.Server(uvicorn.Config(create_app(cfg), host="127.0.0.1", port=free_port(), log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{server.config.port}"
     try:
         wait_http(f"{url}/health", timeout=30)
-        yield url, JobQueue(cfg.queue_path)
+        yield url, JobQueue(cfg.database_url)
     finally:
         server.should_exit = True
         thread.join(timeout=10)
@@ -151,24 +160,25 @@ def test_the_receiver_caps_bodies_refuses_unsigned_ones_unread_and_keeps_jobs_be
     deliver(url, version_created("skin", "9"), secret="a-forger-without-the-secret")
     assert queue.delivery_counts() == {"refused (body too large)": 1, "refused (missing signature)": 1,
                                        "refused (bad signature)": 1}
-    out = runner.invoke(app, ["hooks", "status", "--queue", str(queue.path)])
+    out = runner.invoke(app, ["hooks", "status", "--database-url", queue.url])
     assert "deliveries: refused (bad signature) 1, refused (body too large) 1, refused (missing signature) 1" in \
         out.stderr, out.stderr
 
 
-def test_credentials_never_reach_the_queue_or_jobs_and_short_secrets_are_refused(tmp_path):
+def test_credentials_never_reach_the_queue_or_jobs_and_short_secrets_are_refused(queue_db):
     from registry_hooks.events import JobKind, JobSpec
     from skinreg.errors import InputError
 
-    q = JobQueue(tmp_path / "q.db")
-    q.accept(delivery_id="d", timestamp=int(time.time()), event="model_version.created",
-             jobs=[JobSpec(JobKind.export, "skin", "1")], outcome="queued")
-    job = q.claim("me", lease_s=60)
-    q.fail(job.id, "me", error="cannot reach https://alice:hunter2@mlflow.example.org/api", retry_in=1)
-    stored = q.get(job.id)
+    q = JobQueue(queue_db)
+    accepted = q.accept(delivery_id="d", timestamp=int(time.time()), event="model_version.created",
+                        jobs=[JobSpec(JobKind.export, "skin", "1")], outcome="queued")
+    q.count_failure(accepted.job_ids[0], error="cannot reach https://alice:hunter2@mlflow.example.org/api")
+    stored = q.get(accepted.job_ids[0])
     assert stored.last_error == "cannot reach https://***@mlflow.example.org/api" and "hunter2" not in str(stored.to_dict())
     with pytest.raises(InputError, match="has 5 characters: use at least 16"):
-        HooksConfig(sources=["skin"], secret="short", queue_path=tmp_path / "q.db").require_secret()
+        HooksConfig(sources=["skin"], secret="short", database_url=queue_db).require_secret()
+    with pytest.raises(InputError, match="the queue needs PostgreSQL, got a sqlite URL"):
+        JobQueue("sqlite:///hooks.db")
 
 
 def test_bad_signature_and_stale_or_future_timestamps_are_rejected_and_change_nothing(receiver):
@@ -258,20 +268,21 @@ HoldingProxy = CountingProxy  # the shared proxy of servers.py, used here to hol
 
 
 class Stack:
-    def __init__(self, tmp: Path, mlflow_url: str) -> None:
-        self.tmp, self.mlflow_url = tmp, mlflow_url
+    def __init__(self, tmp: Path, mlflow_url: str, queue_url: str) -> None:
+        self.tmp, self.mlflow_url, self.queue_url = tmp, mlflow_url, queue_url
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_TRACKING_URI": mlflow_url,
                     "SKINREG_WEBHOOK_SECRET": SECRET, "SKINREG_HOOKS_SOURCES": ",".join(SOURCES),
-                    "SKINREG_HOOKS_QUEUE_PATH": str(tmp / "queue.db"), "SKINREG_HOOKS_FORMATS": "onnx",
+                    "SKINREG_HOOKS_DATABASE_URL": queue_url, "SKINREG_HOOKS_FORMATS": "onnx",
                     "SKINREG_HOOKS_LATENCY_RUNS": "2", "SKINREG_HOOKS_RECONCILE_INTERVAL_S": "0",
-                    "SKINREG_HOOKS_POLL_S": "0.2", "SKINREG_HOOKS_BACKOFF_S": "1"}
+                    "SKINREG_HOOKS_POLL_S": "0.5", "SKINREG_HOOKS_BACKOFF_S": "1",
+                    "SKINREG_HOOKS_HEARTBEAT_S": "0.5", "SKINREG_HOOKS_STALLED_S": "3"}
         env = {**os.environ, **self.env}
         env.pop("MLFLOW_REGISTRY_URI", None)
         self.receiver = Proc(["hooks", "serve", "--port", str(self.port), "--no-worker"], env, tmp / "receiver.log")
         self.worker = Proc(["hooks", "worker"], env, tmp / "worker.log")
-        self.queue = JobQueue(tmp / "queue.db")
+        self.queue = JobQueue(queue_url)
         self.child_env = env
 
     def start_receiver(self) -> None:
@@ -287,10 +298,10 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def stack(tmp_path_factory, pg_cluster):
     tmp = tmp_path_factory.mktemp("hooks")
     with mlflow_server(f"sqlite:///{tmp}/server.db", tmp) as mlflow_url, pytest.MonkeyPatch.context() as mp:
-        s = Stack(tmp, mlflow_url)
+        s = Stack(tmp, mlflow_url, queue_database(pg_cluster))
         for key, value in s.env.items():  # this process (MlflowClient, CliRunner) sees the same settings
             mp.setenv(key, value)
         mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
@@ -453,14 +464,18 @@ def test_a_worker_killed_mid_export_finishes_the_job_once_after_restart(stack, t
         stack.worker.kill()
         killed_run = running.run_id
         left = stack.queue.get(job.id)
-        assert (left.state, left.attempts) == ("running", 1)  # the dead worker's job, still leased
+        assert (left.state, left.status) == ("running", "doing")  # the dead worker's job: procrastinate's 'doing'
         assert client.get_run(killed_run).info.status == "RUNNING"
         assert client.get_model_version("hk-c", version).tags["skinreg.export.status"] == "running"
     finally:
         if not stack.worker.running():
             stack.worker.start()
-    done = wait_for("the job to finish", lambda: (j := stack.queue.get(job.id)).state == "done" and j, timeout=180)
-    assert (done.attempts, done.interrupted, done.deliveries, done.outcome) == (2, 1, 2, "export passed")
+    # the worker's heartbeats stopped: after stalled_s the job is closed and its work queued again
+    successor = successor_of(stack.queue, job.id)
+    closed = stack.queue.get(job.id)
+    done = wait_for("the job to finish", lambda: (j := stack.queue.get(successor)).state == "done" and j, timeout=180)
+    assert (done.interrupted, done.previous_run_id, done.outcome) == (1, killed_run, "export passed")
+    assert closed.deliveries == 2  # the duplicate delivery was merged into the first job
     src = client.get_model_version("hk-c", version).tags
     assert done.run_id == src["skinreg.export.run_id"] != killed_run
     assert client.get_run(killed_run).info.status == "KILLED"
@@ -468,20 +483,21 @@ def test_a_worker_killed_mid_export_finishes_the_job_once_after_restart(stack, t
     assert variant.tags["skinreg.export_run"] == done.run_id
     assert aliases("hk-c-onnx") == {"candidate": str(variant.version)}
     assert json.loads(src["skinreg.export.variants"]) == {"onnx": f"hk-c-onnx/{variant.version}"}
-    assert len(stack.jobs(f"export:hk-c:{version}")) == 1
+    assert sorted(j.id for j in stack.jobs(f"export:hk-c:{version}")) == [job.id, successor]
 
 
-def test_subprocess_executor_runs_export_and_promote_as_skinreg_children(stack, trained, demo_data, tmp_path):
+def test_subprocess_executor_runs_export_and_promote_as_skinreg_children(stack, trained, demo_data, queue_db):
     # hk-d is not a source of the stack: its deliveries are ignored there; this test's queue drives it
     version = register(trained, demo_data, "hk-d")
     MlflowClient().set_registered_model_alias("hk-d", "production", version)
-    cfg = HooksConfig(sources=["hk-d"], secret=SECRET, queue_path=tmp_path / "queue.db",
+    cfg = HooksConfig(sources=["hk-d"], secret=SECRET, database_url=queue_db,
                       executor=Executor.subprocess, formats=["onnx"], latency_runs=2)
-    queue = JobQueue(cfg.queue_path)
+    queue = JobQueue(cfg.database_url)
     report = reconcile(cfg, queue)
     assert [(q.spec.key, q.merged) for q in report.queued] == [(f"export:hk-d:{version}", False),
                                                                (f"alias:hk-d:production:{version}", False)]
-    jobs = Worker(cfg, queue).run_until_idle(timeout_s=240)
+    drain(cfg)
+    jobs = sorted(queue.jobs(), key=lambda j: j.id)
     assert [(j.key, j.state) for j in jobs] == [(f"export:hk-d:{version}", "done"),
                                                (f"alias:hk-d:production:{version}", "done")], jobs
     src = MlflowClient().get_model_version("hk-d", version).tags
@@ -492,28 +508,28 @@ def test_subprocess_executor_runs_export_and_promote_as_skinreg_children(stack, 
     assert not [j for j in stack.queue.jobs() if "hk-d" in j.key]
 
 
-def test_a_failing_job_is_retried_with_backoff_then_parked_dead(stack, tmp_path):
-    cfg = HooksConfig(sources=["hk-x"], secret=SECRET, queue_path=tmp_path / "queue.db", max_attempts=2,
-                      backoff_s=1.0)
-    queue = JobQueue(cfg.queue_path, max_attempts=cfg.max_attempts)
+def test_a_failing_job_is_retried_with_backoff_then_parked_dead(stack, queue_db):
+    cfg = HooksConfig(sources=["hk-x"], secret=SECRET, database_url=queue_db, max_attempts=2, backoff_s=2.0)
+    queue = JobQueue(cfg.database_url, max_attempts=cfg.max_attempts)
     job_id, _ = queue.enqueue(JobSpec(JobKind.export, "hk-x", version="1"), origin="cli")
-    worker = Worker(cfg, queue)
-    first = worker.run_once()
-    assert (first.id, first.state, first.attempts) == (job_id, "pending", 1)
+    drain(cfg)  # runs it once; the retry is not due before its backoff, so the worker stops
+    first = queue.get(job_id)
+    assert (first.state, first.attempts) == ("pending", 1)
     assert "'hk-x' not found" in first.last_error and first.next_run_at > time.time()
-    assert worker.run_once() is None  # not due before its backoff
-    second = wait_for("the retry", worker.run_once, timeout=10, interval=0.1)
+    time.sleep(max(first.next_run_at - time.time(), 0) + 0.2)
+    drain(cfg)
+    second = queue.get(job_id)
     assert (second.state, second.attempts) == ("dead", 2) and "'hk-x' not found" in second.last_error
-    out = runner.invoke(app, ["hooks", "status", "--queue", str(cfg.queue_path), "--state", "dead"])
+    out = runner.invoke(app, ["hooks", "status", "--database-url", cfg.database_url, "--state", "dead"])
     assert out.exit_code == 0 and "export:hk-x:1" in out.output and "dead" in out.output
 
 
 def test_the_service_alone_recovers_missed_work_with_its_worker_thread_and_reconciler(stack, trained, demo_data,
-                                                                                        tmp_path):
+                                                                                        tmp_path, queue_db):
     # hk-e is registered before a service for it exists: its delivery went nowhere (the stack ignores hk-e)
     version = register(trained, demo_data, "hk-e")
     port = free_port()
-    env = {**stack.child_env, "SKINREG_HOOKS_SOURCES": "hk-e", "SKINREG_HOOKS_QUEUE_PATH": str(tmp_path / "queue.db"),
+    env = {**stack.child_env, "SKINREG_HOOKS_SOURCES": "hk-e", "SKINREG_HOOKS_DATABASE_URL": queue_db,
            "SKINREG_HOOKS_RECONCILE_INTERVAL_S": "600"}
     service = Proc(["hooks", "serve", "--port", str(port)], env, tmp_path / "service.log")  # worker thread on
     service.start()
@@ -530,6 +546,13 @@ def test_the_service_alone_recovers_missed_work_with_its_worker_thread_and_recon
     # SIGTERM: a graceful stop (uvicorn re-raises the signal once it has shut down)
     assert service.proc.returncode == -signal.SIGTERM
     assert "receiver stopped\n" in (tmp_path / "service.log").read_text()
+
+
+def successor_of(queue: JobQueue, job_id: int) -> int:
+    """The job that took over `job_id` after its worker's heartbeats stopped (waits for the takeover)."""
+    closed = wait_for("the stalled job closed and taken over", lambda: (j := queue.get(job_id)).state == "dead" and
+                      "taken over by job " in (j.last_error or "") and j, timeout=60)
+    return int(closed.last_error.rsplit("taken over by job ", 1)[1])
 
 
 def _json_request(path_end: str, **want: str) -> Callable[[str, str, bytes], bool]:
@@ -571,8 +594,9 @@ def test_a_worker_killed_after_registering_variants_leaves_no_duplicate(stack, t
     finally:
         victim.stop()
         stack.worker.start()
-    done = wait_for("the job to finish", lambda: (j := stack.queue.get(job.id)).state == "done" and j, timeout=180)
-    assert (done.attempts, done.interrupted, done.outcome) == (2, 1, "export passed")
+    done = wait_for("the job to finish", lambda: (j := stack.queue.get(successor_of(stack.queue, job.id))).state == "done"
+                    and j, timeout=180)
+    assert (done.interrupted, done.previous_run_id, done.outcome) == (1, killed_run, "export passed")
     [variant] = client.search_model_versions(f"name='{name}-onnx'")  # the orphan was rolled back, one remains
     assert variant.version != orphan.version and variant.tags["skinreg.export_run"] == done.run_id != killed_run
     assert client.get_run(killed_run).info.status == "KILLED"
@@ -583,12 +607,12 @@ def test_a_worker_killed_after_registering_variants_leaves_no_duplicate(stack, t
 
 
 def test_the_service_keeps_answering_while_its_worker_thread_converts_with_onnx2tf(stack, trained, demo_data,
-                                                                                   tmp_path):
-    """Receiver + worker thread in one process, with a *relative* queue path: onnx2tf used to be wrapped in
-    a process-wide chdir, so during every conversion the receiver answered 500 and /health 503."""
+                                                                                   tmp_path, queue_db):
+    """Receiver + worker thread in one process, started in a directory of its own: onnx2tf used to be wrapped
+    in a process-wide chdir, so during every conversion the receiver answered 500 and /health 503."""
     version = register(trained, demo_data, "hk-t")
     port = free_port()
-    env = {**stack.child_env, "SKINREG_HOOKS_SOURCES": "hk-t", "SKINREG_HOOKS_QUEUE_PATH": "queue.db",
+    env = {**stack.child_env, "SKINREG_HOOKS_SOURCES": "hk-t", "SKINREG_HOOKS_DATABASE_URL": queue_db,
            "SKINREG_HOOKS_FORMATS": "tflite", "SKINREG_HOOKS_LATENCY_RUNS": "2",
            "SKINREG_HOOKS_RECONCILE_INTERVAL_S": "600"}
     service = Proc(["hooks", "serve", "--port", str(port)], env, tmp_path / "service.log", cwd=tmp_path)
@@ -627,28 +651,30 @@ def mlflow_down(monkeypatch):
     mlflow.set_registry_uri(None)
 
 
-def test_an_unreachable_mlflow_never_parks_a_job_dead(mlflow_down, tmp_path):
-    """An outage is not the job's failure: it waits with capped backoff, and no attempt is used up."""
+def test_an_unreachable_mlflow_never_parks_a_job_dead(mlflow_down, queue_db):
+    """An outage is not the job's failure: it waits with capped backoff, and no attempt is used up;
+    procrastinate schedules each wait (its retry strategy turns RetryLater into a retry)."""
     from registry_hooks.events import JobKind, JobSpec
-    from registry_hooks.worker import Worker
 
-    cfg = HooksConfig(sources=["skin"], secret=SECRET, queue_path=tmp_path / "q.db", max_attempts=2,
-                      backoff_s=0.05, backoff_max_s=0.2)
-    q = JobQueue(cfg.queue_path, max_attempts=cfg.max_attempts)
-    q.accept(delivery_id="d", timestamp=int(time.time()), event="model_version.created",
-             jobs=[JobSpec(JobKind.export, "skin", "1")], outcome="queued")
-    worker = Worker(cfg, q)
-    delays = []
-    for _ in range(5):  # more outages than max_attempts
-        job = wait_for("the job to be due", worker.run_once, timeout=10, interval=0.02)
-        assert (job.state, job.attempts) == ("pending", 0), job
+    cfg = HooksConfig(sources=["skin"], secret=SECRET, database_url=queue_db, max_attempts=2,
+                      backoff_s=0.4, backoff_max_s=1.0)
+    q = JobQueue(cfg.database_url, max_attempts=cfg.max_attempts)
+    [job_id] = q.accept(delivery_id="d", timestamp=int(time.time()), event="model_version.created",
+                        jobs=[JobSpec(JobKind.export, "skin", "1")], outcome="queued").job_ids
+    waits = []
+    for _ in range(4):  # more outages than max_attempts
+        drain(cfg)  # one attempt, then the job is not due: the worker stops
+        job = q.get(job_id)
+        assert job.state == "pending" and job.next_run_at > time.time() - 0.5, job
         assert job.last_error.startswith("waiting for MLflow: cannot reach the MLflow tracking server")
-        delays.append(job.next_run_at - job.updated_at)
-    assert delays[0] < delays[2] and max(delays) <= 0.2 + 1e-6  # backing off, capped
+        waits.append(job.next_run_at - job.updated_at)
+        time.sleep(max(job.next_run_at - time.time(), 0) + 0.05)
+    assert waits[0] < waits[2] and max(waits) <= 1.0 + 0.1, waits  # backing off, capped
+    assert q.get(job_id).attempts == 4  # procrastinate counted them; none was a failure of the job
 
 
 def test_a_run_left_running_by_this_jobs_own_failed_attempt_is_finished_not_waited_on(tracking, trained,
-                                                                                      demo_data, tmp_path):
+                                                                                      demo_data, queue_db):
     """MLflow went down mid-export: the attempt failed, but neither its run nor the source tags could be
     closed ('running'). The next attempt of the same job knows the run was its own: it kills it, cleans
     up and exports, instead of deferring as busy for stale_running_s (2 h)."""
@@ -660,28 +686,39 @@ def test_a_run_left_running_by_this_jobs_own_failed_attempt_is_finished_not_wait
     stuck = client.create_run(client.create_experiment("stuck")).info.run_id  # left RUNNING
     client.set_model_version_tag("hk-o", version, "skinreg.export.status", "running")
     client.set_model_version_tag("hk-o", version, "skinreg.export.run_id", stuck)
-    cfg = HooksConfig(sources=["hk-o"], secret=SECRET, queue_path=tmp_path / "q.db", formats=["onnx"], latency_runs=2)
-    q = JobQueue(cfg.queue_path, max_attempts=cfg.max_attempts)
+    cfg = HooksConfig(sources=["hk-o"], secret=SECRET, database_url=queue_db, formats=["onnx"], latency_runs=2)
+    q = JobQueue(cfg.database_url, max_attempts=cfg.max_attempts)
     accepted = q.accept(delivery_id="d", timestamp=int(time.time()), event="model_version.created",
                         jobs=[JobSpec(JobKind.export, "hk-o", version)], outcome="queued")
     q.set_run_id(accepted.job_ids[0], stuck)  # recorded by the earlier attempt
-    job = Worker(cfg, q).run_once()
+    drain(cfg)
+    job = q.get(accepted.job_ids[0])
     assert (job.state, job.outcome) == ("done", "export passed"), job
     assert client.get_run(stuck).info.status == "KILLED"
     assert client.get_model_version("hk-o", version).tags["skinreg.export.status"] == "passed"
 
 
-def test_the_reconciler_queues_dead_work_again_only_after_dead_requeue_s(tracking, trained, demo_data, tmp_path):
+def test_the_reconciler_queues_dead_work_again_only_after_dead_requeue_s(tracking, trained, demo_data, queue_db):
+    from procrastinate.jobs import Status
+
     from registry_hooks.events import JobKind, JobSpec
+    from registry_hooks.queue import make_app
     from registry_hooks.reconcile import reconcile
 
     version = register(trained, demo_data, "hk-r")  # never exported: the reconciler wants it
-    q = JobQueue(tmp_path / "q.db", max_attempts=1)
-    accepted = q.accept(delivery_id="d", timestamp=int(time.time()), event="model_version.created",
-                        jobs=[JobSpec(JobKind.export, "hk-r", version)], outcome="queued")
-    q.claim("me", lease_s=60)
-    assert q.fail(accepted.job_ids[0], "me", error="ExportError: boom", retry_in=None) == "dead"
-    patient = HooksConfig(sources=["hk-r"], secret=SECRET, queue_path=tmp_path / "q.db", dead_requeue_s=3600)
+    q = JobQueue(queue_db, max_attempts=1)
+    [job_id] = q.accept(delivery_id="d", timestamp=int(time.time()), event="model_version.created",
+                        jobs=[JobSpec(JobKind.export, "hk-r", version)], outcome="queued").job_ids
+
+    async def give_up() -> None:  # what procrastinate does when the retry strategy says no more
+        queue_app = make_app(queue_db)
+        async with queue_app.open_async():
+            await queue_app.job_manager.finish_job_by_id_async(job_id=job_id, status=Status.FAILED, delete_job=False)
+
+    asyncio.run(give_up())
+    q.count_failure(job_id, error="ExportError: boom")
+    assert q.get(job_id).state == "dead"
+    patient = HooksConfig(sources=["hk-r"], secret=SECRET, database_url=queue_db, dead_requeue_s=3600)
     report = reconcile(patient, q)
     assert report.queued == [] and "is dead (ExportError: boom); queued again in 3" in report.notes[0]
     time.sleep(0.1)
@@ -691,31 +728,42 @@ def test_the_reconciler_queues_dead_work_again_only_after_dead_requeue_s(trackin
     assert not item.merged and q.get(item.job_id).state == "pending"
 
 
-def test_an_attempt_whose_lease_was_taken_over_stops_before_its_next_registry_write(tracking, trained, demo_data,
-                                                                                    tmp_path):
-    """Fencing, with two workers and an expired lease: worker A stalls past its lease, worker B takes the
-    job over; when A carries on, its first registry write is refused, so only B's export exists."""
+def test_an_attempt_whose_job_was_taken_over_stops_before_its_next_registry_write(tracking, trained, demo_data,
+                                                                                  queue_db):
+    """Fencing, with two workers: worker A fetches the job through procrastinate and then stalls (no
+    heartbeat) past stalled_s; worker B takes the job over; when A carries on, its first registry write is
+    refused, so only B's export exists."""
     from registry_hooks.events import JobKind, JobSpec
-    from registry_hooks.worker import Worker
+    from registry_hooks.queue import make_app
+    from registry_hooks.runner import take_over_stalled
+    from registry_hooks.worker import LeaseLost
 
     version = register(trained, demo_data, "hk-l")
-    cfg = HooksConfig(sources=["hk-l"], secret=SECRET, queue_path=tmp_path / "q.db", formats=["onnx"],
-                      latency_runs=2, lease_s=0.3)
-    q = JobQueue(cfg.queue_path, max_attempts=cfg.max_attempts)
-    q.accept(delivery_id="d", timestamp=int(time.time()), event="model_version.created",
-             jobs=[JobSpec(JobKind.export, "hk-l", version)], outcome="queued")
-    a, b = Worker(cfg, q), Worker(cfg, q)
-    stalled = q.claim(a.owner, lease_s=cfg.lease_s)  # A starts, then stalls (no heartbeat)
-    time.sleep(0.5)  # A's process is alive (it is this one): only the lease's expiry lets B in
-    taken = q.claim(b.owner, lease_s=60)
-    assert taken.id == stalled.id and taken.interrupted == 1
-    a._execute(stalled)  # A wakes up and carries on with its attempt
+    cfg = HooksConfig(sources=["hk-l"], secret=SECRET, database_url=queue_db, formats=["onnx"], latency_runs=2,
+                      heartbeat_s=0.2, stalled_s=1.0)
+    q = JobQueue(cfg.database_url, max_attempts=cfg.max_attempts)
+    [job_id] = q.accept(delivery_id="d", timestamp=int(time.time()), event="model_version.created",
+                        jobs=[JobSpec(JobKind.export, "hk-l", version)], outcome="queued").job_ids
+
+    async def a_fetches_then_b_takes_over() -> tuple[int, list[int]]:
+        queue_app = make_app(queue_db)
+        async with queue_app.open_async():
+            a_id = await queue_app.job_manager.register_worker()
+            fetched = await queue_app.job_manager.fetch_job(queues=None, worker_id=a_id)
+            assert fetched.id == job_id
+            await asyncio.sleep(cfg.stalled_s + 0.5)  # A is alive (this process) but sends no heartbeat
+            return a_id, await take_over_stalled(queue_app, q, cfg)
+
+    a_worker_id, [taken] = asyncio.run(a_fetches_then_b_takes_over())
+    assert q.get(taken).interrupted == 1 and q.get(job_id).state == "dead"
+    with pytest.raises(LeaseLost):  # A wakes up and carries on with its attempt
+        Worker(cfg, q)._execute(q.get(job_id), a_worker_id)
     client = MlflowClient()
     assert "skinreg.export.status" not in client.get_model_version("hk-l", version).tags  # fenced: no write
     assert client.search_registered_models(filter_string="name = 'hk-l-onnx'") == []
-    assert (q.get(taken.id).state, q.get(taken.id).lease_owner) == ("running", b.owner)  # A left B's row alone
-    b._execute(taken)
-    done = q.get(taken.id)
+    assert q.get(taken).state == "pending"  # A left B's job alone
+    drain(cfg)  # B
+    done = q.get(taken)
     assert (done.state, done.outcome) == ("done", "export passed")
     assert len(client.search_model_versions("name = 'hk-l-onnx'")) == 1
 
@@ -750,12 +798,12 @@ def test_a_burst_of_50_deliveries_with_10_replays_queues_each_piece_of_work_once
     assert len(queue.deliveries()) == 40  # each delivery id once; the 10 replays were acknowledged, not recorded
 
 
-def test_a_receiver_sigkilled_in_a_burst_loses_no_acknowledged_delivery(tmp_path, capsys):
+def test_a_receiver_sigkilled_in_a_burst_loses_no_acknowledged_delivery(tmp_path, capsys, queue_db):
     """The queue commits before the 2xx: whatever was acknowledged before SIGKILL is there after the
     restart, and MLflow's retries of the unanswered ones are queued once."""
     port = free_port()
     env = {**os.environ, "SKINREG_WEBHOOK_SECRET": SECRET, "SKINREG_HOOKS_SOURCES": "skin",
-           "SKINREG_HOOKS_QUEUE_PATH": str(tmp_path / "q.db"), "SKINREG_HOOKS_RECONCILE_INTERVAL_S": "0",
+           "SKINREG_HOOKS_DATABASE_URL": queue_db, "SKINREG_HOOKS_RECONCILE_INTERVAL_S": "0",
            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}  # never called: no worker, no reconciler
     url = f"http://127.0.0.1:{port}"
     receiver = Proc(["hooks", "serve", "--no-worker", "--port", str(port)], env, tmp_path / "receiver.log")
@@ -769,7 +817,7 @@ def test_a_receiver_sigkilled_in_a_burst_loses_no_acknowledged_delivery(tmp_path
 
     sender = threading.Thread(target=send)
     sender.start()
-    wait_for("part of the burst", lambda: len(JobQueue(tmp_path / "q.db").jobs(limit=1000)) >= 10, timeout=30)
+    wait_for("part of the burst", lambda: len(JobQueue(queue_db).jobs(limit=1000)) >= 10, timeout=30)
     receiver.kill()
     time.sleep(0.5)
     receiver.start()  # back up while MLflow is still retrying
@@ -782,7 +830,7 @@ def test_a_receiver_sigkilled_in_a_burst_loses_no_acknowledged_delivery(tmp_path
         _burst(url, [(d, raw) for d, raw in items if d in lost_in_flight], gap=0.0)
     finally:
         receiver.stop()
-    jobs = JobQueue(tmp_path / "q.db").jobs(limit=1000)
+    jobs = JobQueue(queue_db).jobs(limit=1000)
     with capsys.disabled():
         print(f"\nreceiver SIGKILLed in a burst: 50 deliveries, {len(acknowledged) - len(lost_in_flight)} answered "
               f"2xx/4xx by MLflow's retries, {len(lost_in_flight)} given up (sent again), {len(jobs)} jobs queued")

@@ -1,0 +1,131 @@
+"""procrastinate's worker running skinreg jobs: `skinreg hooks worker` processes (any number, any host)
+and the worker thread of `skinreg hooks serve`.
+
+Each worker process registers with procrastinate and sends heartbeats. A worker that stops sending
+them (SIGKILL, a lost host) leaves its job `doing`; every worker looks for such stalled jobs with
+procrastinate's `get_stalled_jobs` and takes them over: the stalled job is closed as failed and the
+same work is deferred again as a new job that knows it follows an interruption (and which MLflow run
+to roll back first). A job whose worker died `max_attempts` times is left failed (a poison pill).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+from typing import Any
+
+from .config import HooksConfig
+from .queue import TASK, JobQueue, make_app
+from .worker import Worker, _retry_policy
+
+log = logging.getLogger(__name__)
+
+RESTART_AFTER_S = 2.0  # a worker loop that lost its database is started again after this long
+
+
+def build_app(cfg: HooksConfig, worker: Worker | None) -> Any:
+    """The procrastinate App with skinreg's one task bound to `worker` (None: a receiver that only defers)."""
+    app = make_app(cfg.database_url)
+
+    @app.task(name=TASK, pass_context=True, retry=_retry_policy())
+    def run(context: Any, spec: dict, origin: str, interrupted: int = 0, previous_run_id: str | None = None) -> None:
+        if worker is None:
+            raise RuntimeError("this process only receives; run `skinreg hooks worker`")
+        worker.run_job(context.job.id, context.job.worker_id)
+
+    return app
+
+
+async def take_over_stalled(app: Any, queue: JobQueue, cfg: HooksConfig) -> list[int]:
+    """Jobs whose worker stopped sending heartbeats for cfg.stalled_s: close each and queue its work again."""
+    from procrastinate.jobs import Status
+
+    new_ids = []
+    for job in await app.job_manager.get_stalled_jobs(task_name=TASK, seconds_since_heartbeat=cfg.stalled_s):
+        try:  # only one worker wins a stalled job: the others find it no longer 'doing'
+            await app.job_manager.finish_job_by_id_async(job_id=job.id, status=Status.FAILED, delete_job=False)
+        except Exception:
+            continue
+        old = await asyncio.to_thread(queue.get, job.id)
+        if old is None:
+            continue
+        interrupted = old.interrupted + 1
+        if interrupted >= cfg.max_attempts:
+            await asyncio.to_thread(queue.record, job.id, error=f"its worker died {interrupted} times running it: "
+                                                                f"left dead (reconcile --include-dead to retry)")
+            log.error("job %s %s: its worker died %s times running it: left dead", job.id, old.key, interrupted)
+            continue
+        new_id, merged = await asyncio.to_thread(
+            queue.defer, old.spec, old.origin, merge_statuses=("todo", "doing"), interrupted=interrupted,
+            previous_run_id=old.run_id or old.previous_run_id)
+        await asyncio.to_thread(queue.record, job.id, error=f"its worker (id {job.worker_id}) stopped sending "
+                                                            f"heartbeats: taken over by job {new_id}")
+        log.warning("job %s %s: its worker (id %s) stopped sending heartbeats; %s job %s", job.id, old.key,
+                    job.worker_id, "merged into" if merged else "queued again as", new_id)
+        new_ids.append(new_id)
+    return new_ids
+
+
+async def _stalled_loop(app: Any, queue: JobQueue, cfg: HooksConfig) -> None:
+    while True:
+        try:
+            await take_over_stalled(app, queue, cfg)
+        except Exception as exc:  # the database is away: the worker loop reports it, try again later
+            log.debug("stalled-job check: %s", exc)
+        await asyncio.sleep(cfg.heartbeat_s)
+
+
+async def work(cfg: HooksConfig, *, until_idle: bool = False, stop: threading.Event | None = None,
+               install_signal_handlers: bool = True, name: str | None = None) -> None:
+    """Run procrastinate's worker on the queue until stopped (or, until_idle, until no job is due).
+    A worker that loses its database (PostgreSQL restarted) starts again, with a new worker id."""
+    queue = JobQueue(cfg.database_url, max_attempts=cfg.max_attempts)
+    await asyncio.to_thread(queue.check_ready)
+    app = build_app(cfg, Worker(cfg, queue))
+    name = name or f"{socket.gethostname()}-{threading.get_ident() % 100000}"
+    options = dict(name=name, concurrency=1, wait=not until_idle, fetch_job_polling_interval=cfg.poll_s,
+                   abort_job_polling_interval=max(cfg.poll_s, 5.0), update_heartbeat_interval=cfg.heartbeat_s,
+                   stalled_worker_timeout=cfg.stalled_s, install_signal_handlers=install_signal_handlers,
+                   listen_notify=True)
+    log.info("worker %s: executor %s, queue %s", name, cfg.executor.value, queue.where)
+    while True:
+        try:
+            async with app.open_async():
+                await take_over_stalled(app, queue, cfg)
+                stalled = asyncio.create_task(_stalled_loop(app, queue, cfg))
+                run = asyncio.create_task(app.run_worker_async(**options))
+                watch = asyncio.create_task(_wait_for(stop)) if stop is not None else None
+                try:
+                    done, _ = await asyncio.wait({run} | ({watch} if watch else set()),
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                    if watch is not None and watch in done:
+                        run.cancel()
+                        await asyncio.gather(run, return_exceptions=True)
+                        return
+                    run.result()  # raises what stopped the worker
+                    return  # until_idle, or a signal stopped it
+                finally:
+                    stalled.cancel()
+                    if watch is not None:
+                        watch.cancel()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("worker %s: %s; starting again in %.0fs", name, str(exc).splitlines()[0] if str(exc) else
+                        type(exc).__name__, RESTART_AFTER_S)
+            if stop is not None and stop.is_set():
+                return
+            await asyncio.sleep(RESTART_AFTER_S)
+
+
+async def _wait_for(stop: threading.Event) -> None:
+    while not stop.is_set():
+        await asyncio.sleep(0.2)
+
+
+def worker_thread(cfg: HooksConfig, stop: threading.Event) -> threading.Thread:
+    """The in-process worker of `skinreg hooks serve` (a one-box setup), on its own event loop."""
+    return threading.Thread(target=lambda: asyncio.run(work(cfg, stop=stop, install_signal_handlers=False)),
+                            name="hooks-worker", daemon=True)
