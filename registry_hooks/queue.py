@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.job_info (
     deliveries  INTEGER NOT NULL DEFAULT 1,
     failures    INTEGER NOT NULL DEFAULT 0,  -- failed attempts (an outage or a busy version is not one)
     outages     INTEGER NOT NULL DEFAULT 0,  -- consecutive waits for an unreachable MLflow (sets the backoff)
+    worker      TEXT,                        -- name of the worker that ran the latest attempt (host-thread by default)
     run_id      TEXT,
     outcome     TEXT,
     last_error  TEXT,
@@ -108,6 +109,7 @@ class Job:
     deliveries: int
     next_run_at: float
     worker_id: int | None
+    worker: str | None  # the name of the worker that ran its latest attempt
     previous_run_id: str | None  # the MLflow run of an interrupted predecessor (rolled back before exporting)
     run_id: str | None
     outcome: str | None
@@ -142,7 +144,7 @@ class DeliveryRecord:
 _JOB_SELECT = f"""
 SELECT j.id, j.status, j.args, j.attempts, j.worker_id, j.queueing_lock,
        EXTRACT(EPOCH FROM j.scheduled_at) AS scheduled_at,
-       i.deliveries, i.run_id, i.outcome, i.last_error, i.updated_at,
+       i.deliveries, i.worker, i.run_id, i.outcome, i.last_error, i.updated_at,
        (SELECT EXTRACT(EPOCH FROM MIN(e.at)) FROM {SCHEMA}.procrastinate_events e WHERE e.job_id = j.id) AS created_at,
        (SELECT EXTRACT(EPOCH FROM MAX(e.at)) FROM {SCHEMA}.procrastinate_events e
          WHERE e.job_id = j.id AND e.type IN ('succeeded', 'failed', 'cancelled', 'aborted')) AS finished_at
@@ -272,6 +274,9 @@ class JobQueue:
             return db.execute("DELETE FROM deliveries WHERE timestamp < %s", (cutoff,)).rowcount
 
     # -- what a running job records ---------------------------------------------------------------
+    def started(self, job_id: int, worker: str) -> None:
+        self._info(job_id, worker=worker)
+
     def set_run_id(self, job_id: int, run_id: str) -> None:
         self._info(job_id, run_id=run_id)
 
@@ -321,7 +326,7 @@ class JobQueue:
                    state=STATE_OF.get(row["status"], row["status"]), status=row["status"],
                    origin=args.get("origin", "?"), attempts=int(row["attempts"]),
                    interrupted=int(args.get("interrupted", 0)), deliveries=int(row["deliveries"] or 1),
-                   next_run_at=float(row["scheduled_at"] or created), worker_id=row["worker_id"],
+                   next_run_at=float(row["scheduled_at"] or created), worker_id=row["worker_id"], worker=row["worker"],
                    previous_run_id=args.get("previous_run_id"), run_id=row["run_id"], outcome=row["outcome"],
                    last_error=row["last_error"], created_at=created, updated_at=float(row["updated_at"] or created),
                    finished_at=float(row["finished_at"]) if row["finished_at"] else None)

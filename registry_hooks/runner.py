@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import threading
 from typing import Any
@@ -83,8 +84,8 @@ async def work(cfg: HooksConfig, *, until_idle: bool = False, stop: threading.Ev
     A worker that loses its database (PostgreSQL restarted) starts again, with a new worker id."""
     queue = JobQueue(cfg.database_url, max_attempts=cfg.max_attempts)
     await asyncio.to_thread(queue.check_ready)
-    app = build_app(cfg, Worker(cfg, queue))
-    name = name or f"{socket.gethostname()}-{threading.get_ident() % 100000}"
+    name = name or f"{socket.gethostname()}-{os.getpid()}"
+    app = build_app(cfg, Worker(cfg, queue, name=name))
     options = dict(name=name, concurrency=1, wait=not until_idle, fetch_job_polling_interval=cfg.poll_s,
                    abort_job_polling_interval=max(cfg.poll_s, 5.0), update_heartbeat_interval=cfg.heartbeat_s,
                    stalled_worker_timeout=cfg.stalled_s, install_signal_handlers=install_signal_handlers,

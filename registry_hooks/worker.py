@@ -249,8 +249,9 @@ def _retry_policy() -> Any:
 class Worker:
     """Runs one skinreg job for procrastinate (`run_job`), in a worker thread of procrastinate's worker."""
 
-    def __init__(self, cfg: HooksConfig, queue: JobQueue, *, registry: Registry | None = None) -> None:
-        self.cfg, self.queue = cfg, queue
+    def __init__(self, cfg: HooksConfig, queue: JobQueue, *, registry: Registry | None = None,
+                 name: str = "worker") -> None:
+        self.cfg, self.queue, self.name = cfg, queue, name
         self.registry = registry or Registry()
         self.executor: JobExecutor = EXECUTORS[cfg.executor](cfg, self.registry)
 
@@ -258,6 +259,7 @@ class Worker:
         job = self.queue.get(job_id)
         if job is None:
             raise RuntimeError(f"job {job_id} is not in the queue")
+        self.queue.started(job_id, self.name)
         self._execute(job, worker_id)
 
     def _execute(self, job: Job, worker_id: int | None) -> None:

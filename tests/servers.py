@@ -95,30 +95,64 @@ def _pg_bin(name: str) -> str:
     return found[-1]
 
 
+class PgCluster:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (Debian's binaries), run as user postgres when we are root."""
+
+    def __init__(self) -> None:
+        import tempfile
+
+        self.as_user: list[str] = []
+        self.data = Path(tempfile.mkdtemp(prefix="skinreg-pg-")) / "pgdata"  # outside root-only pytest dirs
+        self.data.mkdir()
+        if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+            for path in (self.data.parent, self.data):
+                shutil.chown(path, "postgres")
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+        self.port = free_port()
+        self.url = f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/mlflow"  # MLflow's SQLAlchemy form
+
+    def _pg(self, *args: str) -> None:
+        subprocess.run([*self.as_user, *args], check=True, capture_output=True)
+
+    def init(self) -> None:
+        self._pg(_pg_bin("initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres")
+        self.start()
+        self._pg(_pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "mlflow")
+
+    def start(self) -> None:
+        self._pg(_pg_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.data / "log"), "-w", "-o",
+                 f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c max_connections=200", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        subprocess.run([*self.as_user, _pg_bin("pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"],
+                       capture_output=True)
+
+    def restart(self, down_s: float = 1.0) -> None:
+        """Stop (every connection is cut), stay down `down_s` seconds, start again."""
+        self.stop()
+        time.sleep(down_s)
+        self.start()
+
+    def remove(self) -> None:
+        self.stop("immediate")
+        shutil.rmtree(self.data.parent, ignore_errors=True)
+
+
+@contextmanager
+def pg_cluster() -> Iterator[PgCluster]:
+    cluster = PgCluster()
+    try:
+        cluster.init()
+        yield cluster
+    finally:
+        cluster.remove()
+
+
 @contextmanager
 def postgres(workdir: Path) -> Iterator[str]:
     """A throwaway PostgreSQL cluster on 127.0.0.1; yields a SQLAlchemy URI for database `mlflow`."""
-    import tempfile
-
-    as_user: list[str] = []
-    data = Path(tempfile.mkdtemp(prefix="skinreg-pg-")) / "pgdata"  # outside root-only pytest dirs
-    data.mkdir()
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
-        for path in (data.parent, data):
-            shutil.chown(path, "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    port = free_port()
-    subprocess.run([*as_user, _pg_bin("initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
-                   check=True, capture_output=True)
-    subprocess.run([*as_user, _pg_bin("pg_ctl"), "-D", str(data), "-l", str(data / "log"), "-w", "-o",
-                    f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
-    try:
-        subprocess.run([*as_user, _pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "mlflow"],
-                       check=True, capture_output=True)
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/mlflow"
-    finally:
-        subprocess.run([*as_user, _pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
-        shutil.rmtree(data.parent, ignore_errors=True)
+    with pg_cluster() as cluster:
+        yield cluster.url
 
 
 class CountingProxy:
