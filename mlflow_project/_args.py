@@ -11,8 +11,10 @@ EXPORT_VERSION = {"lists": ("formats", "quantize", "gates"), "flags": ("allow-pi
                   "rename": {"formats": "format", "gates": "gate"}}
 
 
-def run(command: str, *, lists: tuple[str, ...] = (), flags: tuple[str, ...] = (), rename: dict | None = None) -> None:
-    app(translate(command, sys.argv[1:], lists=lists, flags=flags, rename=rename))
+def run(command: str, *, lists: tuple[str, ...] = (), flags: tuple[str, ...] = (), rename: dict | None = None,
+        extra: tuple[str, ...] = ()) -> None:
+    """extra: options the entry point always passes (not MLproject parameters)."""
+    app(translate(command, sys.argv[1:], lists=lists, flags=flags, rename=rename) + list(extra))
 
 
 def translate(command: str, argv: list[str], *, lists: tuple[str, ...] = (), flags: tuple[str, ...] = (),

@@ -102,6 +102,7 @@ def export_cmd(
     *, settings: ExportSettings,
 ) -> None:
     """Export a checkpoint to ONNX and TFLite, validate every file against PyTorch, and report."""
+    from .datasets import resolve_settings
     from .errors import InputError
     from .export import ExportRequest, run_export
     from .models import load_checkpoint
@@ -113,6 +114,7 @@ def export_cmd(
             raise InputError("--device cuda: no CUDA device is available here; use --device cpu")
     loaded = load_checkpoint(checkpoint, arch=arch, num_classes=num_classes, input_size=input_size,
                              labels=labels.split(",") if labels else None)
+    settings, _ = resolve_settings(settings)  # a URI is fetched into the content-hash cache, once
     req = ExportRequest(loaded=loaded, out_dir=output_dir or checkpoint.parent, stem=checkpoint.stem,
                         **settings.request_kwargs())
     try:
@@ -147,14 +149,22 @@ def train_cmd(
     epochs: Annotated[int, typer.Option()] = 8,
     seed: Annotated[int, typer.Option()] = 0,
     register_as: Annotated[Optional[str], typer.Option(help="Log to MLflow and register under this name instead of writing --output.")] = None,
+    log_data: Annotated[bool, typer.Option("--log-data/--no-log-data", help=(
+        "With --register-as: also log --data-dir's calibration/ and val/ folders as the run's data/calibration "
+        "and data/val artifacts, so exports can use them by URI (--calibration-dir runs:/RUN_ID/data/calibration)."
+    ))] = False,
 ) -> None:
     """Train a small classifier on the demo data: a checkpoint, or (--register-as) a registered PyTorch version."""
+    if log_data and not register_as:
+        from .errors import InputError
+
+        raise InputError("--log-data logs the data to the training run: add --register-as NAME (or drop --log-data)")
     if register_as:
         from .pipeline import train_and_register
         from .tags import VAL_ACCURACY
 
         ref = train_and_register(data_dir, name=register_as, arch=arch, input_size=input_size, epochs=epochs,
-                                 seed=seed, progress=_progress())
+                                 seed=seed, log_data=log_data, progress=_progress())
         typer.echo(f"registered {ref.uri} (val accuracy {ref.tags.get(VAL_ACCURACY)}%)")
         return
     from .data import generate_demo_data
@@ -246,17 +256,23 @@ def demo_cmd(
     arch: Annotated[str, typer.Option(help="Architecture (tiny_cnn: seconds on a CPU; or a torchvision one).")] = "tiny_cnn",
     input_size: Annotated[int, typer.Option()] = 96,
     epochs: Annotated[int, typer.Option()] = 8,
+    log_data: Annotated[bool, typer.Option("--log-data/--no-log-data", help=(
+        "Log the calibration and eval images with the training run (data/calibration, data/val) and export "
+        "from those artifact URIs; --no-log-data: export from the local folders."))] = True,
 ) -> None:
     """The main job: train -> register -> export + validate -> register variants -> promote `candidate`."""
     import mlflow
 
+    from .datasets import source_run_data
     from .pipeline import DEFAULT_EXPERIMENT, ExportOptions, run_context, export_version, promote, train_and_register
 
     progress = _progress()
     with run_context("main", DEFAULT_EXPERIMENT):
-        ref = train_and_register(data_dir, name=name, arch=arch, input_size=input_size, epochs=epochs, progress=progress)
-        res = export_version(ref.uri, ExportOptions(calibration_dir=data_dir / "calibration", eval_dir=data_dir / "val"),
-                             progress=progress)
+        ref = train_and_register(data_dir, name=name, arch=arch, input_size=input_size, epochs=epochs,
+                                 log_data=log_data, progress=progress)
+        calibration, evaluation = source_run_data(ref.run_id) if log_data else (None, None)
+        res = export_version(ref.uri, ExportOptions(calibration_dir=calibration or data_dir / "calibration",
+                                                    eval_dir=evaluation or data_dir / "val"), progress=progress)
         typer.echo(res.report)
         moved = promote(ref.uri, "candidate")
     typer.echo(f"source {ref.uri}; variants: " + ", ".join(f"{k} {v.uri}" for k, v in res.variants.items()))

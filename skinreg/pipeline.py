@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__
+from .datasets import DataDir, data_digests, log_dataset_inputs, resolve_settings
 from .enums import Format
 from .errors import GateError, RegistryError, first_line
 from .export import ExportRequest, ExportResult, run_export
@@ -58,9 +59,13 @@ class ExportOptions(ExportSettings):
         return SourceHints(allow_pickle=self.allow_pickle, arch=self.arch, num_classes=self.num_classes,
                            input_size=self.input_size, labels=self.labels)
 
-    def settings_hash(self, calibration_sha: str | None) -> str:
+    def settings_hash(self, calibration_sha: str | None, data_digests: dict[str, str] | None = None) -> str:
+        """The idempotence key: the settings as given (folders or URIs), the calibration images' content and,
+        for data given by URI, the content fetched from it (data_digests: context -> sha256)."""
         keep = {k: v for k, v in asdict(self).items() if k not in ("latency_runs", "threads", "force", "experiment")}
         keep.update(calibration_sha=calibration_sha, skinreg=__version__)
+        if data_digests:  # only then: keys of exports from local folders stay what they were
+            keep.update(data_digests=data_digests)
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -87,6 +92,7 @@ def variant_model_name(source: str, variant: str, pattern: str = DEFAULT_PATTERN
 
 
 def _calibration_sha(opts: ExportOptions) -> str | None:
+    """Of the calibration images (opts with local folders: see datasets.resolve_settings)."""
     if not opts.calibration_dir:
         return None
     from .data import list_images
@@ -113,7 +119,11 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
     if VARIANT_OF in ref.tags:
         raise RegistryError(f"{ref.uri} is a variant made by skinreg (of {ref.tags[VARIANT_OF]}); "
                             "export its source version instead")
-    settings = opts.settings_hash(_calibration_sha(opts))
+    local, data = resolve_settings(opts)  # URIs fetched (once, into the content-hash cache) before anything else
+    for what, d in data.items():
+        if d.is_uri:
+            progress(f"{what} data: {d.source} (sha256 {d.digest[:12]}, cached in {d.path})")
+    settings = opts.settings_hash(_calibration_sha(local), data_digests(data))
     recorded = _recorded_variants(ref)
     if (not opts.force and ref.tags.get(EXPORT_SETTINGS) == settings
             and ref.tags.get(EXPORT_STATUS) in ("passed", "failed") and recorded):
@@ -127,6 +137,7 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
         run_id = run.info.run_id
         mlflow.set_tags({SOURCE: ref.uri, SOURCE_NAME: ref.name, SOURCE_VERSION: ref.version,
                          SETTINGS: settings})
+        log_dataset_inputs(**data)  # which data calibrated and judged the variants, on the run page
         reg.set_version_tags(ref.name, ref.version, {EXPORT_STATUS: "running", EXPORT_RUN_ID: run_id})
         registered: list[VersionRef] = []
         io = Stages()
@@ -136,7 +147,7 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                 with io("registry: download source"):
                     loaded, dynamic_batch, notes = load_source(ref, opts.source_hints(), Path(tmp))
                 req = ExportRequest(loaded=loaded, out_dir=Path(tmp) / "out", stem=ref.name.replace("/", "_"),
-                                    dynamic_batch=dynamic_batch, notes=notes, **opts.request_kwargs())
+                                    dynamic_batch=dynamic_batch, notes=notes, **local.request_kwargs())
                 try:
                     result = run_export(req, progress=progress)
                 except GateError as exc:
@@ -158,7 +169,8 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                         continue
                     progress(f"registering {name}")
                     dynamic, shape = file_facts(v.file.path, v.file.format)  # the file the consumer check re-reads
-                    tags = {**_variant_tags(ref, v, run_id, settings), DYNAMIC_BATCH: str(dynamic).lower(),
+                    tags = {**_variant_tags(ref, v, run_id, settings, data.get("calibration")),
+                            DYNAMIC_BATCH: str(dynamic).lower(),
                             INPUT_SHAPE: json.dumps(shape)}
                     with io("registry: register"):
                         versions[v.file.variant] = reg.register(name, v.model_uri, tags=tags, run_id=run_id,
@@ -265,9 +277,12 @@ def run_context(name: str, experiment: str):
 
 def train_and_register(data_dir: Path, *, name: str = "skin-classifier", arch: str = "tiny_cnn",
                        input_size: int = 96, epochs: int = 8, seed: int = 0, experiment: str = DEFAULT_EXPERIMENT,
-                       registry: Registry | None = None, progress: Progress = lambda msg: None) -> VersionRef:
+                       log_data: bool = False, registry: Registry | None = None,
+                       progress: Progress = lambda msg: None) -> VersionRef:
     """Train on the demo data (generated if missing) and register a PyTorch (pt2) version that records
-    its architecture, labels and preprocessing, with a dynamic batch."""
+    its architecture, labels and preprocessing, with a dynamic batch. log_data: also log data_dir's
+    calibration/ and val/ folders as the run's data/calibration and data/val artifacts (exports can then
+    name them by URI: datasets.source_run_data)."""
     import mlflow
 
     from .data import generate_demo_data
@@ -286,6 +301,11 @@ def train_and_register(data_dir: Path, *, name: str = "skin-classifier", arch: s
         mlflow.log_metrics({"val_accuracy": res.val_accuracy, "train_accuracy": res.train_accuracy})
         example = res.loaded.spec.preprocessing.batch(sorted((Path(data_dir) / "val").rglob("*.png"))[:2])
         info = log_source_model(res.loaded, registered_name=name, example=example)
+        if log_data:
+            from .datasets import log_training_data
+
+            progress(f"logging the calibration and eval images of {data_dir} as the run's data/ artifacts")
+            log_training_data(Path(data_dir))
     version = str(info.registered_model_version)
     pre = res.loaded.spec.preprocessing
     reg.set_version_tags(name, version, {ARCH: arch, INPUT_SIZE: pre.input_size,
@@ -294,7 +314,8 @@ def train_and_register(data_dir: Path, *, name: str = "skin-classifier", arch: s
     return reg.get(name, version)
 
 
-def _variant_tags(ref: VersionRef, v: Any, run_id: str, settings: str) -> dict[str, Any]:
+def _variant_tags(ref: VersionRef, v: Any, run_id: str, settings: str,
+                  calibration_data: DataDir | None = None) -> dict[str, Any]:
     """Tags known before registration. Tags that describe the served file (dynamic_batch, input_shape,
     consumer_check) are set after the consumer check has read that file back from the registry."""
     p = v.verdict.parity
@@ -318,6 +339,8 @@ def _variant_tags(ref: VersionRef, v: Any, run_id: str, settings: str) -> dict[s
     for key in ("count", "file_list_sha256", "content_sha256", "source", "seed"):  # the calibration set, recorded with the variant
         if calibration.get(key) is not None:
             tags[f"{PREFIX}calibration.{key}"] = calibration[key]
+    if calibration and calibration_data is not None and calibration_data.is_uri:  # `source`: the cache folder
+        tags[f"{PREFIX}calibration.uri"] = calibration_data.source
     return tags
 
 

@@ -45,9 +45,12 @@ class ExportSettings:
     quantize: list[Precision] = field(default_factory=list, metadata=_meta(
         "Extra precisions: float16, int8 (repeatable). Default: float16, plus int8 when --calibration-dir is given.",
         list_of=Precision))
-    calibration_dir: Optional[Path] = field(default=None, metadata=_meta(
-        "JPG/PNG images (recursive) for int8 calibration."))
-    eval_dir: Optional[Path] = field(default=None, metadata=_meta("ImageFolder (one folder per class) for accuracy."))
+    calibration_dir: Optional[str] = field(default=None, metadata=_meta(
+        "JPG/PNG images (recursive) for int8 calibration: a folder, or an MLflow artifact URI (runs:/RUN_ID/PATH, "
+        "models:/..., mlflow-artifacts:/..., s3://..., file://...) fetched into a cache keyed by content hash "
+        "(~/.cache/skinreg/data, or $SKINREG_DATA_CACHE)."))
+    eval_dir: Optional[str] = field(default=None, metadata=_meta(
+        "ImageFolder (one folder per class) for accuracy: a folder or an MLflow artifact URI, as --calibration-dir."))
     opset: Optional[int] = field(default=None, metadata=_meta(
         "ONNX opset (default 17; 18+ uses the dynamo exporter)."))
     gates: dict[str, float] = field(default_factory=dict, metadata=_meta(
@@ -78,9 +81,8 @@ class ExportSettings:
         if self.int8_strategy and not isinstance(self.int8_strategy, Int8Strategy):
             recipes_for(str(self.int8_strategy))  # "unknown --int8-strategy 'x': expected auto or one of ..."
         self.int8_strategy = _enum(Int8Strategy, self.int8_strategy, "--int8-strategy") if self.int8_strategy else None
-        for name in ("calibration_dir", "eval_dir"):
-            value = getattr(self, name)
-            setattr(self, name, Path(value) if value not in (None, "") else None)
+        for name in ("calibration_dir", "eval_dir"):  # a folder or an artifact URI, as text
+            setattr(self, name, _data_location(getattr(self, name)))
         self.gates = {str(k): float(v) for k, v in dict(self.gates).items()}
 
     def settings(self) -> "ExportSettings":
@@ -89,8 +91,9 @@ class ExportSettings:
 
     def request_kwargs(self) -> dict[str, Any]:
         """The matching ExportRequest arguments."""
-        return {"formats": list(self.formats), "quantize": list(self.quantize), "calibration_dir": self.calibration_dir,
-                "eval_dir": self.eval_dir, "opset": self.opset, "gate_overrides": dict(self.gates),
+        return {"formats": list(self.formats), "quantize": list(self.quantize),
+                "calibration_dir": _local_dir(self.calibration_dir, "calibration"),
+                "eval_dir": _local_dir(self.eval_dir, "eval"), "opset": self.opset, "gate_overrides": dict(self.gates),
                 "latency_runs": self.latency_runs, "threads": self.threads,
                 "converter": self.converter.value if self.converter else None,
                 "int8_strategy": self.int8_strategy.value if self.int8_strategy else None,
@@ -115,6 +118,25 @@ class ExportSettings:
     def to_mlproject_params(self) -> dict[str, str]:
         """The same settings as the MLproject `export` entry point's parameters ("" = not set)."""
         return {f.name: _text(getattr(self, f.name)) for f in fields(ExportSettings)}
+
+
+def _data_location(value: str | Path | None) -> str | None:
+    """A URI as given; a folder as pathlib spells it (as before URIs were accepted: same idempotence keys)."""
+    from .datasets import is_uri
+
+    if value is None or str(value) == "":
+        return None
+    return str(value) if is_uri(str(value)) else str(Path(value))
+
+
+def _local_dir(value: str | None, what: str) -> Path | None:
+    """The folder an ExportRequest reads. Callers resolve URIs first (datasets.resolve_settings, once per
+    export); one still here is fetched now. A local folder is checked where it is read."""
+    from .datasets import is_uri, resolve_data_dir
+
+    if value and is_uri(value):
+        return resolve_data_dir(value, what=what)
+    return Path(value) if value else None
 
 
 def _text(value: Any) -> str:
@@ -198,7 +220,7 @@ def _option(f: Any) -> tuple[Any, Any]:
     default = f.default_factory() if f.default_factory is not MISSING else f.default
     if f.name == "gates":
         return Annotated[list[str], opt], []
-    kinds = {"list[Format]": list[Format], "list[Precision]": list[Precision], "Optional[Path]": Optional[Path],
+    kinds = {"list[Format]": list[Format], "list[Precision]": list[Precision], "Optional[str]": Optional[str],
              "Optional[int]": Optional[int], "int": int,
              # plain text, checked by normalize(): a bad value is one line naming the fix, not click's box
              "Optional[Converter]": Optional[str], "Optional[Int8Strategy]": Optional[str]}
