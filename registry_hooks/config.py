@@ -48,6 +48,9 @@ class HooksConfig(ExportSettings):
     stale_running_s: float = 7200.0  # an export marked 'running' this long, by a run we do not own, is dead
     dead_requeue_s: float = 21600.0  # the reconciler queues a dead job's work again after this long; 0: never
     # -- export settings passed to skinreg.pipeline.ExportOptions --------------------------------
+    # calibration_dir / eval_dir left unset: use the images the source version's training run logged
+    # (`skinreg train --log-data`: runs:/RUN/data/calibration and data/val), when it has them
+    source_run_data: bool = True
     name_pattern: str = "{source}-{variant}"
     candidate_alias: str = "candidate"
     # -- mlflow-run executor ---------------------------------------------------------------------
@@ -93,6 +96,14 @@ class HooksConfig(ExportSettings):
 MIN_SECRET_LENGTH = 16
 
 
+def _bool(value: str) -> bool:
+    if value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.strip().lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected true or false")
+
+
 def _split(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
@@ -104,7 +115,7 @@ def from_env(env: Mapping[str, str] | None = None) -> HooksConfig:
     casts = {"sources": _split, "executor": Executor, "tolerance_s": int,
              "max_attempts": int, "backoff_s": float, "backoff_max_s": float,
              "heartbeat_s": float, "stalled_s": float, "poll_s": float, "stale_running_s": float, "reconcile_interval_s": float,
-             "dead_requeue_s": float}
+             "dead_requeue_s": float, "source_run_data": _bool}
     export_fields = set(ExportSettings.__dataclass_fields__)
     values: dict[str, Any] = from_strings({name: env[ENV_PREFIX + name.upper()] for name in export_fields
                                            if ENV_PREFIX + name.upper() in env},

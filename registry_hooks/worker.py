@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -70,7 +70,7 @@ class JobExecutor(Protocol):
     # job's half-done export is known to be dead). False for `mlflow run`, which may outlive us.
     local: bool
 
-    def export(self, ref: VersionRef, on_run: Callable[[str], None]) -> ExportOutcome: ...
+    def export(self, ref: VersionRef, on_run: Callable[[str], None], cfg: HooksConfig) -> ExportOutcome: ...
 
     def promote(self, ref: VersionRef, alias: str) -> list[str]: ...
 
@@ -84,7 +84,7 @@ class InProcessExecutor:
     def __init__(self, cfg: HooksConfig, registry: Registry) -> None:
         self.cfg, self.registry = cfg, registry
 
-    def export(self, ref: VersionRef, on_run: Callable[[str], None]) -> ExportOutcome:
+    def export(self, ref: VersionRef, on_run: Callable[[str], None], cfg: HooksConfig) -> ExportOutcome:
         import mlflow
 
         from skinreg.pipeline import export_version
@@ -98,7 +98,7 @@ class InProcessExecutor:
                 seen.append(run.info.run_id)
                 on_run(run.info.run_id)
 
-        res = export_version(ref.uri, self.cfg.export_options(), registry=self.registry, progress=progress)
+        res = export_version(ref.uri, cfg.export_options(), registry=self.registry, progress=progress)
         return ExportOutcome(status=res.status, run_id=res.run_id)
 
     def promote(self, ref: VersionRef, alias: str) -> list[str]:
@@ -145,14 +145,14 @@ class _ChildExecutor:
     def __init__(self, cfg: HooksConfig, registry: Registry) -> None:
         self.cfg, self.registry = cfg, registry
 
-    def _export_cmd(self, ref: VersionRef) -> list[str]:
+    def _export_cmd(self, ref: VersionRef, cfg: HooksConfig) -> list[str]:
         raise NotImplementedError
 
     def _promote_cmd(self, ref: VersionRef, alias: str) -> list[str]:
         raise NotImplementedError
 
-    def export(self, ref: VersionRef, on_run: Callable[[str], None]) -> ExportOutcome:
-        proc = _run_child(self._export_cmd(ref), what=f"export {ref.uri}")
+    def export(self, ref: VersionRef, on_run: Callable[[str], None], cfg: HooksConfig) -> ExportOutcome:
+        proc = _run_child(self._export_cmd(ref, cfg), what=f"export {ref.uri}")
         after = self.registry.get(ref.name, ref.version)
         status = after.tags.get(EXPORT_STATUS)
         run_id = after.tags.get(EXPORT_RUN_ID)
@@ -182,8 +182,8 @@ class SubprocessExecutor(_ChildExecutor):
         found = Path(sys.executable).with_name("skinreg")
         return str(found) if found.exists() else "skinreg"
 
-    def _export_cmd(self, ref: VersionRef) -> list[str]:
-        return [self._skinreg(), "export-version", "--model-uri", ref.uri, *_export_flags(self.cfg)]
+    def _export_cmd(self, ref: VersionRef, cfg: HooksConfig) -> list[str]:
+        return [self._skinreg(), "export-version", "--model-uri", ref.uri, *_export_flags(cfg)]
 
     def _promote_cmd(self, ref: VersionRef, alias: str) -> list[str]:
         return [self._skinreg(), "promote", "--model-uri", ref.uri, "--alias", alias]
@@ -212,9 +212,9 @@ class MlflowRunExecutor(_ChildExecutor):
                 cmd += ["-P", f"{k}={v}"]
         return cmd
 
-    def _export_cmd(self, ref: VersionRef) -> list[str]:
+    def _export_cmd(self, ref: VersionRef, cfg: HooksConfig) -> list[str]:
         # The MLproject `export` entry point takes every export setting, lists comma-separated
-        return self._mlflow_run("export", {"model_uri": ref.uri, **self.cfg.to_mlproject_params()})
+        return self._mlflow_run("export", {"model_uri": ref.uri, **cfg.to_mlproject_params()})
 
     def _promote_cmd(self, ref: VersionRef, alias: str) -> list[str]:
         return self._mlflow_run("promote", {"model_uri": ref.uri, "alias": alias})
@@ -323,13 +323,27 @@ class Worker:
             return Outcome(f"ignored: {job.spec.name} is a skinreg variant of {tags[VARIANT_OF]}")
         return None
 
+    def settings_for(self, ref: VersionRef) -> HooksConfig:
+        """The export settings for this source version: calibration/eval data not configured default to the
+        images its training run logged (`skinreg train --log-data`: runs:/RUN/data/calibration, data/val)."""
+        if not self.cfg.source_run_data or (self.cfg.calibration_dir and self.cfg.eval_dir) or not ref.run_id:
+            return self.cfg
+        from skinreg.datasets import source_run_data
+
+        calibration, evalset = source_run_data(ref.run_id)
+        found = {k: v for k, v in (("calibration_dir", calibration), ("eval_dir", evalset))
+                 if v and not getattr(self.cfg, k)}
+        if found:
+            log.info("%s: data from its training run: %s", ref.uri, ", ".join(found.values()))
+        return replace(self.cfg, **found) if found else self.cfg
+
     def _record_run(self, job: Job) -> Callable[[str], None]:
         return lambda run_id: self.queue.set_run_id(job.id, run_id)
 
     def _export(self, job: Job) -> Outcome:
         ref = self.registry.get(job.spec.name, job.spec.version or "")
         self._recover_interrupted(job, ref)
-        res = self.executor.export(ref, self._record_run(job))
+        res = self.executor.export(ref, self._record_run(job), self.settings_for(ref))
         return Outcome(f"export {res.status}", run_id=res.run_id)
 
     def _alias(self, job: Job) -> Outcome:
@@ -344,7 +358,7 @@ class Worker:
         ref = self.registry.get(name, version)
         run_id = ref.tags.get(EXPORT_RUN_ID)
         if ref.tags.get(EXPORT_STATUS) not in ("passed", "failed"):
-            res = self.executor.export(ref, self._record_run(job))  # the alias follows to variants: make them
+            res = self.executor.export(ref, self._record_run(job), self.settings_for(ref))  # the alias follows to variants: make them
             ref, run_id = self.registry.get(name, version), res.run_id
         recorded = json.loads(ref.tags.get(EXPORT_VARIANTS, "{}"))
         if not recorded:

@@ -93,6 +93,18 @@ def cluster(tmp_path_factory):
             mlflow.set_registry_uri(None)
 
 
+def register_with_data(trained, demo_data, name: str) -> str:
+    """v1 of `name` from a run that also logged its calibration and eval images (as `skinreg train --log-data`)."""
+    from skinreg.datasets import log_training_data
+    from skinreg.mlflow_io import log_source_model
+
+    with mlflow.start_run():
+        example = trained.loaded.spec.preprocessing.batch(sorted((demo_data / "val").rglob("*.png"))[:2])
+        info = log_source_model(trained.loaded, registered_name=name, example=example)
+        log_training_data(demo_data)
+    return str(info.registered_model_version)
+
+
 def _add_versions(name: str, count: int) -> list[str]:
     """More versions of a source model from its version 1's artifact (each a model_version.created webhook)."""
     client = MlflowClient()
@@ -128,7 +140,8 @@ def test_a_burst_with_duplicates_and_a_killed_worker_exports_every_version_exact
     t0 = time.monotonic()
     versions: dict[str, list[str]] = {}
     for name in SOURCES:  # 3 x v1 by logging a model, then 9 more versions: 12 registrations in one burst
-        versions[name] = [register(trained, demo_data, name)]
+        versions[name] = [register_with_data(trained, demo_data, name) if name == "cl-a"
+                          else register(trained, demo_data, name)]
     for name in SOURCES:
         versions[name] += _add_versions(name, 3)
     assert sum(len(v) for v in versions.values()) == 12
@@ -170,6 +183,18 @@ def test_a_burst_with_duplicates_and_a_killed_worker_exports_every_version_exact
         else:
             assert states == ["done"], js  # the duplicates were merged, not queued again
     assert sum(j.deliveries - 1 for j in jobs) == 6
+    # the hooks default to the eval/calibration images cl-a's training run logged (train --log-data)
+    client = MlflowClient()
+    train_run = client.get_model_version("cl-a", "1").run_id
+    for name in SOURCES:
+        export_run = client.get_model_version(name, "2").tags["skinreg.export.run_id"]
+        inputs = {d.tags[0].value if d.tags else "": json.loads(d.dataset.source)
+                  for d in client.get_run(export_run).inputs.dataset_inputs}
+        if name == "cl-a":
+            assert inputs["eval"]["uri"] == f"runs:/{train_run}/data/val", inputs
+            assert inputs["calibration"]["uri"] == f"runs:/{train_run}/data/calibration", inputs
+        else:
+            assert inputs == {}, inputs
     with capsys.disabled():
         print(f"\ncluster burst: 12 registrations + 6 duplicates, {WORKERS} workers (one SIGKILLed mid-export): "
               f"all exported once in {elapsed:.1f}s")
