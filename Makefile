@@ -9,7 +9,7 @@ STAMP := $(VENV)/.skinreg-setup
 export MLFLOW_DISABLE_TELEMETRY := true
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: setup demo test postgres benchmark clean
+.PHONY: setup demo hooks-demo test postgres benchmark clean
 
 setup: $(STAMP)
 
@@ -25,7 +25,13 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" mlflow run . -e main --env-manager local
 
-# PostgreSQL from Debian's packages, for the test that runs `mlflow server` on PostgreSQL.
+# The registry-driven service as a local cluster: a throwaway PostgreSQL (MLflow's tables + the job
+# queue), `mlflow server` with webhooks, the receiver and two workers; a registered version is exported
+# and promoted by the hooks alone (registry_hooks/demo.py; logs in ./hooks-demo).
+hooks-demo: setup postgres
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m registry_hooks.demo
+
+# PostgreSQL from Debian's packages: the hooks' queue and the tests that run `mlflow server` on PostgreSQL.
 postgres:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
 	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql)
@@ -37,4 +43,4 @@ benchmark: setup
 	$(VENV)/bin/skinreg benchmark
 
 clean:
-	rm -rf demo mlruns mlflow.db mlartifacts .pytest_cache
+	rm -rf demo hooks-demo mlruns mlflow.db mlartifacts .pytest_cache
