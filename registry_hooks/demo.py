@@ -141,7 +141,10 @@ def run_demo(workdir: Path, *, epochs: int = 3, say: Callable[[str], None] = pri
 
         demo.wait("the export", lambda: status() in ("passed", "failed"), timeout=900, proc=procs)
         tags = client.get_model_version(SOURCE, version).tags
-        demo.step(f"export {tags['skinreg.export.status']} (run {tags.get('skinreg.export.run_id')}): "
+        run_id = tags.get("skinreg.export.run_id")
+        data = ", ".join(f"{d.tags[0].value if d.tags else '?'} {d.dataset.name} (digest {d.dataset.digest[:12]})"
+                         for d in client.get_run(run_id).inputs.dataset_inputs) if run_id else ""
+        demo.step(f"export {tags['skinreg.export.status']} (run {run_id}; data: {data or 'none'}): "
                   f"{tags.get('skinreg.export.variants')}")
         demo.wait("candidate aliases", lambda: any("candidate" in aliases(f"{SOURCE}-{v}") for v in VARIANTS),
                   timeout=60, proc=procs)

@@ -300,12 +300,12 @@ def train_and_register(data_dir: Path, *, name: str = "skin-classifier", arch: s
                            "train.seed": seed, "train.data_dir": str(data_dir)})  # prefixed: see log_export_run
         mlflow.log_metrics({"val_accuracy": res.val_accuracy, "train_accuracy": res.train_accuracy})
         example = res.loaded.spec.preprocessing.batch(sorted((Path(data_dir) / "val").rglob("*.png"))[:2])
-        info = log_source_model(res.loaded, registered_name=name, example=example)
-        if log_data:
+        if log_data:  # before registering: the registration's webhook may start an export that reads them
             from .datasets import log_training_data
 
             progress(f"logging the calibration and eval images of {data_dir} as the run's data/ artifacts")
             log_training_data(Path(data_dir))
+        info = log_source_model(res.loaded, registered_name=name, example=example)
     version = str(info.registered_model_version)
     pre = res.loaded.spec.preprocessing
     reg.set_version_tags(name, version, {ARCH: arch, INPUT_SIZE: pre.input_size,

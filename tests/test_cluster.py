@@ -100,8 +100,8 @@ def register_with_data(trained, demo_data, name: str) -> str:
 
     with mlflow.start_run():
         example = trained.loaded.spec.preprocessing.batch(sorted((demo_data / "val").rglob("*.png"))[:2])
+        log_training_data(demo_data)  # first: the registration's webhook may start the export at once
         info = log_source_model(trained.loaded, registered_name=name, example=example)
-        log_training_data(demo_data)
     return str(info.registered_model_version)
 
 
