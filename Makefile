@@ -9,7 +9,7 @@ STAMP := $(VENV)/.skinreg-setup
 export MLFLOW_DISABLE_TELEMETRY := true
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: setup demo hooks-demo test postgres benchmark clean
+.PHONY: setup demo hooks-demo test postgres benchmark benchmark-hooks clean
 
 setup: $(STAMP)
 
@@ -42,5 +42,9 @@ test: setup postgres
 benchmark: setup
 	$(VENV)/bin/skinreg benchmark
 
+# The hooks' queue: a burst with 1 vs 2 workers, and registration -> job start delay (registry_hooks/benchmark.py)
+benchmark-hooks: setup postgres
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) benchmarks/hooks_queue.py
+
 clean:
-	rm -rf demo hooks-demo mlruns mlflow.db mlartifacts .pytest_cache
+	rm -rf demo hooks-demo hooks-bench mlruns mlflow.db mlartifacts .pytest_cache

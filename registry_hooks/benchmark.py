@@ -1,0 +1,184 @@
+"""Queue benchmark (issue #11): throughput of a burst of registrations with 1 worker vs 2 workers, measured
+in one run on the same cluster, and the delay from a registration to its job's start.
+
+One throwaway PostgreSQL cluster holds MLflow's tables and the queue; `mlflow server` sends webhooks to the
+receiver; `skinreg hooks worker` processes run the jobs (tiny models, ONNX only, so the queue and the
+registry traffic are a visible part of each job). Each phase registers `burst` new versions spread over
+3 fresh source models and times from the first registration to the last job done. Delays come from the
+timestamps the components record themselves: MLflow's version creation time, procrastinate's `deferred`
+event (the receiver committed the webhook's job) and its `started` event (a worker picked it up).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import statistics
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Callable
+
+from .demo import Demo, _bin, _http_ok
+from .localpg import free_port, pg_cluster
+from .queue import SCHEMA, JobQueue, conninfo
+
+
+def _events(url: str, since_job: int) -> dict[int, dict[str, float]]:
+    import psycopg
+
+    with psycopg.connect(conninfo(url), options=f"-c search_path={SCHEMA}") as db:
+        rows = db.execute("SELECT job_id, type, EXTRACT(EPOCH FROM MIN(at)) FROM procrastinate_events "
+                          "WHERE job_id > %s GROUP BY job_id, type", (since_job,)).fetchall()
+    out: dict[int, dict[str, float]] = {}
+    for job_id, kind, at in rows:
+        out.setdefault(job_id, {})[kind] = float(at)
+    return out
+
+
+def run_benchmark(workdir: Path, *, burst: int = 12, probes: int = 5, server_workers: int = 1, formats: str = "all",
+                  say: Callable[[str], None] = print) -> dict:
+    import mlflow
+    from mlflow import MlflowClient
+
+    from skinreg.data import generate_demo_data
+    from skinreg.mlflow_io import log_source_model
+    from skinreg.train import train
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    demo = Demo(workdir, epochs=0, say=say)
+    mlflow_port, hooks_port = free_port(), free_port()
+    mlflow_url, hooks_url = f"http://127.0.0.1:{mlflow_port}", f"http://127.0.0.1:{hooks_port}"
+    results: dict = {}
+    with ExitStack() as stack:
+        pg = stack.enter_context(pg_cluster())
+        import base64
+
+        server = stack.enter_context(demo.process("bench-mlflow-server", [
+            _bin("mlflow"), "server", "--backend-store-uri", pg.url, "--artifacts-destination",
+            str(workdir / "artifacts"), "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", str(server_workers)],
+            {**demo.env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+             "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true", "MLFLOW_WEBHOOK_CACHE_TTL": "1",
+             "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": base64.urlsafe_b64encode(os.urandom(32)).decode()}))
+        demo.wait("mlflow server", lambda: _http_ok(f"{mlflow_url}/health"), timeout=120, proc=[server])
+        sources = [f"bq-{phase}-{i}" for phase in ("one", "two", "probe") for i in range(3)]
+        env = {**demo.env, "MLFLOW_TRACKING_URI": mlflow_url, "SKINREG_WEBHOOK_SECRET": secrets.token_urlsafe(32),
+               "SKINREG_HOOKS_DATABASE_URL": pg.url, "SKINREG_HOOKS_SOURCES": ",".join(sources),
+               "SKINREG_HOOKS_FORMATS": formats, "SKINREG_HOOKS_LATENCY_RUNS": "5",
+               "SKINREG_HOOKS_RECONCILE_INTERVAL_S": "0"}
+        demo.run([_bin("skinreg"), "hooks", "init-db"], env)
+        receiver = stack.enter_context(demo.process("bench-receiver", [
+            _bin("skinreg"), "hooks", "serve", "--no-worker", "--port", str(hooks_port)], env))
+        demo.wait("the receiver", lambda: _http_ok(f"{hooks_url}/health"), timeout=120, proc=[receiver])
+        demo.run([_bin("skinreg"), "hooks", "install", "--url", f"{hooks_url}/webhook"], env)
+        os.environ["MLFLOW_TRACKING_URI"] = mlflow_url
+        mlflow.set_tracking_uri(mlflow_url)
+        mlflow.set_registry_uri(mlflow_url)
+        client = MlflowClient()
+        queue = JobQueue(pg.url)
+
+        demo.step("training the tiny model once, logging it once per source (v1, no worker running yet)")
+        data = generate_demo_data(workdir / "data", per_class={"train": 30, "val": 12, "calibration": 10}, size=64,
+                                  seed=0)
+        trained = train(data, arch="tiny_cnn", input_size=64, epochs=3, batch_size=16, lr=5e-3, seed=0)
+        example = trained.loaded.spec.preprocessing.batch(sorted((data / "val").rglob("*.png"))[:2])
+        first: dict[str, object] = {}
+        for name in sources:
+            with mlflow.start_run():
+                log_source_model(trained.loaded, registered_name=name, example=example)
+            first[name] = client.get_model_version(name, "1")
+        time.sleep(2)
+        # the v1 exports are queued by now: delete them, they are not part of any phase
+        queue_ids = [j.id for j in queue.jobs(limit=1000)]
+        import psycopg
+
+        with psycopg.connect(conninfo(pg.url), options=f"-c search_path={SCHEMA}", autocommit=True) as db:
+            db.execute("DELETE FROM procrastinate_jobs WHERE id = ANY(%s)", (queue_ids,))
+        mark = max(queue_ids or [0])
+
+        def register(name: str) -> float:
+            v1 = first[name]
+            mv = client.create_model_version(name, v1.source, run_id=v1.run_id,
+                                             model_id=v1.source.split("models:/", 1)[1])
+            return mv.creation_timestamp / 1000
+
+        def phase(label: str, names: list[str], workers: int) -> float:
+            nonlocal mark
+            procs = [stack.enter_context(demo.process(f"bench-worker-{label}-{i}", [
+                _bin("skinreg"), "hooks", "worker", "--name", f"{label}-{i}"], env)) for i in range(workers)]
+            time.sleep(8)  # the workers import the stack and register with procrastinate before the burst
+            t0 = time.time()
+            for k in range(burst):
+                register(names[k % len(names)])
+            demo.wait(f"{burst} jobs done", lambda: sum(1 for j in queue.jobs(limit=1000) if j.id > mark
+                                                        and j.state == "done") >= burst, timeout=1800, proc=procs)
+            events = _events(pg.url, mark)
+            end = max(e.get("succeeded", 0.0) for e in events.values())
+            mark = max(events)
+            for p in procs:
+                p.terminate()
+                p.wait(timeout=60)
+            wall = end - t0
+            per_job = statistics.mean(e["succeeded"] - e["started"] for e in events.values() if "succeeded" in e)
+            demo.step(f"{label}: {burst} registrations over {len(names)} sources, {workers} worker(s): {wall:.1f} s "
+                      f"({burst / wall * 60:.1f} exports/min; a job {per_job:.2f} s from start to end)")
+            results[f"{label}_job_s"] = per_job
+            return wall
+
+        one = phase("1-worker", sources[0:3], 1)
+        two = phase("2-workers", sources[3:6], 2)
+        results.update(burst=burst, one_worker_s=one, two_workers_s=two, speedup=one / two)
+
+        procs = [stack.enter_context(demo.process("bench-worker-probe", [
+            _bin("skinreg"), "hooks", "worker", "--name", "probe"], env))]
+        time.sleep(8)
+        to_deferred, to_started = [], []
+        for k in range(probes):  # one registration at a time, the worker idle
+            created = register(sources[6 + k % 3])
+            demo.wait("the probe job done", lambda: any(j.id > mark and j.state == "done" for j in queue.jobs()),
+                      timeout=300, proc=procs)
+            ev = _events(pg.url, mark)
+            [(job_id, e)] = list(ev.items())
+            to_deferred.append(e["deferred"] - created)
+            to_started.append(e["started"] - e["deferred"])
+            mark = job_id
+        results.update(webhook_s=statistics.median(to_deferred), pickup_s=statistics.median(to_started),
+                       pickup_max_s=max(to_started))
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    say("")
+    say(f"| measure | value | target |")
+    say(f"|---|---|---|")
+    say(f"| burst of {burst} registrations (3 sources), 1 worker | {results['one_worker_s']:.1f} s "
+        f"(a job {results['1-worker_job_s']:.2f} s) | |")
+    say(f"| same burst, 2 workers | {results['two_workers_s']:.1f} s (a job {results['2-workers_job_s']:.2f} s) | |")
+    say(f"| speed-up with 2 workers | {results['speedup']:.2f}x | >= 1.6x |")
+    say(f"| registration -> webhook job committed (median of {probes}) | {results['webhook_s'] * 1000:.0f} ms | |")
+    say(f"| webhook job committed -> worker started it (median; max) | {results['pickup_s'] * 1000:.0f} ms; "
+        f"{results['pickup_max_s'] * 1000:.0f} ms | <= 2 s |")
+    say(f"(mlflow server --workers {server_workers}; export formats: {formats}; this machine: {os.cpu_count()} cores)")
+    return results
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=Path("hooks-bench"))
+    parser.add_argument("--burst", type=int, default=12)
+    parser.add_argument("--probes", type=int, default=5)
+    parser.add_argument("--server-workers", type=int, default=1, help="mlflow server --workers")
+    parser.add_argument("--formats", default="all", help="SKINREG_HOOKS_FORMATS of the exports (onnx, all)")
+    args = parser.parse_args()
+    try:
+        run_benchmark(args.workdir, burst=args.burst, probes=args.probes, server_workers=args.server_workers,
+                      formats=args.formats, say=lambda line: print(line, flush=True))
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
