@@ -99,12 +99,17 @@ def export_cmd(
     num_classes: Annotated[Optional[int], typer.Option(help="Expected class count (checked against the checkpoint).")] = None,
     labels: Annotated[Optional[str], typer.Option(help="Comma-separated class labels.")] = None,
     output_dir: Annotated[Optional[Path], typer.Option(help="Where files go (default: beside the checkpoint).")] = None,
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help=(
+        "Reuse the files of an earlier export of the same checkpoint with the same settings, data and toolchain "
+        "(a content-addressed cache, ~/.cache/skinreg/exports or $SKINREG_EXPORT_CACHE; off: "
+        "SKINREG_EXPORT_CACHE=off).")) ] = True,
     *, settings: ExportSettings,
 ) -> None:
     """Export a checkpoint to ONNX and TFLite, validate every file against PyTorch, and report."""
     from .datasets import resolve_settings
-    from .errors import InputError
+    from .errors import GateError, InputError
     from .export import ExportRequest, run_export
+    from .export_cache import ExportCache, cache_root, export_key
     from .models import load_checkpoint
 
     if device is Device.cuda:
@@ -113,17 +118,39 @@ def export_cmd(
         if not torch.cuda.is_available():
             raise InputError("--device cuda: no CUDA device is available here; use --device cpu")
     loaded = load_checkpoint(checkpoint, arch=arch, num_classes=num_classes, input_size=input_size,
-                             labels=labels.split(",") if labels else None)
-    settings, _ = resolve_settings(settings)  # a URI is fetched into the content-hash cache, once
-    req = ExportRequest(loaded=loaded, out_dir=output_dir or checkpoint.parent, stem=checkpoint.stem,
-                        **settings.request_kwargs())
+                             labels=labels.split(",") if labels else None)  # checked first, cache or not
+    settings, data = resolve_settings(settings)  # a URI is fetched into the content-hash cache, once
+    out_dir = output_dir or checkpoint.parent
+    store = None
+    root = cache_root() if cache else None
+    if root is not None and device is Device.cpu:
+        key, inputs = export_key(checkpoint, {"arch": arch, "num_classes": num_classes, "input_size": input_size,
+                                              "labels": labels}, settings,
+                                 {what: d.content_digest() for what, d in sorted(data.items())}, checkpoint.stem)
+        store = ExportCache(root, key, inputs)
+        hit = store.lookup(out_dir)
+        if hit is not None:
+            typer.echo(hit.report_md.read_text())
+            typer.echo(f"reused the export stored {hit.created} (cache key {hit.key[:16]}: same checkpoint bytes, "
+                       f"settings, calibration/eval content, toolchain and CPU); every file matched its stored sha256. "
+                       f"Validation and timings above are that export's. --no-cache exports again.", err=True)
+            typer.echo(f"report: {hit.report_json}", err=True)
+            if hit.failures:  # the stored export failed a gate: the same verdict, the same exit code
+                raise GateError(hit.failures)
+            return
+    req = ExportRequest(loaded=loaded, out_dir=out_dir, stem=checkpoint.stem, **settings.request_kwargs())
+    before = store.before(out_dir) if store is not None else {}
     try:
         result = run_export(req, progress=_progress())
     except SkinregError as exc:
         if getattr(exc, "result", None) is not None:
             typer.echo(exc.result.report_md.read_text())
             typer.echo(f"report: {exc.result.report_json}", err=True)
+            if isinstance(exc, GateError) and store is not None:  # a verdict is a result too: stored with it
+                store.store(out_dir, before, exc.result.report_md, exc.result.report_json, failures=exc.failures)
         raise
+    if store is not None:
+        store.store(out_dir, before, result.report_md, result.report_json)
     typer.echo(result.report_md.read_text())
     typer.echo(f"report: {result.report_json}", err=True)
 

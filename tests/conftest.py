@@ -38,6 +38,12 @@ def trained_ckpt(trained, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _own_export_cache(tmp_path, monkeypatch):
+    """Each test its own `skinreg export` cache: an export in one test never reuses another's files."""
+    monkeypatch.setenv("SKINREG_EXPORT_CACHE", str(tmp_path / "export-cache"))
+
+
+@pytest.fixture(autouse=True)
 def _fresh_mlflow_state(monkeypatch):
     """mlflow.set_experiment caches the experiment (and exports MLFLOW_EXPERIMENT_ID): start clean."""
     import mlflow

@@ -92,7 +92,7 @@ def test_every_hostile_artifact_is_refused_by_the_cli_and_runs_nothing(evil):
         assert MlflowClient().search_registered_models(filter_string=f"name = '{name}-onnx'") == []
 
 
-def test_the_mlproject_and_the_hooks_worker_refuse_them_too(evil, tmp_path, monkeypatch):
+def test_the_mlproject_and_the_hooks_worker_refuse_them_too(evil, tmp_path, monkeypatch, queue_db):
     uris, marker = evil
     uri = uris["pickle beside pt2"]
     # `hooks worker` sets MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false for its process, here this one: restore it
@@ -103,11 +103,11 @@ def test_the_mlproject_and_the_hooks_worker_refuse_them_too(evil, tmp_path, monk
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "--allow-pickle" in out.stderr, out.stderr[-2000:]
     assert not marker.exists()
-    queue = str(tmp_path / "q.db")
-    res = runner.invoke(app, ["reconcile", "--source", "evil-both", "--source", "evil-code", "--queue", queue])
+    res = runner.invoke(app, ["reconcile", "--source", "evil-both", "--source", "evil-code",
+                              "--database-url", queue_db])
     assert res.exit_code == 0, res.output + res.stderr
-    res = runner.invoke(app, ["hooks", "worker", "--source", "evil-both", "--source", "evil-code", "--queue", queue,
-                              "--executor", "inprocess", "--format", "onnx", "--until-idle"])
+    res = runner.invoke(app, ["hooks", "worker", "--source", "evil-both", "--source", "evil-code", "--database-url",
+                              queue_db, "--executor", "inprocess", "--format", "onnx", "--until-idle"])
     assert not marker.exists(), "the hooks worker ran the payload"
     for name in ("evil-both", "evil-code"):
         tags = MlflowClient().get_model_version(name, "1").tags

@@ -100,19 +100,19 @@ def test_a_read_only_user_is_refused_in_one_line_and_no_alias_moves(auth_server,
 
 
 def test_the_hooks_reconcile_and_worker_run_against_the_authenticated_server(auth_server, trained, demo_data,
-                                                                            monkeypatch, tmp_path):
+                                                                            monkeypatch, queue_db):
     proxy = auth_server
     _as(monkeypatch, proxy.url, EDITOR)
     _register(trained, demo_data, "hooked")
     # `hooks worker` sets MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false for its process, here this one: restore it
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")  # recorded, so removed again afterwards
-    queue = str(tmp_path / "queue.db")
+    queue = queue_db  # the hooks' queue (procrastinate) on a throwaway PostgreSQL
     cli = CliRunner()
-    out = cli.invoke(app, ["reconcile", "--source", "hooked", "--queue", queue])
+    out = cli.invoke(app, ["reconcile", "--source", "hooked", "--database-url", queue])
     assert out.exit_code == 0 and "queued job" in out.output, out.output + out.stderr
-    out = cli.invoke(app, ["hooks", "worker", "--source", "hooked", "--queue", queue, "--executor", "inprocess",
+    out = cli.invoke(app, ["hooks", "worker", "--source", "hooked", "--database-url", queue, "--executor", "inprocess",
                            "--format", "onnx", "--latency-runs", "2", "--until-idle"])
-    assert out.exit_code == 0 and "done" in out.output, out.output + out.stderr
+    assert out.exit_code == 0 and "totals: done 1" in out.output, out.output + out.stderr
     src = MlflowClient().get_model_version("hooked", "1").tags
     assert src["skinreg.export.status"] == "passed"
     assert json.loads(src["skinreg.export.variants"]) == {"onnx": "hooked-onnx/1"}

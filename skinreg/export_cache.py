@@ -1,0 +1,159 @@
+"""A content-addressed cache for `skinreg export`: exporting the same checkpoint with the same settings,
+data and toolchain again copies the files of the first export instead of converting again.
+
+The key is a sha256 over everything that decides the files and the report: the checkpoint's bytes,
+the load options, every export setting, the content of the calibration and eval folders, the
+versions of the converters and runtimes, skinreg's own source files, and this machine's CPU (the
+report's latencies were measured on it). An export that failed a gate is stored with its verdict: a
+hit gives the same report, the same one-line failure and exit code 4. A hit checks every cached file
+against the sha256 recorded when it was stored, copies the files, and says that the validation and
+timings in the report are those of the stored export (when, and its key). Errors other than a gate
+(bad input, a converter crash) are never stored.
+`--no-cache` (or SKINREG_EXPORT_CACHE=off) always exports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+TOOLCHAIN = ("torch", "torchvision", "onnx", "onnxruntime", "tensorflow", "onnx2tf", "litert-torch", "ai-edge-litert",
+             "numpy", "mlflow")
+MANIFEST = "manifest.json"
+
+
+def cache_root() -> Path | None:
+    """The cache folder, or None when turned off (SKINREG_EXPORT_CACHE=off)."""
+    value = os.environ.get("SKINREG_EXPORT_CACHE", "")
+    if value.lower() in ("off", "0", "false", "no"):
+        return None
+    return Path(value) if value else Path.home() / ".cache" / "skinreg" / "exports"
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for name in TOOLCHAIN:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "-"
+    return out
+
+
+def _own_source() -> str:
+    """skinreg's code: a change to an exporter or a gate is a different export."""
+    h = hashlib.sha256()
+    root = Path(__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def export_key(checkpoint: Path, load_options: dict[str, Any], settings: Any, data_digests: dict[str, str],
+               stem: str) -> tuple[str, dict[str, Any]]:
+    """(key, what it was computed from)."""
+    settings_doc = {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(settings).items()
+                    if k not in ("calibration_dir", "eval_dir")}  # the folders count by content, not by path
+    inputs = {"checkpoint_sha256": _file_sha256(checkpoint), "load": load_options, "settings": settings_doc,
+              "data": data_digests, "stem": stem, "toolchain": _versions(), "skinreg_source": _own_source(),
+              "cpu": _cpu(), "cpu_count": os.cpu_count()}
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+    return key, inputs
+
+
+@dataclass
+class Hit:
+    key: str
+    created: str
+    files: list[Path]
+    report_md: Path
+    report_json: Path
+    failures: list[str]
+
+
+def _snapshot(folder: Path) -> dict[str, float]:
+    if not folder.is_dir():
+        return {}
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+class ExportCache:
+    def __init__(self, root: Path, key: str, inputs: dict[str, Any]) -> None:
+        self.root, self.key, self.inputs = root, key, inputs
+        self.entry = root / key[:2] / key
+
+    def lookup(self, out_dir: Path) -> Hit | None:
+        """Copy a stored export into out_dir after checking every file's sha256; None on a miss (or a
+        damaged entry, which is removed)."""
+        manifest = self.entry / MANIFEST
+        if not manifest.is_file():
+            return None
+        doc = json.loads(manifest.read_text())
+        files = doc["files"]
+        for rel, sha in files.items():
+            stored = self.entry / "files" / rel
+            if not stored.is_file() or _file_sha256(stored) != sha:
+                shutil.rmtree(self.entry, ignore_errors=True)  # damaged: export again, store again
+                return None
+        copied = []
+        for rel in files:
+            target = out_dir / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.entry / "files" / rel, target)
+            copied.append(target)
+        return Hit(key=self.key, created=doc["created"], files=copied, report_md=out_dir / doc["report_md"],
+                   report_json=out_dir / doc["report_json"], failures=list(doc.get("failures", [])))
+
+    def before(self, out_dir: Path) -> dict[str, float]:
+        return _snapshot(out_dir)
+
+    def store(self, out_dir: Path, before: dict[str, float], report_md: Path, report_json: Path, *,
+              failures: list[str] | None = None) -> None:
+        """Store what this export wrote into out_dir (files new or changed since `before`)."""
+        after = _snapshot(out_dir)
+        written = sorted(rel for rel, mtime in after.items() if before.get(rel) != mtime)
+        tmp = self.entry.with_name(self.entry.name + f".tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            files = {}
+            for rel in written:
+                dest = tmp / "files" / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(out_dir / rel, dest)
+                files[rel] = _file_sha256(dest)
+            (tmp / MANIFEST).write_text(json.dumps({
+                "key": self.key, "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "inputs": self.inputs,
+                "files": files, "report_md": str(report_md.relative_to(out_dir)),
+                "report_json": str(report_json.relative_to(out_dir)), "failures": failures or []},
+                indent=2, default=str))
+            shutil.rmtree(self.entry, ignore_errors=True)
+            tmp.rename(self.entry)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)  # a full disk or a read-only cache never fails the export

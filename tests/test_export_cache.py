@@ -1,0 +1,90 @@
+"""`skinreg export` run twice on the same inputs: the second run reuses the first one's files from the
+content-addressed cache, after checking each against its stored sha256; any change of input, a damaged
+entry or --no-cache exports again."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from skinreg.cli import app
+
+runner = CliRunner()
+REUSED = "reused the export stored"
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _export(ckpt: Path, out: Path, *extra: str):
+    res = runner.invoke(app, ["export", "--checkpoint", str(ckpt), "--output-dir", str(out), "--format", "onnx",
+                              "--format", "tflite", "--quantize", "float16", "--latency-runs", "2", *extra])
+    assert res.exit_code == 0, res.output + res.stderr
+    return res
+
+
+def test_a_repeated_export_reuses_checked_files_and_any_change_exports_again(trained_ckpt, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SKINREG_EXPORT_CACHE", str(cache))
+    first = _export(trained_ckpt, tmp_path / "a")
+    assert REUSED not in first.stderr
+    files = {p.name: _sha(p) for p in (tmp_path / "a").iterdir() if p.is_file()}
+    assert {"skin_classifier.onnx", "skin_classifier_float16.tflite", "skin_classifier_report.md"} <= set(files)
+
+    again = _export(trained_ckpt, tmp_path / "b")  # another folder, same inputs
+    assert REUSED in again.stderr and "every file matched its stored sha256" in again.stderr
+    assert {p.name: _sha(p) for p in (tmp_path / "b").iterdir() if p.is_file()} == files
+    assert again.stdout == first.stdout  # the same report, said to be the stored export's
+
+    # a damaged entry is never served: the export runs again and stores a good entry
+    [stored] = cache.rglob("files/skin_classifier.onnx")
+    stored.write_bytes(b"not the validated file")
+    redo = _export(trained_ckpt, tmp_path / "c")
+    assert REUSED not in redo.stderr and _sha(tmp_path / "c" / "skin_classifier.onnx") == files["skin_classifier.onnx"]
+    assert REUSED in _export(trained_ckpt, tmp_path / "d").stderr
+
+    # a different setting, or --no-cache, exports
+    assert REUSED not in _export(trained_ckpt, tmp_path / "e", "--latency-runs", "3").stderr
+    assert REUSED not in _export(trained_ckpt, tmp_path / "f", "--no-cache").stderr
+
+
+def test_a_changed_checkpoint_or_calibration_content_is_a_different_export(trained_ckpt, demo_data, tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.setenv("SKINREG_EXPORT_CACHE", str(tmp_path / "cache"))
+    calib = tmp_path / "calib"
+    shutil.copytree(demo_data / "calibration", calib)
+    args = ("--calibration-dir", str(calib), "--quantize", "int8")
+    _export(trained_ckpt, tmp_path / "a", *args)
+    assert REUSED in _export(trained_ckpt, tmp_path / "b", *args).stderr
+    victim = sorted(calib.rglob("*.png"))[0]
+    shutil.copyfile(sorted(calib.rglob("*.png"))[1], victim)  # same names, other content
+    assert REUSED not in _export(trained_ckpt, tmp_path / "c", *args).stderr
+    import torch
+
+    ckpt = tmp_path / "other" / "skin_classifier.pth"  # the same name, one weight changed
+    ckpt.parent.mkdir()
+    doc = torch.load(trained_ckpt, weights_only=True)
+    state = doc["state_dict"] if "state_dict" in doc else doc
+    first_key = next(k for k, v in state.items() if v.is_floating_point())
+    state[first_key] = state[first_key] + 1e-3
+    torch.save(doc, ckpt)
+    assert REUSED not in _export(ckpt, tmp_path / "d", *args).stderr
+    monkeypatch.setenv("SKINREG_EXPORT_CACHE", "off")
+    assert REUSED not in _export(trained_ckpt, tmp_path / "e", *args).stderr
+
+
+def test_a_stored_gate_failure_is_the_same_verdict_and_exit_code(trained_ckpt, tmp_path, monkeypatch):
+    monkeypatch.setenv("SKINREG_EXPORT_CACHE", str(tmp_path / "cache"))
+    args = ["export", "--checkpoint", str(trained_ckpt), "--format", "onnx", "--latency-runs", "2",
+            "--gate", "float32.max_abs=1e-12"]  # no real file is that close: a deliberate gate failure
+    first = runner.invoke(app, [*args, "--output-dir", str(tmp_path / "a")])
+    again = runner.invoke(app, [*args, "--output-dir", str(tmp_path / "b")])
+    assert first.exit_code == again.exit_code == 4, first.output + first.stderr
+    assert REUSED not in first.stderr and REUSED in again.stderr
+    failure = [line for line in first.stderr.splitlines() if line.startswith("error: gate failed")]
+    assert failure and failure == [line for line in again.stderr.splitlines() if line.startswith("error: gate failed")]
+    assert again.stdout == first.stdout
