@@ -25,6 +25,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .exporters import file_sha256
+
 TOOLCHAIN = ("torch", "torchvision", "onnx", "onnxruntime", "tensorflow", "onnx2tf", "litert-torch", "ai-edge-litert",
              "numpy", "mlflow")
 MANIFEST = "manifest.json"
@@ -36,14 +38,6 @@ def cache_root() -> Path | None:
     if value.lower() in ("off", "0", "false", "no"):
         return None
     return Path(value) if value else Path.home() / ".cache" / "skinreg" / "exports"
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _cpu() -> str:
@@ -81,7 +75,7 @@ def export_key(checkpoint: Path, load_options: dict[str, Any], settings: Any, da
     """(key, what it was computed from)."""
     settings_doc = {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(settings).items()
                     if k not in ("calibration_dir", "eval_dir")}  # the folders count by content, not by path
-    inputs = {"checkpoint_sha256": _file_sha256(checkpoint), "load": load_options, "settings": settings_doc,
+    inputs = {"checkpoint_sha256": file_sha256(checkpoint), "load": load_options, "settings": settings_doc,
               "data": data_digests, "stem": stem, "toolchain": _versions(), "skinreg_source": _own_source(),
               "cpu": _cpu(), "cpu_count": os.cpu_count()}
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
@@ -119,7 +113,7 @@ class ExportCache:
         files = doc["files"]
         for rel, sha in files.items():
             stored = self.entry / "files" / rel
-            if not stored.is_file() or _file_sha256(stored) != sha:
+            if not stored.is_file() or file_sha256(stored) != sha:
                 shutil.rmtree(self.entry, ignore_errors=True)  # damaged: export again, store again
                 return None
         copied = []
@@ -147,7 +141,7 @@ class ExportCache:
                 dest = tmp / "files" / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(out_dir / rel, dest)
-                files[rel] = _file_sha256(dest)
+                files[rel] = file_sha256(dest)
             (tmp / MANIFEST).write_text(json.dumps({
                 "key": self.key, "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "inputs": self.inputs,
                 "files": files, "report_md": str(report_md.relative_to(out_dir)),
