@@ -190,10 +190,11 @@ class JobQueue:
             self._app = None
 
     def check_ready(self) -> None:
-        """Fail in one line when `skinreg hooks init-db` has not been run on this database."""
-        with self._db() as db:
-            found = db.execute("SELECT to_regclass(%s) AS t, to_regclass(%s) AS o",
-                               (f"{SCHEMA}.procrastinate_jobs", f"{SCHEMA}.job_info")).fetchone()
+        """Fail in one line when the database cannot be reached or `skinreg hooks init-db` has not run on it."""
+        with _reachable(self.url):
+            with self._db() as db:
+                found = db.execute("SELECT to_regclass(%s) AS t, to_regclass(%s) AS o",
+                                   (f"{SCHEMA}.procrastinate_jobs", f"{SCHEMA}.job_info")).fetchone()
         if not found["t"] or not found["o"]:
             raise InputError(f"the queue schema {SCHEMA!r} is missing in {self.where}: run `skinreg hooks init-db`")
 
@@ -393,6 +394,19 @@ class JobQueue:
         return out
 
 
+@contextmanager
+def _reachable(url: str) -> Iterator[None]:
+    """A database that cannot be reached (or refuses us) is one line naming the URL and the fix."""
+    import psycopg
+
+    try:
+        yield
+    except psycopg.OperationalError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"cannot use the queue database {redact(url)}: {reason}; check SKINREG_HOOKS_DATABASE_URL "
+                         "(--database-url) and that PostgreSQL is running") from None
+
+
 def init_db(database_url: str) -> list[str]:
     """Create (or bring up to date) the queue schema: procrastinate's tables and skinreg's own. Idempotent,
     and safe to run from several hosts at once (an advisory lock serialises it)."""
@@ -400,7 +414,7 @@ def init_db(database_url: str) -> list[str]:
 
     done: list[str] = []
     url = conninfo(database_url)
-    with psycopg.connect(url, options=f"-c search_path={SCHEMA}") as db:
+    with _reachable(url), psycopg.connect(url, options=f"-c search_path={SCHEMA}", connect_timeout=10) as db:
         with db.transaction():
             db.execute("SELECT pg_advisory_xact_lock(hashtext('skinreg_hooks.init_db'))")
             if db.execute("SELECT to_regnamespace(%s)", (SCHEMA,)).fetchone()[0] is None:

@@ -179,6 +179,13 @@ def test_credentials_never_reach_the_queue_or_jobs_and_short_secrets_are_refused
         HooksConfig(sources=["skin"], secret="short", database_url=queue_db).require_secret()
     with pytest.raises(InputError, match="the queue needs PostgreSQL, got a sqlite URL"):
         JobQueue("sqlite:///hooks.db")
+    with pytest.raises(InputError, match=r"cannot use the queue database postgresql://\*\*\*@127.0.0.1:1/q: "
+                                         r"connection failed: .*; check SKINREG_HOOKS_DATABASE_URL") as refused:
+        JobQueue("postgresql://alice:hunter2@127.0.0.1:1/q").check_ready()  # nothing listens on port 1
+    assert "hunter2" not in str(refused.value) and "\n" not in str(refused.value)
+    empty = queue_db.rsplit("/", 1)[0] + "/postgres"  # reachable, but `hooks init-db` never ran there
+    with pytest.raises(InputError, match="the queue schema 'skinreg_hooks' is missing .*: run `skinreg hooks init-db`"):
+        JobQueue(empty).check_ready()
 
 
 def test_bad_signature_and_stale_or_future_timestamps_are_rejected_and_change_nothing(receiver):
