@@ -843,3 +843,22 @@ def test_a_receiver_sigkilled_in_a_burst_loses_no_acknowledged_delivery(tmp_path
               f"2xx/4xx by MLflow's retries, {len(lost_in_flight)} given up (sent again), {len(jobs)} jobs queued")
     assert sorted(j.key for j in jobs) == sorted(f"export:skin:{i + 1}" for i in range(50))  # none lost
     assert all(j.deliveries == 1 for j in jobs)  # none queued twice
+
+
+def test_the_mlflow_run_executor_runs_export_and_promote_as_mlflow_projects(tracking, trained, demo_data, queue_db):
+    """SKINREG_HOOKS_EXECUTOR=mlflow-run with the local backend: each job is `mlflow run <this repo> -e
+    export|promote` (the Kubernetes backend takes the same command line; it is not tested here)."""
+    version = register(trained, demo_data, "hk-m")
+    MlflowClient().set_registered_model_alias("hk-m", "production", version)
+    cfg = HooksConfig(sources=["hk-m"], secret=SECRET, database_url=queue_db, executor=Executor.mlflow_run,
+                      project_uri=str(Path(__file__).resolve().parents[1]), formats=["onnx"], latency_runs=2)
+    queue = JobQueue(cfg.database_url)
+    assert len(reconcile(cfg, queue).queued) == 2
+    drain(cfg)
+    jobs = sorted(queue.jobs(), key=lambda j: j.id)
+    assert [(j.key, j.state) for j in jobs] == [(f"export:hk-m:{version}", "done"),
+                                               (f"alias:hk-m:production:{version}", "done")], jobs
+    src = MlflowClient().get_model_version("hk-m", version).tags
+    assert jobs[0].outcome == "export passed" and jobs[0].run_id == src["skinreg.export.run_id"]
+    assert jobs[1].outcome == f"production -> hk-m-onnx/1, hk-m/{version}"
+    assert aliases("hk-m-onnx") == {"candidate": "1", "production": "1"}
