@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import socket
 import threading
 from typing import Any
@@ -80,16 +81,23 @@ async def _stalled_loop(app: Any, queue: JobQueue, cfg: HooksConfig) -> None:
 
 async def work(cfg: HooksConfig, *, until_idle: bool = False, stop: threading.Event | None = None,
                install_signal_handlers: bool = True, name: str | None = None) -> None:
-    """Run procrastinate's worker on the queue until stopped (or, until_idle, until no job is due).
-    A worker that loses its database (PostgreSQL restarted) starts again, with a new worker id."""
+    """Run procrastinate's worker on the queue until stopped (SIGTERM/SIGINT, `stop`, or with until_idle
+    once no job is due). A procrastinate worker that stops by itself (it lost its database: a failed
+    heartbeat or listener stops it) is started again, with a new worker id: a long-lived worker survives
+    a PostgreSQL restart or failover, however long."""
     queue = JobQueue(cfg.database_url, max_attempts=cfg.max_attempts)
     await asyncio.to_thread(queue.check_ready)
     name = name or f"{socket.gethostname()}-{os.getpid()}"
     app = build_app(cfg, Worker(cfg, queue, name=name))
+    # procrastinate's own signal handlers are off: a stop it decides by itself must be told apart from ours
     options = dict(name=name, concurrency=1, wait=not until_idle, fetch_job_polling_interval=cfg.poll_s,
                    abort_job_polling_interval=max(cfg.poll_s, 5.0), update_heartbeat_interval=cfg.heartbeat_s,
-                   stalled_worker_timeout=cfg.stalled_s, install_signal_handlers=install_signal_handlers,
-                   listen_notify=True)
+                   stalled_worker_timeout=cfg.stalled_s, install_signal_handlers=False, listen_notify=True)
+    stopping = asyncio.Event()
+    if install_signal_handlers:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):  # finish the current job, then exit
+            loop.add_signal_handler(sig, stopping.set)
     log.info("worker %s: executor %s, queue %s", name, cfg.executor.value, queue.where)
     while True:
         try:
@@ -97,33 +105,36 @@ async def work(cfg: HooksConfig, *, until_idle: bool = False, stop: threading.Ev
                 await take_over_stalled(app, queue, cfg)
                 stalled = asyncio.create_task(_stalled_loop(app, queue, cfg))
                 run = asyncio.create_task(app.run_worker_async(**options))
-                watch = asyncio.create_task(_wait_for(stop)) if stop is not None else None
+                watch = asyncio.create_task(_wait_for(stop, stopping))
                 try:
-                    done, _ = await asyncio.wait({run} | ({watch} if watch else set()),
-                                                 return_when=asyncio.FIRST_COMPLETED)
-                    if watch is not None and watch in done:
+                    done, _ = await asyncio.wait({run, watch}, return_when=asyncio.FIRST_COMPLETED)
+                    if watch in done:  # asked to stop: procrastinate finishes the running job first
                         run.cancel()
                         await asyncio.gather(run, return_exceptions=True)
                         return
                     run.result()  # raises what stopped the worker
-                    return  # until_idle, or a signal stopped it
+                    if until_idle:
+                        return
+                    raise RuntimeError("procrastinate's worker stopped by itself (its database connection failed)")
                 finally:
                     stalled.cancel()
-                    if watch is not None:
-                        watch.cancel()
+                    watch.cancel()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.warning("worker %s: %s; starting again in %.0fs", name, str(exc).splitlines()[0] if str(exc) else
-                        type(exc).__name__, RESTART_AFTER_S)
-            if stop is not None and stop.is_set():
+            if stopping.is_set() or (stop is not None and stop.is_set()):
                 return
+            log.warning("worker %s: %s; starting again in %.0fs", name,
+                        " ".join(str(exc).split())[:300] or type(exc).__name__, RESTART_AFTER_S)
             await asyncio.sleep(RESTART_AFTER_S)
 
 
-async def _wait_for(stop: threading.Event) -> None:
-    while not stop.is_set():
-        await asyncio.sleep(0.2)
+async def _wait_for(stop: threading.Event | None, stopping: asyncio.Event) -> None:
+    while not stopping.is_set() and not (stop is not None and stop.is_set()):
+        try:
+            await asyncio.wait_for(stopping.wait(), timeout=0.2)
+        except asyncio.TimeoutError:
+            pass
 
 
 def worker_thread(cfg: HooksConfig, stop: threading.Event) -> threading.Thread:
