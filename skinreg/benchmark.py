@@ -74,7 +74,7 @@ def side_by_side(model, result, *, runs: int) -> dict[str, float]:
 
 
 def run(*, archs: tuple[str, ...] = DEFAULT_ARCHS, input_size: int = 224, epochs: int = 4, latency_runs: int = 50,
-        int8_strategy: str = "auto", opsets: bool = True, work_dir: Path | None = None,
+        int8_strategy: str = "auto", opsets: bool = True, cache: bool = True, work_dir: Path | None = None,
         progress: Callable[[str], None] = lambda m: None) -> dict:
     from .data import generate_demo_data
     from .models import get_arch
@@ -86,7 +86,8 @@ def run(*, archs: tuple[str, ...] = DEFAULT_ARCHS, input_size: int = 224, epochs
     if not (data / "train").is_dir():
         generate_demo_data(data)
     models = [run_one(arch, data=data, work=work / arch, input_size=input_size, epochs=epochs,
-                      latency_runs=latency_runs, int8_strategy=int8_strategy, opsets=opsets, progress=progress)
+                      latency_runs=latency_runs, int8_strategy=int8_strategy, opsets=opsets, cache=cache,
+                      progress=progress)
               for arch in archs]
     summary = {"archs": list(archs), "input_size": input_size, "epochs": epochs, "latency_runs": latency_runs,
                "int8_strategy": int8_strategy, "models": models, "work_dir": str(work)}
@@ -94,8 +95,37 @@ def run(*, archs: tuple[str, ...] = DEFAULT_ARCHS, input_size: int = 224, epochs
     return summary
 
 
+def cached_export_seconds(loaded, settings, work: Path) -> dict:
+    """`skinreg export` of `loaded` (saved as a checkpoint) run twice as a user runs it, in a child process
+    with an empty cache folder: the first run exports and stores, the second should reuse. Wall seconds of
+    each, and whether the second said it reused the stored export."""
+    import os
+    import subprocess
+    import sys
+
+    from .models import save_checkpoint
+
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt = save_checkpoint(loaded, work / "model.pth")
+    cmd = [sys.executable, "-m", "skinreg", "export", "--checkpoint", str(ckpt), "--output-dir", str(work / "out"),
+           "--calibration-dir", str(settings.calibration_dir), "--eval-dir", str(settings.eval_dir),
+           "--latency-runs", str(settings.latency_runs)]
+    if settings.int8_strategy is not None:
+        cmd += ["--int8-strategy", str(getattr(settings.int8_strategy, "value", settings.int8_strategy))]
+    env = {**os.environ, "SKINREG_EXPORT_CACHE": str(work / "store")}
+    out = {}
+    for run in ("first", "again"):
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        out[run] = time.perf_counter() - t0
+        if proc.returncode not in (0, 4):  # 4: a gate failed, which is a result (and is cached too)
+            raise RuntimeError(f"skinreg export exited {proc.returncode}: {(proc.stderr.strip().splitlines() or [''])[-1]}")
+        out["reused"] = "reused the export stored" in proc.stderr
+    return out
+
+
 def run_one(arch: str, *, data: Path, work: Path, input_size: int, epochs: int, latency_runs: int,
-            int8_strategy: str, opsets: bool, progress: Callable[[str], None]) -> dict:
+            int8_strategy: str, opsets: bool, progress: Callable[[str], None], cache: bool = True) -> dict:
     from .errors import GateError
     from .export import ExportRequest, run_export
     from .settings import ExportSettings
@@ -140,6 +170,11 @@ def run_one(arch: str, *, data: Path, work: Path, input_size: int, epochs: int, 
         Target(f"whole export, {n_recipes} int8 recipe(s) tried (ONNX + TFLite + validation + timing)", export_s,
                60.0 if n_recipes == 1 else None, " s"),
     ]
+    if cache:
+        progress(f"[{arch}] `skinreg export` of the same checkpoint twice, with an empty export cache")
+        cache_s = cached_export_seconds(trained.loaded, settings, work / "cache")
+        targets.append(Target("the same export again, files reused from the cache (`skinreg export`; first run "
+                              f"{cache_s['first']:.0f} s)", cache_s["again"] if cache_s["reused"] else None, 10.0, " s"))
     opset_ms = {}
     if opsets:
         progress(f"[{arch}] timing ONNX opsets 11 / 13 / 17")

@@ -318,6 +318,8 @@ def benchmark_cmd(
     int8_strategy: Annotated[str, typer.Option(help="int8 recipe(s) to compare; auto = all of them; default = what "
                                                "`skinreg export` does (its recipe, then the fallback chain).")] = "auto",
     opsets: Annotated[bool, typer.Option(help="Also time ONNX opsets 11/13/17.")] = True,
+    cache: Annotated[bool, typer.Option(help="Also time `skinreg export` of the same checkpoint twice (the second "
+                                        "reuses the first from an empty export cache).")] = True,
     work_dir: Annotated[Optional[Path], typer.Option(help="Keep data, files and benchmark.json here.")] = None,
 ) -> None:
     """Train briefly on the demo data, export with every int8 recipe, print ratios measured side by side."""
@@ -325,7 +327,7 @@ def benchmark_cmd(
 
     typer.echo(format_summary(run(archs=tuple(arch) or DEFAULT_ARCHS, input_size=input_size, epochs=epochs,
                                   latency_runs=latency_runs, int8_strategy=int8_strategy, opsets=opsets,
-                                  work_dir=work_dir, progress=_progress())))
+                                  cache=cache, work_dir=work_dir, progress=_progress())))
 
 
 def _mount_hooks() -> None:

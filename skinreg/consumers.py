@@ -110,8 +110,15 @@ def file_facts(path: Path, fmt: Format) -> tuple[bool, list[int]]:
     return int(inp["shape_signature"][0]) == -1, [int(d) for d in inp["shape"]]
 
 
+def download_variant(uri: str, dst: Path) -> Path:
+    """`uri` (models:/<name>/<version>) downloaded as every consumer downloads it: through the registry."""
+    import mlflow
+
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+
+
 def check_variant(uri: str, v: "VariantResult", result: "ExportResult", *, tags: dict[str, str] | None = None,
-                  batch: int = BATCH) -> ConsumerCheck:
+                  batch: int = BATCH, downloaded: "Path | BaseException | None" = None) -> ConsumerCheck:
     """Load `uri` (a registered variant) through every consumer path on the validation images.
 
     `uri` is downloaded once (`models:/<name>/<version>`, resolved by the registry like any consumer's
@@ -119,7 +126,8 @@ def check_variant(uri: str, v: "VariantResult", result: "ExportResult", *, tags:
     `SkinClassifier.from_uri`, onnxruntime, ai_edge_litert): a download per path would cost one request
     per artifact file each time against a remote server and prove nothing more. `tags`: the version's
     tags, whose description of the file (dynamic batch, input shape), where present, must match the served
-    file."""
+    file. `downloaded`: what `download_variant(uri)` gave when the caller downloaded it already (the
+    folder, or the error it raised)."""
     import mlflow
 
     from .serving import SkinClassifier, find_model_file
@@ -133,7 +141,9 @@ def check_variant(uri: str, v: "VariantResult", result: "ExportResult", *, tags:
     x, images = result.x_val, result.val_images
     with tempfile.TemporaryDirectory(prefix="skinreg-consumer-") as tmp:
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+            if isinstance(downloaded, BaseException):
+                raise downloaded
+            local = downloaded if downloaded is not None else download_variant(uri, Path(tmp))
             served, _ = find_model_file(local)
         except Exception as exc:
             check.failures.append(f"{v.file.variant}: cannot download {uri}: {first_line(exc)}")

@@ -230,13 +230,17 @@ def log_dataset_inputs(calibration: DataDir | str | Path | None = None, eval: Da
     import mlflow
     from mlflow.data.meta_dataset import MetaDataset
 
+    datasets, contexts = [], []
     for context, value in (("calibration", calibration), ("eval", eval)):
         data = _as_data(value, context)
         if data is None:
             continue
         source = data.source if data.is_uri else str(Path(data.source).resolve())
-        dataset = MetaDataset(dataset_source(source), name=data.name, digest=data.content_digest()[:DIGEST_CHARS])
-        mlflow.log_input(dataset, context=context)
+        datasets.append(MetaDataset(dataset_source(source), name=data.name,
+                                    digest=data.content_digest()[:DIGEST_CHARS]))
+        contexts.append(context)
+    if datasets:  # one request for both
+        mlflow.log_inputs(datasets=datasets, contexts=contexts, tags_list=[None] * len(datasets))
 
 
 # -- the demo's data, logged with the training run ------------------------------------------------

@@ -62,13 +62,13 @@ def load_source(ref: "VersionRef", opts: SourceHints, tmp: Path) -> tuple[Loaded
     from mlflow.models import Model
 
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.uri, dst_path=str(tmp / "src")))
+        local, top = _fetch_source(ref, opts, tmp / "src")
     except Exception as exc:
         raise RegistryError(f"cannot download {ref.uri}: {first_line(exc)}") from None
     if (local / "MLmodel").exists():
         mlmodel = Model.load(str(local))
         if "pytorch" in mlmodel.flavors:
-            return _load_pytorch_flavor(ref, mlmodel, local, opts)
+            return _load_pytorch_flavor(ref, mlmodel, local, opts, top)
         if not list(local.rglob("*.pth")):
             raise RegistryError(f"{ref.uri} is not a PyTorch model (flavors: {', '.join(mlmodel.flavors)}); "
                                 "export needs a version logged with mlflow.pytorch.log_model or a .pth state_dict")
@@ -81,14 +81,59 @@ def load_source(ref: "VersionRef", opts: SourceHints, tmp: Path) -> tuple[Loaded
     return loaded, True, [f"source is the checkpoint artifact {checkpoints[0].name} (loaded with weights_only=True)"]
 
 
-def _load_pytorch_flavor(ref: "VersionRef", mlmodel: Any, local: Path, opts: SourceHints
+def _fetch_source(ref: "VersionRef", opts: SourceHints, dst: Path) -> tuple[Path, set[str]]:
+    """Download what the loader will read, and list what else the version holds (its top-level names).
+
+    For an MLflow PyTorch model read without pickle that is the MLmodel file and the flavor's data folder:
+    the input examples and environment files are never read, and against a remote server each file is a
+    request or two. Everything is downloaded when MLflow's own loader will run (--allow-pickle: it reads
+    the whole folder) and when the version is not an MLflow PyTorch model (a .pth checkpoint is searched
+    for anywhere in it)."""
+    from mlflow import MlflowClient
+    from mlflow.models import Model
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    client = MlflowClient()
+    try:  # the registry client itself: MlflowClient's first asks whether the model is a prompt (a request)
+        registry = client._get_registry_client()
+    except AttributeError:  # pragma: no cover - depends on the MLflow version
+        registry = client
+    repo = get_artifact_repository(registry.get_model_version_download_uri(ref.name, ref.version))
+    dst.mkdir(parents=True, exist_ok=True)
+    listing = {Path(f.path).name: f for f in repo.list_artifacts()}
+    top = set(listing)
+
+    def fetch(path: str) -> None:  # a file known to be one (listed): download_artifacts would list it again
+        download = getattr(repo, "_download_file", None)
+        if download is None:  # pragma: no cover - an MLflow upgrade renamed it
+            repo.download_artifacts(path, str(dst))
+        else:
+            (dst / path).parent.mkdir(parents=True, exist_ok=True)
+            download(path, str(dst / path))
+
+    if "MLmodel" in listing and not listing["MLmodel"].is_dir and not opts.allow_pickle:
+        fetch("MLmodel")
+        flavor = Model.load(str(dst)).flavors.get("pytorch")
+        if flavor is not None:
+            data = str(flavor.get("model_data", "data"))
+            if data in listing and listing[data].is_dir:  # a listed name: never a path out of the folder
+                for f in repo.list_artifacts(data):
+                    if f.is_dir:
+                        repo.download_artifacts(f.path, str(dst))
+                    else:
+                        fetch(f.path)
+            return dst, top
+    return Path(repo.download_artifacts("", str(dst))), top
+
+
+def _load_pytorch_flavor(ref: "VersionRef", mlmodel: Any, local: Path, opts: SourceHints, top: set[str]
                          ) -> tuple[LoadedModel, bool, list[str]]:
     import mlflow.pytorch
     import torch
 
     flavor = mlmodel.flavors["pytorch"]
     data = local / flavor.get("model_data", "data")
-    risks = code_risks(mlmodel, local)
+    risks = code_risks(mlmodel, local, top)
     if risks and not opts.allow_pickle:
         raise RegistryError(f"{ref.uri} would run code from the registry when loaded ({'; '.join(risks)}); pass "
                             "--allow-pickle (MLproject: -P allow_pickle=true) only if you trust its author")
@@ -141,12 +186,13 @@ def _load_pytorch_flavor(ref: "VersionRef", mlmodel: Any, local: Path, opts: Sou
     return LoadedModel(model=model, spec=ModelSpec(arch or "unknown", num_classes, pre)), dynamic, notes
 
 
-def code_risks(mlmodel: Any, local: Path) -> list[str]:
+def code_risks(mlmodel: Any, local: Path, top: set[str] = frozenset()) -> list[str]:
     """What loading this MLflow PyTorch model would execute, decided from what MLflow's loader *will*
     read (mlflow.pytorch._load_model, MLflow 3.17), not from which file happens to exist:
     - data/model.pth is unpickled (pickle module named by pickle_module_info.txt, so torch's weights_only
       is off) whenever it exists, even beside a model.pt2;
-    - the flavor's `code` folder (and any `code/` in the artifact) is put on sys.path and imported from;
+    - the flavor's `code` folder (and any `code/` in the artifact, downloaded or listed in `top`) is put on
+      sys.path and imported from;
     - torch.export.load unpickles a pt2 archive's weight/constant records with weights_only=False, so a pt2
       is safe only when every record passes MLflow's own pickle-free check."""
     import mlflow.pytorch
@@ -157,7 +203,7 @@ def code_risks(mlmodel: Any, local: Path) -> list[str]:
     if (data / "model.pth").exists():
         risks.append(f"{data.name}/model.pth is a pickle, which MLflow loads whenever it exists")
     code = [f["code"] for f in mlmodel.flavors.values() if isinstance(f, dict) and f.get("code")]
-    if code or (local / "code").exists():
+    if code or "code" in top or (local / "code").exists():
         risks.append(f"a code folder ({', '.join(code) or 'code'}) that MLflow puts on sys.path")
     pt2 = data / "model.pt2"
     if pt2.exists() and not risks:
@@ -212,39 +258,72 @@ def variant_metrics(v: "VariantResult") -> dict[str, float]:
     return out
 
 
-def log_variant(v: "VariantResult", result: "ExportResult") -> tuple[str, str]:
-    """Log one variant as an MLflow model inside the active run, with no metrics yet: MLflow copies every
-    metric already on the run onto each model logged after it (Model.log -> log_model_metrics_for_step,
-    one history read per metric), so all variants are logged first and `log_export_run` then writes every
-    number once, each variant's under its own prefix and linked to its own LoggedModel only.
+def log_variant(v: "VariantResult", result: "ExportResult", run: Any) -> tuple[str, str]:
+    """Log one variant as an MLflow LoggedModel of the active run, with no metrics yet (`log_export_run`
+    writes every number once, each variant's linked to its own LoggedModel only).
 
-    The file is stored byte for byte as validated (ONNX without external data); the consumer check proves
-    it by sha256. Returns (models:/m-... URI, model id)."""
+    Three steps, as `mlflow.<flavor>.log_model` takes them but without its extra reads (MLflow 3.17's
+    Model.log also reads the run twice, the LoggedModel once, and links the run output one model at a time):
+    create the LoggedModel (one request), save the flavor's folder locally and upload it to the model's
+    artifact location (one request per file), mark it READY (one request). The run's outputs are linked
+    for all variants at once by `link_variant_outputs`. `run`: the export run (passed, not looked up:
+    variants are logged from worker threads, and MLflow's active run is per thread). The file is stored
+    byte for byte as validated (ONNX without external data); the consumer check proves it by sha256.
+    Returns (models:/m-... URI, id)."""
+    import tempfile
+
     import mlflow
+    from mlflow import MlflowClient
+    from mlflow.entities import LoggedModelStatus
+    from mlflow.models import Model
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+    from mlflow.tracking.context import registry as context_registry
 
     spec = result.spec
     pre = spec.preprocessing
     meta = {SPEC_KEY: spec.to_dict(), "skinreg_variant": v.file.variant, "skinreg_gate": v.verdict.status,
             "skinreg_sha256": v.file.sha256}
-    with warnings.catch_warnings():
+    client = MlflowClient()
+    logged = client.create_logged_model(experiment_id=run.info.experiment_id, name=v.file.variant,
+                                        source_run_id=run.info.run_id, tags=context_registry.resolve_tags({}))
+    mlmodel = Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id, run_id=run.info.run_id,
+                    metadata=meta, model_id=logged.model_id)
+    with tempfile.TemporaryDirectory(prefix="skinreg-variant-") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the pyfunc type-hint UserWarning, once per TFLite variant
+        local = Path(tmp) / "model"
         if v.file.format is Format.onnx:
             import onnx
 
-            info = mlflow.onnx.log_model(onnx.load(str(v.file.path)), name=v.file.variant,
-                                         signature=_signature("NCHW", pre.input_size, spec.num_classes),
-                                         onnx_execution_providers=["CPUExecutionProvider"], metadata=meta,
-                                         save_as_external_data=False,
-                                         pip_requirements=_pip("onnx", "onnxruntime", "numpy", "mlflow"))
+            mlflow.onnx.save_model(onnx.load(str(v.file.path)), str(local), mlflow_model=mlmodel,
+                                   signature=_signature("NCHW", pre.input_size, spec.num_classes),
+                                   onnx_execution_providers=["CPUExecutionProvider"], save_as_external_data=False,
+                                   pip_requirements=_pip("onnx", "onnxruntime", "numpy", "mlflow"))
         else:
             # Every artifact file is one upload and one download per consumer: the labels travel inside the
             # preprocessing JSON (`skinreg pull` writes labels.txt from it).
-            info = mlflow.pyfunc.log_model(
-                name=v.file.variant, python_model=str(Path(__file__).with_name("tflite_pyfunc.py")),
+            mlflow.pyfunc.save_model(
+                str(local), python_model=str(Path(__file__).with_name("tflite_pyfunc.py")), mlflow_model=mlmodel,
                 artifacts={"tflite": str(v.file.path), "preprocessing": str(v.file.sidecar)},
-                signature=_signature("NHWC", pre.input_size, spec.num_classes), metadata=meta,
+                signature=_signature("NHWC", pre.input_size, spec.num_classes),
                 pip_requirements=_pip("ai-edge-litert", "numpy", "mlflow"))
-    return info.model_uri, info.model_id
+        for pycache in local.rglob("__pycache__"):  # as Model.log: a save may import the model's code
+            import shutil
+
+            shutil.rmtree(pycache, ignore_errors=True)
+        get_artifact_repository(logged.artifact_location).log_artifacts(str(local))
+    client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    return f"models:/{logged.model_id}", logged.model_id
+
+
+def link_variant_outputs(model_ids: dict[str, str]) -> None:
+    """The variants as the active run's outputs (the run page's "Logged models"): one request for all."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.entities import LoggedModelOutput
+
+    if model_ids:
+        MlflowClient().log_outputs(mlflow.active_run().info.run_id,
+                                   [LoggedModelOutput(model_id, step=0) for model_id in model_ids.values()])
 
 
 def export_metrics(result: "ExportResult", model_ids: dict[str, str]) -> list[Any]:
@@ -273,13 +352,18 @@ def export_metrics(result: "ExportResult", model_ids: dict[str, str]) -> list[An
     return metrics
 
 
-def log_export_run(result: "ExportResult", *, source: "VersionRef", model_ids: dict[str, str]) -> None:
-    """Params, metrics (one batch), report, plot, and failed files for inspection."""
-    import mlflow
+def log_export_run(result: "ExportResult", *, run: Any, source: "VersionRef", model_ids: dict[str, str],
+                   tags: dict[str, str] | None = None) -> None:
+    """Params, metrics and `tags` (one batch), report, plot, and failed files for inspection (uploaded a few
+    at a time to the run's artifact location: one request each). `run` (the export run) is passed: this
+    may run in a worker thread, and MLflow's active run is per thread."""
     from mlflow import MlflowClient
-    from mlflow.entities import Param
+    from mlflow.entities import Param, RunTag
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-    run_id = mlflow.active_run().info.run_id
+    from .registry import each_at_once, ok
+
+    client, run_id = MlflowClient(), run.info.run_id
     # Prefixed: `mlflow run -e export` already logs its own parameters (arch, input_size, ...) on this
     # run, and MLflow refuses to change a param's value.
     params = {**{f"version.{k}": v for k, v in tool_versions().items()},
@@ -287,11 +371,11 @@ def log_export_run(result: "ExportResult", *, source: "VersionRef", model_ids: d
               "model.input_size": result.spec.preprocessing.input_size,
               "model.num_classes": result.spec.num_classes, "validation.source": result.validation["source"],
               "validation.count": result.validation["count"]}
-    MlflowClient().log_batch(run_id, metrics=export_metrics(result, model_ids),
-                             params=[Param(k, str(v)) for k, v in params.items()])
-    for path in (result.report_json, result.report_md, result.plot_png):
-        if path:
-            mlflow.log_artifact(str(path), artifact_path="report")
-    for v in result.variants:
-        if not v.passed:  # kept for inspection, never registered
-            mlflow.log_artifact(str(v.file.path), artifact_path="failed_variants")
+    client.log_batch(run_id, metrics=export_metrics(result, model_ids),
+                     params=[Param(k, str(v)) for k, v in params.items()],
+                     tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
+    files = [(str(path), "report") for path in (result.report_json, result.report_md, result.plot_png) if path]
+    files += [(str(v.file.path), "failed_variants") for v in result.variants if not v.passed]  # never registered
+    repo = get_artifact_repository(run.info.artifact_uri)
+    for out in each_at_once(lambda f: repo.log_artifact(*f), files):
+        ok(out)

@@ -19,7 +19,7 @@ from .enums import Format
 from .errors import GateError, RegistryError, first_line
 from .export import ExportRequest, ExportResult, run_export
 from .measure import Stages
-from .registry import STAGE_FOR_ALIAS, Registry, VersionRef
+from .registry import STAGE_FOR_ALIAS, Registry, VersionRef, each_at_once, ok
 from .settings import ExportSettings
 from .tags import (
     ACCURACY, ACCURACY_DROP, ARCH, CONSUMER_CHECK, CONVERTER, CONVERTER_VERSION, DYNAMIC_BATCH, EXPORT_FAILED,
@@ -108,9 +108,9 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                    progress: Progress = lambda msg: None) -> PipelineResult:
     import mlflow
 
-    from .consumers import check_variant, file_facts
+    from .consumers import check_variant, download_variant, file_facts
     from .consumers import description as consumer_description
-    from .mlflow_io import load_source, log_export_run, log_variant
+    from .mlflow_io import link_variant_outputs, load_source, log_export_run, log_variant
     from .report import rows as report_rows
     from .report import write_report
 
@@ -154,71 +154,101 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                     result = exc.result
                 failed = {v.file.variant: "; ".join(v.verdict.failures) for v in result.variants if not v.passed}
                 passing = [v for v in result.variants if v.passed]
-                model_ids: dict[str, str] = {}
-                for v in passing:  # log all first: registration starts only when every file is logged
-                    progress(f"logging {v.file.variant}")
-                    with io("registry: log variants"):
-                        v.model_uri, model_ids[v.file.variant] = log_variant(v, result)
+                # Registry I/O runs a request per variant at a time, in threads (REGISTRY_THREADS): against a
+                # remote server every request is a round trip plus the server's work (basic-auth: a password
+                # hash each), and nothing here waits on another variant.
+                progress(f"logging {', '.join(v.file.variant for v in passing)}")
+                with io("registry: log variants"):  # all first: registration starts once every file is logged
+                    logged = each_at_once(lambda v: log_variant(v, result, run), passing)
+                    model_ids = {v.file.variant: ok(out)[1] for v, out in zip(passing, logged)}
+                    for v, out in zip(passing, logged):
+                        v.model_uri = out[0]
+                    link_variant_outputs(model_ids)
+                # Only an earlier export of this source can have left a version to reuse: one that was
+                # interrupted (running), rolled back (error: a delete may have failed), or one with these
+                # very settings (--force). A first export skips the search, a request per variant.
+                may_reuse = opts.force or ref.tags.get(EXPORT_STATUS) in ("running", "error") \
+                    or ref.tags.get(EXPORT_SETTINGS) == settings
                 versions: dict[str, VersionRef] = {}
+                new: list[tuple[Any, str, dict[str, Any]]] = []
                 for v in passing:
                     name = variant_model_name(ref.name, v.file.variant, opts.name_pattern)
-                    earlier = _earlier_version(reg, name, ref, settings, v.file.sha256)
+                    earlier = _earlier_version(reg, name, ref, settings, v.file.sha256) if may_reuse else None
                     if earlier is not None:  # an interrupted earlier run registered this very file: reuse it
                         progress(f"{name}: reusing version {earlier.version} (same file) from an interrupted export")
                         versions[v.file.variant] = earlier
                         continue
-                    progress(f"registering {name}")
                     dynamic, shape = file_facts(v.file.path, v.file.format)  # the file the consumer check re-reads
-                    tags = {**_variant_tags(ref, v, run_id, settings, data.get("calibration")),
-                            DYNAMIC_BATCH: str(dynamic).lower(),
-                            INPUT_SHAPE: json.dumps(shape)}
-                    with io("registry: register"):
-                        versions[v.file.variant] = reg.register(name, v.model_uri, tags=tags, run_id=run_id,
-                                                                model_id=model_ids[v.file.variant],
-                                                                model_tags={VARIANT_OF: ref.name})
-                    registered.append(versions[v.file.variant])
-                for v in passing:  # what the registry serves, loaded as each consumer loads it
-                    mv = versions[v.file.variant]
-                    progress(f"consumer check of {mv.uri} (pyfunc, SkinClassifier, "
-                             f"{'onnxruntime' if v.file.format is Format.onnx else 'ai_edge_litert'})")
-                    with io("consumer check (downloads included)"):
-                        check = result.consumer_checks[v.file.variant] = check_variant(mv.uri, v, result, tags=mv.tags)
-                    if not check.passed:  # rolled back like any failed variant: no version, no alias
-                        failed[v.file.variant] = "consumer check failed: " + "; ".join(check.failures)
-                        reg.delete_version(mv.name, mv.version)
-                        del versions[v.file.variant]
-                        registered = [r for r in registered if r is not mv]
+                    new.append((v, name, {**_variant_tags(ref, v, run_id, settings, data.get("calibration")),
+                                          DYNAMIC_BATCH: str(dynamic).lower(), INPUT_SHAPE: json.dumps(shape)}))
+                progress(f"registering {', '.join(name for _, name, _ in new)}")
+                with io("registry: register"):
+                    made = each_at_once(lambda item: reg.register(item[1], item[0].model_uri, tags=item[2], run_id=run_id,
+                                                           model_id=model_ids[item[0].file.variant],
+                                                           model_tags={VARIANT_OF: ref.name}), new)
+                registered += [mv for mv in made if not isinstance(mv, BaseException)]  # rolled back on error
+                versions.update({v.file.variant: ok(mv) for (v, _, _), mv in zip(new, made)})
+                with tempfile.TemporaryDirectory(prefix="skinreg-served-") as served:
+                    progress(f"downloading {', '.join(mv.uri for mv in versions.values())} as consumers do")
+                    with io("registry: download variants"):
+                        downloads = dict(zip(versions, each_at_once(lambda mv: download_variant(mv.uri, Path(served) / mv.name),
+                                                             list(versions.values()))))
+                    for v in passing:  # what the registry serves, loaded as each consumer loads it
+                        mv = versions[v.file.variant]
+                        progress(f"consumer check of {mv.uri} (pyfunc, SkinClassifier, "
+                                 f"{'onnxruntime' if v.file.format is Format.onnx else 'ai_edge_litert'})")
+                        with io("consumer check"):
+                            check = result.consumer_checks[v.file.variant] = check_variant(
+                                mv.uri, v, result, tags=mv.tags, downloaded=downloads[v.file.variant])
+                        if not check.passed:  # rolled back like any failed variant: no version, no alias
+                            failed[v.file.variant] = "consumer check failed: " + "; ".join(check.failures)
+                            reg.delete_version(mv.name, mv.version)
+                            del versions[v.file.variant]
+                            registered = [r for r in registered if r is not mv]
                 rows = {r["variant"]: r for r in report_rows(result)}
-                for variant, mv in versions.items():
+
+                def describe(item: tuple[str, VersionRef]) -> VersionRef:
+                    variant, mv = item
                     check = result.consumer_checks[variant]
                     facts = {CONSUMER_CHECK: check.summary()[:5000],  # and, on a version reused from
                              DYNAMIC_BATCH: str(check.dynamic_batch).lower(),  # an older skinreg, the
                              INPUT_SHAPE: json.dumps(check.input_shape)}  # facts it lacks
                     facts = {k: v for k, v in facts.items() if mv.tags.get(k) != v}
-                    with io("registry: version tags and descriptions"):
-                        reg.set_version_tags(mv.name, mv.version, facts)
-                        reg.set_description(mv.name, mv.version, consumer_description(
-                            check, rows[variant], source_uri=ref.uri, run_id=run_id))
-                    versions[variant] = replace(mv, tags={**mv.tags, **facts})
+                    reg.set_version_tags(mv.name, mv.version, facts)
+                    reg.set_description(mv.name, mv.version, consumer_description(
+                        check, rows[variant], source_uri=ref.uri, run_id=run_id))
+                    return replace(mv, tags={**mv.tags, **facts})
+
+                with io("registry: version tags and descriptions"):
+                    described = each_at_once(describe, list(versions.items()))
+                    versions = {variant: ok(mv) for variant, mv in zip(versions, described)}
                 _time_split(result, io.seconds)
                 result.report_json, result.report_md = write_report(result, result.gates)
                 report_text = result.report_md.read_text()
-                log_export_run(result, source=ref, model_ids=model_ids)
                 variants = dict(versions)
                 status = "failed" if failed else "passed"
-                reg.set_version_tags(ref.name, ref.version, {
+                run_tags = {STATUS: status, **({FAILURE: "; ".join(failed.values())[:5000]} if failed else {})}
+                outcome = {
                     EXPORT_STATUS: status, EXPORT_SETTINGS: settings,
                     EXPORT_VARIANTS: json.dumps({k: f"{v.name}/{v.version}" for k, v in variants.items()}),
                     EXPORT_FAILED: json.dumps(failed),
                     EXPORT_REASON: "; ".join(failed.values()) if failed else "all variants passed their gates "
                                                                                     "and consumer checks",
-                })
-                mlflow.set_tag(STATUS, status)
-                if failed:
-                    mlflow.set_tag(FAILURE, "; ".join(failed.values())[:5000])
+                }
+                # a tag per request: the ones that already say this (a re-export) are not written again, and
+                # an empty failure list is what an absent tag means to every reader
+                outcome = {k: v for k, v in outcome.items()
+                           if k == EXPORT_STATUS or ref.tags.get(k, "{}" if k == EXPORT_FAILED else None) != v}
+                with io("registry: run results and source tags"):  # the run's and the source's, side by side
+                    for out in each_at_once(lambda write: write(), [
+                            lambda: log_export_run(result, run=run, source=ref, model_ids=model_ids,
+                                                   tags=run_tags),
+                            lambda: reg.set_version_tags(ref.name, ref.version, outcome)]):
+                        ok(out)
                 if opts.candidate_alias:
-                    for v in variants.values():
-                        reg.set_alias(v.name, opts.candidate_alias, v.version)
+                    for out in each_at_once(lambda v: reg.set_alias(v.name, opts.candidate_alias, v.version),
+                                            list(variants.values())):
+                        ok(out)
         except BaseException as exc:
             _roll_back(reg, registered, ref, first_line(exc))
             raise  # the first error, whatever the rollback met

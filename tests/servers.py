@@ -99,6 +99,7 @@ class CountingProxy:
     def __init__(self, target: str, hold: Callable[[str, str, bytes], bool] | None = None) -> None:
         self.target, self.hold = target, hold
         self.requests: list[tuple[str, str]] = []
+        self.seconds: list[float] = []  # the server's time per forwarded request (in finishing order)
         self.held = threading.Event()
         self.release = threading.Event()
         proxy = self
@@ -116,9 +117,11 @@ class CountingProxy:
                     return
                 proxy.requests.append((self.command, self.path.split("?")[0]))
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in proxy.HOP}
+                t0 = time.perf_counter()
                 with requests.request(self.command, proxy.target + self.path, data=data, headers=headers,
                                       stream=True, timeout=60) as resp:
                     raw = resp.raw.read(decode_content=False)  # forwarded as sent (possibly gzip)
+                    proxy.seconds.append(time.perf_counter() - t0)
                     self.send_response(resp.status_code)
                     for k, v in resp.headers.items():
                         if k.lower() not in proxy.HOP:

@@ -33,3 +33,7 @@ def test_benchmark_prints_targets_computed_from_the_measured_report(tmp_path):
     assert agreement["met"] == (agreement["measured"] >= 0.97)
     assert rows["tflite-int8"]["converter"] == "litert-torch"
     assert "| int8 accuracy drop (points, held-out set) |" in res.stdout and "# tiny_cnn" in res.stdout
+    # `skinreg export` run twice in a child process: the second reused the first (else `measured` is None)
+    [again] = [t for t in summary["models"][0]["targets"] if t["name"].startswith("the same export again")]
+    assert again["measured"] is not None and again["met"] == (again["measured"] <= 10.0), again
+    assert "| the same export again, files reused from the cache" in res.stdout

@@ -106,19 +106,18 @@ def test_a_served_file_that_differs_from_the_validated_one_is_rolled_back(tracki
 
     import skinreg.consumers as consumers
 
-    real_check = consumers.check_variant
+    real_download = consumers.download_variant
 
-    def tamper_then_check(uri, v, result, **kw):
-        if v.file.variant == "onnx":
-            model_id = mlflow.models.get_model_info(uri).model_id
-            folder = Path(mlflow.get_logged_model(model_id).artifact_location.removeprefix("file://"))
-            [stored] = list(folder.rglob("*.onnx"))
-            fixed, ok = onnxsim.simplify(onnx.load(str(stored)), overwrite_input_shapes={"image": [1, 3, 64, 64]})
-            assert ok
-            onnx.save(fixed, str(stored))
-        return real_check(uri, v, result, **kw)
+    def tamper_then_download(uri, dst):  # the consumer check downloads what the registry serves
+        model_id = mlflow.models.get_model_info(uri).model_id
+        folder = Path(mlflow.get_logged_model(model_id).artifact_location.removeprefix("file://"))
+        [stored] = list(folder.rglob("*.onnx"))
+        fixed, ok = onnxsim.simplify(onnx.load(str(stored)), overwrite_input_shapes={"image": [1, 3, 64, 64]})
+        assert ok
+        onnx.save(fixed, str(stored))
+        return real_download(uri, dst)
 
-    monkeypatch.setattr(consumers, "check_variant", tamper_then_check)
+    monkeypatch.setattr(consumers, "download_variant", tamper_then_download)
     uri = register(trained, demo_data)
     res = export_version(uri, full_options(demo_data, formats=["onnx"]))
     client = MlflowClient()

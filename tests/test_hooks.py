@@ -493,24 +493,31 @@ def test_a_worker_killed_mid_export_finishes_the_job_once_after_restart(stack, t
     assert sorted(j.id for j in stack.jobs(f"export:hk-c:{version}")) == [job.id, successor]
 
 
-def test_subprocess_executor_runs_export_and_promote_as_skinreg_children(stack, trained, demo_data, queue_db):
-    # hk-d is not a source of the stack: its deliveries are ignored there; this test's queue drives it
-    version = register(trained, demo_data, "hk-d")
-    MlflowClient().set_registered_model_alias("hk-d", "production", version)
-    cfg = HooksConfig(sources=["hk-d"], secret=SECRET, database_url=queue_db,
-                      executor=Executor.subprocess, formats=["onnx"], latency_runs=2)
+def _export_and_promote_through_the_executor(trained, demo_data, source: str, **cfg_kw) -> tuple[HooksConfig, JobQueue]:
+    """A source with `production` set before any export: reconcile queues its export and the alias follow,
+    the executor (cfg_kw) runs both, and the variant ends with candidate and production."""
+    version = register(trained, demo_data, source)
+    MlflowClient().set_registered_model_alias(source, "production", version)
+    cfg = HooksConfig(sources=[source], secret=SECRET, formats=["onnx"], latency_runs=2, **cfg_kw)
     queue = JobQueue(cfg.database_url)
     report = reconcile(cfg, queue)
-    assert [(q.spec.key, q.merged) for q in report.queued] == [(f"export:hk-d:{version}", False),
-                                                               (f"alias:hk-d:production:{version}", False)]
+    assert [(q.spec.key, q.merged) for q in report.queued] == [(f"export:{source}:{version}", False),
+                                                               (f"alias:{source}:production:{version}", False)]
     drain(cfg)
     jobs = sorted(queue.jobs(), key=lambda j: j.id)
-    assert [(j.key, j.state) for j in jobs] == [(f"export:hk-d:{version}", "done"),
-                                               (f"alias:hk-d:production:{version}", "done")], jobs
-    src = MlflowClient().get_model_version("hk-d", version).tags
+    assert [(j.key, j.state) for j in jobs] == [(f"export:{source}:{version}", "done"),
+                                               (f"alias:{source}:production:{version}", "done")], jobs
+    src = MlflowClient().get_model_version(source, version).tags
     assert jobs[0].outcome == "export passed" and jobs[0].run_id == src["skinreg.export.run_id"]
-    assert jobs[1].outcome == f"production -> hk-d-onnx/1, hk-d/{version}"
-    assert aliases("hk-d-onnx") == {"candidate": "1", "production": "1"}
+    assert jobs[1].outcome == f"production -> {source}-onnx/1, {source}/{version}"
+    assert aliases(f"{source}-onnx") == {"candidate": "1", "production": "1"}
+    return cfg, queue
+
+
+def test_subprocess_executor_runs_export_and_promote_as_skinreg_children(stack, trained, demo_data, queue_db):
+    # hk-d is not a source of the stack: its deliveries are ignored there; this test's queue drives it
+    cfg, queue = _export_and_promote_through_the_executor(trained, demo_data, "hk-d", database_url=queue_db,
+                                                          executor=Executor.subprocess)
     assert reconcile(cfg, queue).queued == []
     assert not [j for j in stack.queue.jobs() if "hk-d" in j.key]
 
@@ -848,17 +855,6 @@ def test_a_receiver_sigkilled_in_a_burst_loses_no_acknowledged_delivery(tmp_path
 def test_the_mlflow_run_executor_runs_export_and_promote_as_mlflow_projects(tracking, trained, demo_data, queue_db):
     """SKINREG_HOOKS_EXECUTOR=mlflow-run with the local backend: each job is `mlflow run <this repo> -e
     export|promote` (the Kubernetes backend takes the same command line; it is not tested here)."""
-    version = register(trained, demo_data, "hk-m")
-    MlflowClient().set_registered_model_alias("hk-m", "production", version)
-    cfg = HooksConfig(sources=["hk-m"], secret=SECRET, database_url=queue_db, executor=Executor.mlflow_run,
-                      project_uri=str(Path(__file__).resolve().parents[1]), formats=["onnx"], latency_runs=2)
-    queue = JobQueue(cfg.database_url)
-    assert len(reconcile(cfg, queue).queued) == 2
-    drain(cfg)
-    jobs = sorted(queue.jobs(), key=lambda j: j.id)
-    assert [(j.key, j.state) for j in jobs] == [(f"export:hk-m:{version}", "done"),
-                                               (f"alias:hk-m:production:{version}", "done")], jobs
-    src = MlflowClient().get_model_version("hk-m", version).tags
-    assert jobs[0].outcome == "export passed" and jobs[0].run_id == src["skinreg.export.run_id"]
-    assert jobs[1].outcome == f"production -> hk-m-onnx/1, hk-m/{version}"
-    assert aliases("hk-m-onnx") == {"candidate": "1", "production": "1"}
+    _export_and_promote_through_the_executor(trained, demo_data, "hk-m", database_url=queue_db,
+                                             executor=Executor.mlflow_run,
+                                             project_uri=str(Path(__file__).resolve().parents[1]))

@@ -21,10 +21,10 @@ from test_pipeline import VARIANTS, full_options, register
 
 EDITOR = ("editor", "skinreg-editor-password-1")
 READER = ("reader", "skinreg-reader-password-1")
-# Measured 154 for export-version on 2026-11-27: ~40 of them are the consumer check's download of the four
-# registered variants (one request per artifact file and folder listing), ~60 the uploads and downloads
-# of artifact files; the issue's 80 predates the consumer check and is not met (see README).
-EXPORT_BUDGET, PROMOTE_BUDGET = 160, 10
+# Measured 126 for export-version on 2026-11-27 (154 before, 363 at first): 26 of them upload the four
+# variants' files and 44 are the consumer check's downloads of them, one request per file and folder
+# listing; the issue's 80 predates the consumer check and is not met (README: Remote servers).
+EXPORT_BUDGET, PROMOTE_BUDGET = 130, 10
 
 
 def _register(trained, demo_data, name: str) -> str:
@@ -64,7 +64,7 @@ def test_export_and_promote_stay_within_their_request_budgets(auth_server, train
     start, t0 = proxy.count(), time.perf_counter()
     res = export_version(uri, full_options(demo_data))
     wall = time.perf_counter() - t0
-    export_requests = proxy.count(start)
+    export_requests, server_s = proxy.count(start), sum(proxy.seconds[start:])
     assert res.status == "passed" and set(res.variants) == set(VARIANTS), res.failed
     assert export_requests <= EXPORT_BUDGET, proxy.summary(start)
     start = proxy.count()
@@ -78,7 +78,12 @@ def test_export_and_promote_stay_within_their_request_budgets(auth_server, train
     assert stages["registry I/O"] > 0 and stages["export"] > 0 and "registry I/O" in res.report
     with capsys.disabled():
         print(f"\nbasic-auth server: export-version {export_requests} requests, wall {wall:.1f} s (export "
-              f"{stages['export']:.1f} s, registry I/O {stages['registry I/O']:.1f} s); promote {promote_requests}")
+              f"{stages['export']:.1f} s, registry I/O {stages['registry I/O']:.1f} s, server time over all its requests {server_s:.1f} s); "
+              f"promote {promote_requests}")
+        print("  " + ", ".join(f"{k} {v:.1f} s" for k, v in stages.items()))
+    import os
+    if os.environ.get("SKINREG_DUMP_REQUESTS"):
+        open(os.environ["SKINREG_DUMP_REQUESTS"], "w").write("\n".join(f"{m} {p}" for m, p in proxy.requests))
 
 
 def test_a_read_only_user_is_refused_in_one_line_and_no_alias_moves(auth_server, trained, demo_data, monkeypatch):
