@@ -157,7 +157,8 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                 # Registry I/O runs a request per variant at a time, in threads (REGISTRY_THREADS): against a
                 # remote server every request is a round trip plus the server's work (basic-auth: a password
                 # hash each), and nothing here waits on another variant.
-                progress(f"logging {', '.join(v.file.variant for v in passing)}")
+                if passing:
+                    progress(f"logging {', '.join(v.file.variant for v in passing)}")
                 with io("registry: log variants"):  # all first: registration starts once every file is logged
                     logged = each_at_once(lambda v: log_variant(v, result, run), passing)
                     model_ids = {v.file.variant: ok(out)[1] for v, out in zip(passing, logged)}
@@ -181,18 +182,25 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                     dynamic, shape = file_facts(v.file.path, v.file.format)  # the file the consumer check re-reads
                     new.append((v, name, {**_variant_tags(ref, v, run_id, settings, data.get("calibration")),
                                           DYNAMIC_BATCH: str(dynamic).lower(), INPUT_SHAPE: json.dumps(shape)}))
-                progress(f"registering {', '.join(name for _, name, _ in new)}")
+                if new:
+                    progress(f"registering {', '.join(name for _, name, _ in new)}")
+
+                def register(item: tuple[Any, str, dict[str, Any]]) -> VersionRef:
+                    v, name, tags = item
+                    return reg.register(name, v.model_uri, tags=tags, run_id=run_id,
+                                        model_id=model_ids[v.file.variant], model_tags={VARIANT_OF: ref.name})
+
                 with io("registry: register"):
-                    made = each_at_once(lambda item: reg.register(item[1], item[0].model_uri, tags=item[2], run_id=run_id,
-                                                           model_id=model_ids[item[0].file.variant],
-                                                           model_tags={VARIANT_OF: ref.name}), new)
+                    made = each_at_once(register, new)
                 registered += [mv for mv in made if not isinstance(mv, BaseException)]  # rolled back on error
                 versions.update({v.file.variant: ok(mv) for (v, _, _), mv in zip(new, made)})
                 with tempfile.TemporaryDirectory(prefix="skinreg-served-") as served:
-                    progress(f"downloading {', '.join(mv.uri for mv in versions.values())} as consumers do")
+                    if versions:
+                        progress(f"downloading {', '.join(mv.uri for mv in versions.values())} as consumers do")
                     with io("registry: download variants"):
-                        downloads = dict(zip(versions, each_at_once(lambda mv: download_variant(mv.uri, Path(served) / mv.name),
-                                                             list(versions.values()))))
+                        fetched = each_at_once(lambda mv: download_variant(mv.uri, Path(served) / mv.name),
+                                               list(versions.values()))
+                        downloads = dict(zip(versions, fetched))
                     for v in passing:  # what the registry serves, loaded as each consumer loads it
                         mv = versions[v.file.variant]
                         progress(f"consumer check of {mv.uri} (pyfunc, SkinClassifier, "
