@@ -311,6 +311,18 @@ class JobQueue:
             return int(db.execute("UPDATE job_info SET outages = outages + 1 WHERE job_id = %s RETURNING outages",
                                   (job_id,)).fetchone()["outages"])
 
+    def beat(self, worker_id: int) -> None:
+        """procrastinate's worker heartbeat, sent from the job's own thread (runner.heartbeat_while)."""
+        with self._db() as db:
+            db.execute("SELECT procrastinate_update_heartbeat_v1(%s)", (worker_id,))
+
+    def running_for(self, job_id: int) -> float | None:
+        """Seconds since the job last started (procrastinate's 'started' event); None if it never did."""
+        with self._db() as db:
+            row = db.execute("SELECT EXTRACT(EPOCH FROM now() - MAX(at)) AS s FROM procrastinate_events "
+                             "WHERE job_id = %s AND type = 'started'", (job_id,)).fetchone()
+        return None if row is None or row["s"] is None else float(row["s"])
+
     def holds(self, job_id: int, worker_id: int | None) -> bool:
         """Whether this worker still runs the job (it has not been declared stalled and taken over)."""
         with self._db() as db:

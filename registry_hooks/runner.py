@@ -16,7 +16,8 @@ import os
 import signal
 import socket
 import threading
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from .config import HooksConfig
 from .queue import TASK, JobQueue, make_app
@@ -31,13 +32,45 @@ def build_app(cfg: HooksConfig, worker: Worker | None) -> Any:
     """The procrastinate App with skinreg's one task bound to `worker` (None: a receiver that only defers)."""
     app = make_app(cfg.database_url)
 
-    @app.task(name=TASK, pass_context=True, retry=_retry_policy())
+    @app.task(name=TASK, pass_context=True, retry=_retry_policy(cfg.backoff_s))
     def run(context: Any, spec: dict, origin: str, interrupted: int = 0, previous_run_id: str | None = None) -> None:
         if worker is None:
             raise RuntimeError("this process only receives; run `skinreg hooks worker`")
-        worker.run_job(context.job.id, context.job.worker_id)
+        with heartbeat_while(worker.queue, context.job.worker_id, cfg.heartbeat_s):
+            worker.run_job(context.job.id, context.job.worker_id)
 
     return app
+
+
+@contextmanager
+def heartbeat_while(queue: JobQueue, worker_id: int | None, interval_s: float) -> Iterator[None]:
+    """While a job runs, its own thread also sends the worker's heartbeat, on a connection of its own.
+
+    procrastinate's heartbeat goes through the worker's async connection pool. After a PostgreSQL
+    restart that pool reconnects with a backoff (up to ~20 s measured), and in the meantime the worker
+    still fetches jobs: each one looked stalled at once and was taken over, five times in a row in one CI
+    run, until the job was left dead. A job whose process is alive is not stalled. This thread stops
+    with the job, so a SIGKILLed worker still goes stale within stalled_s."""
+    if worker_id is None:
+        yield
+        return
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.is_set():
+            try:
+                queue.beat(worker_id)
+            except Exception as exc:  # noqa: BLE001 - the database is away: procrastinate's own beat reports it
+                log.debug("job heartbeat of worker %s: %s", worker_id, exc)
+            done.wait(interval_s)
+
+    thread = threading.Thread(target=beat, name=f"skinreg-heartbeat-{worker_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(timeout=interval_s + 1)
 
 
 async def take_over_stalled(app: Any, queue: JobQueue, cfg: HooksConfig) -> list[int]:
@@ -46,6 +79,11 @@ async def take_over_stalled(app: Any, queue: JobQueue, cfg: HooksConfig) -> list
 
     new_ids = []
     for job in await app.job_manager.get_stalled_jobs(task_name=TASK, seconds_since_heartbeat=cfg.stalled_s):
+        # A job that started less than stalled_s ago was fetched by a live worker: its heartbeat may
+        # still be catching up (after a PostgreSQL restart); give it the same stalled_s as any other.
+        started = await asyncio.to_thread(queue.running_for, job.id)
+        if started is not None and started < cfg.stalled_s:
+            continue
         try:  # only one worker wins a stalled job: the others find it no longer 'doing'
             await app.job_manager.finish_job_by_id_async(job_id=job.id, status=Status.FAILED, delete_job=False)
         except Exception:

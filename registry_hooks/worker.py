@@ -233,14 +233,22 @@ class RetryLater(Exception):
         self.delay_s = delay_s
 
 
-def _retry_policy() -> Any:
-    """procrastinate's retry strategy for skinreg jobs: the worker decides (RetryLater), procrastinate schedules."""
+def _retry_policy(queue_outage_retry_s: float = 10.0) -> Any:
+    """procrastinate's retry strategy for skinreg jobs: the worker decides (RetryLater), procrastinate schedules.
+    The queue's own database failing under a job (a PostgreSQL restart as the job starts: psycopg's
+    OperationalError, AdminShutdown included) is an outage, not a verdict on the job: it is retried. A CI
+    run saw one job end dead that way, its work never done."""
+    import psycopg
     from procrastinate.retry import BaseRetryStrategy, RetryDecision
 
     class Policy(BaseRetryStrategy):
         def get_retry_decision(self, *, exception: BaseException, job: Any) -> Any:
             if isinstance(exception, RetryLater):
                 return RetryDecision(retry_in={"seconds": max(exception.delay_s, 0.0)})
+            if isinstance(exception, psycopg.OperationalError):
+                log.warning("job %s: the queue's database failed under it (%s); again in %.0fs", job.id,
+                            first_line(exception), queue_outage_retry_s)
+                return RetryDecision(retry_in={"seconds": queue_outage_retry_s})
             return None  # done with it: the job ends as failed ('dead')
 
     return Policy()
