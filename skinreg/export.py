@@ -228,33 +228,40 @@ def run_export(req: ExportRequest, *, progress: Progress = lambda msg: None) -> 
 
 
 # -- the exporter table: (format, precision, backend) -> one exporter, one signature -----------------
-Exporter = Callable[["_Export", Precision, Any, "Path | None"], ExportedFile]
+# (run, precision, recipe, path, data): data is the file's bytes when another process converted it (int8_lanes)
+Exporter = Callable[["_Export", Precision, Any, "Path | None", "bytes | None"], ExportedFile]
 
 
-def _onnx_float16(run: "_Export", precision: Precision, recipe: Any, path: Path | None) -> ExportedFile:
+def _onnx_float16(run: "_Export", precision: Precision, recipe: Any, path: Path | None,
+                  data: bytes | None) -> ExportedFile:
     from .exporters.onnx_export import export_onnx_float16
 
     return export_onnx_float16(run.onnx_file, run.req.out_dir, stem=run.req.stem)
 
 
-def _onnx_int8(run: "_Export", precision: Precision, recipe: Any, path: Path | None) -> ExportedFile:
+def _onnx_int8(run: "_Export", precision: Precision, recipe: Any, path: Path | None,
+               data: bytes | None) -> ExportedFile:
     from .exporters.onnx_export import export_onnx_int8
 
     return export_onnx_int8(run.onnx_file, run.req.out_dir, stem=run.req.stem, calibration=run.calib_x)
 
 
-def _tf_lite_converter(run: "_Export", precision: Precision, recipe: Any, path: Path | None) -> ExportedFile:
+def _tf_lite_converter(run: "_Export", precision: Precision, recipe: Any, path: Path | None,
+                       data: bytes | None) -> ExportedFile:
     from .exporters.tflite_export import export_tflite
 
     return export_tflite(run.saved_model(), run.spec, run.req.out_dir, stem=run.req.stem, precision=precision,
-                         calibration=run.calib_x if precision is Precision.int8 else None, recipe=recipe, path=path)
+                         calibration=run.calib_x if precision is Precision.int8 else None, recipe=recipe, path=path,
+                         data=data)
 
 
-def _litert_torch(run: "_Export", precision: Precision, recipe: Any, path: Path | None) -> ExportedFile:
+def _litert_torch(run: "_Export", precision: Precision, recipe: Any, path: Path | None,
+                  data: bytes | None) -> ExportedFile:
     from .exporters.litert_export import export_litert
 
     return export_litert(run.req.loaded.model, run.spec, run.req.out_dir, stem=run.req.stem, precision=precision,
-                         calibration=run.calib_x if precision is Precision.int8 else None, recipe=recipe, path=path)
+                         calibration=run.calib_x if precision is Precision.int8 else None, recipe=recipe, path=path,
+                         data=data)
 
 
 # backend: "onnxruntime" for ONNX files, the --converter for TFLite float32/float16, the recipe's for int8
@@ -338,9 +345,9 @@ class _Export:
         return self._saved
 
     def _export(self, fmt: Format, precision: Precision, backend: str, label: str, *, recipe: Any = None,
-                path: Path | None = None) -> ExportedFile:
+                path: Path | None = None, data: bytes | None = None) -> ExportedFile:
         with self.stages(label):
-            exported = EXPORTERS[(fmt, precision, backend)](self, precision, recipe, path)
+            exported = EXPORTERS[(fmt, precision, backend)](self, precision, recipe, path, data)
         if precision is Precision.int8:
             exported.details.update({"calibration": self.calibration_info})
         return exported
@@ -372,24 +379,28 @@ class _Export:
             self._convert_int8()
 
     def _convert_int8(self) -> None:
-        """Every recipe asked for (auto); or the fallback chain, each judged at once, until one passes."""
+        """The fallback chain, each recipe judged at once until one passes; or every recipe asked for (auto)."""
+        if self.fallback or len(self.recipes) == 1:
+            self._convert_int8_chain()
+        else:
+            self._convert_int8_candidates()
+        recipes = self.recipes
+        if len(self.conversion_failures) == len(recipes):
+            raise ExportError("every int8 recipe failed to convert: " +
+                              "; ".join(f"{k}: {v}" for k, v in self.conversion_failures.items()))
+        tried = len(self.conversion_failures) + sum(1 for f in self.files if f.path in self.checked)
+        if self.fallback and tried > 1:
+            self.notes.append(_fallback_note(recipes, self.conversion_failures, self.checked))
+
+    def _convert_int8_chain(self) -> None:
         recipes, req = self.recipes, self.req
         for n, recipe in enumerate(recipes, 1):
             self.progress(f"converting TFLite int8 ({recipe.name}, {n}/{len(recipes)})")
             # the default recipe of a fallback chain writes the shipped name; other candidates aside
             path = (req.out_dir / "int8_candidates" / f"{req.stem}_int8_{recipe.name}.tflite"
-                    if len(recipes) > 1 and not (self.fallback and n == 1) else None)
-            try:
-                exported = self._export(Format.tflite, Precision.int8, recipe.backend,
-                                        f"TFLite int8 ({recipe.name})", recipe=recipe, path=path)
-            except ExportError as exc:
-                if len(recipes) == 1:
-                    raise
-                log.warning("int8 recipe %s failed: %s", recipe.name, exc)
-                self.conversion_failures[recipe.name] = str(exc)
-                continue
-            self.files.append(exported)
-            if not self.fallback:
+                    if len(recipes) > 1 and n > 1 else None)
+            exported = self._try_int8(recipe, path, must=len(recipes) == 1)
+            if exported is None or not self.fallback:
                 continue
             self.progress(f"validating TFLite int8 ({recipe.name})")
             judged = self._judge(exported)
@@ -399,12 +410,58 @@ class _Export:
             if n == 1:  # the default lost: it moves aside, kept for inspection like any candidate
                 judged.file = self.files[-1] = _move_candidate(exported, req, recipe.name)
             self.checked[judged.file.path] = judged
-        if len(self.conversion_failures) == len(recipes):
-            raise ExportError("every int8 recipe failed to convert: " +
-                              "; ".join(f"{k}: {v}" for k, v in self.conversion_failures.items()))
-        tried = len(self.conversion_failures) + sum(1 for f in self.files if f.path in self.checked)
-        if self.fallback and tried > 1:
-            self.notes.append(_fallback_note(recipes, self.conversion_failures, self.checked))
+
+    def _convert_int8_candidates(self) -> None:
+        """Every recipe, each to its own candidate file. Where there is a second core, a child process
+        converts some of them meanwhile (exporters/int8_lanes); TF recipes share one calibration."""
+        from .exporters import int8_lanes
+        from .exporters.tflite_export import calibration_reused
+
+        req, lane = self.req, None
+        mine, theirs = int8_lanes.assign(self.recipes) if int8_lanes.lanes_available() > 1 else (self.recipes, [])
+        if theirs:
+            saved = self.saved_model() if any(r.backend == TF_BACKEND for r in theirs) else None
+            self.progress(f"converting TFLite int8 ({', '.join(r.name for r in theirs)}) in a second process")
+            with self.stages("int8: the second process's inputs"):
+                lane = int8_lanes.start(theirs, model=req.loaded.model, spec=self.spec, calibration=self.calib_x,
+                                        saved_model=saved, folder=self.work / "int8_lane")
+        with calibration_reused():
+            for n, recipe in enumerate(mine, 1):
+                self.progress(f"converting TFLite int8 ({recipe.name}, {n}/{len(mine)}"
+                              f"{' in this process' if lane else ''})")
+                self._try_int8(recipe, self._candidate_path(recipe))
+        if lane is not None:
+            self.progress("waiting for the second int8 process")
+            with self.stages("int8: waiting for the second process"):
+                outcomes = lane.collect()
+            for recipe in theirs:
+                got = outcomes[recipe.name]
+                if got.error is not None:
+                    log.warning("int8 recipe %s failed: %s", recipe.name, got.error)
+                    self.conversion_failures[recipe.name] = got.error
+                elif self._try_int8(recipe, self._candidate_path(recipe), data=got.data) is not None:
+                    self.stages.seconds[f"TFLite int8 ({recipe.name})"] = got.seconds  # its conversion, there
+        order = {r.name: i for i, r in enumerate(self.recipes)}
+        self.files.sort(key=lambda f: (f.variant == "tflite-int8", order.get(f.details.get("int8_recipe"), -1)))
+
+    def _candidate_path(self, recipe: Any) -> Path:
+        return self.req.out_dir / "int8_candidates" / f"{self.req.stem}_int8_{recipe.name}.tflite"
+
+    def _try_int8(self, recipe: Any, path: Path | None, *, must: bool = False,
+                  data: bytes | None = None) -> ExportedFile | None:
+        """One recipe's file (appended to files), or None with the reason in conversion_failures;
+        `must`: the only recipe asked for, so its failure is the export's."""
+        try:
+            exported = self._export(Format.tflite, Precision.int8, recipe.backend, f"TFLite int8 ({recipe.name})",
+                                    recipe=recipe, path=path, data=data)
+        except ExportError as exc:
+            if must:
+                raise
+            log.warning("int8 recipe %s failed: %s", recipe.name, exc)
+            self.conversion_failures[recipe.name] = str(exc)
+            return None
+        self.files.append(exported)
+        return exported
 
     def _judge(self, f: ExportedFile) -> VariantResult:
         recipe = f.details.get("int8_recipe")

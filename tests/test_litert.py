@@ -151,3 +151,59 @@ def test_litert_bad_input_is_one_clear_line(trained_ckpt, tmp_path, args, messag
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], res.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_auto_in_two_processes_makes_the_same_files_as_in_one(trained_ckpt, demo_data, tmp_path):
+    """`auto` converts some recipes in a second process (exporters/int8_lanes) and calibrates the TF recipes
+    once (tflite_export.calibration_reused): every candidate file must be byte for byte the file that one
+    process converting each recipe on its own writes. Each export is its own `python -m skinreg export`
+    (onnx2tf names tensors with per-process counters, so two exports in one process differ anyway)."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    def export(out, processes: str) -> dict[str, str]:
+        proc = subprocess.run([sys.executable, "-m", "skinreg", "export", "--checkpoint", str(trained_ckpt), "--format",
+                               "tflite", "--quantize", "int8", "--int8-strategy", "auto", "--calibration-dir",
+                               str(demo_data / "calibration"), "--eval-dir", str(demo_data / "val"), "--output-dir",
+                               str(out), "--latency-runs", "3", "--no-cache"],
+                              env={**os.environ, "SKINREG_INT8_PROCESSES": processes}, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (out / "int8_candidates").glob("*.tflite")}
+
+    two = export(tmp_path / "two", "2")
+    stages = json.loads((tmp_path / "two" / "skin_classifier_report.json").read_text())["stage_seconds"]
+    assert "int8: waiting for the second process" in stages, stages  # the second process did run
+    one = export(tmp_path / "one", "1")
+    assert "int8: waiting for the second process" not in json.loads(
+        (tmp_path / "one" / "skin_classifier_report.json").read_text())["stage_seconds"]
+    assert len(two) == len(INT8_RECIPES) and two == one
+
+
+def test_tf_recipes_calibrate_once_and_quantize_as_before(trained_ckpt, demo_data, tmp_path):
+    from skinreg.enums import Precision
+    from skinreg.exporters import tflite_export
+    from skinreg.exporters.onnx_export import export_onnx
+
+    loaded = load_checkpoint(trained_ckpt)
+    saved = tflite_export.saved_model_from_onnx(export_onnx(loaded.model, loaded.spec, tmp_path, stem="m").path,
+                                                loaded.spec, tmp_path / "work")
+    nhwc = Preprocessing(input_size=64).batch(sorted((demo_data / "calibration").rglob("*.png"))[:20],
+                                              ).transpose(0, 2, 3, 1).copy()
+
+    def convert(per_channel: bool) -> bytes:
+        return tflite_export.convert(saved, Precision.int8, representative=lambda: ([x[None]] for x in nhwc),
+                                     per_channel=per_channel)
+
+    alone = [convert(True), convert(False)]
+    calls = []
+    from tensorflow.lite.python.optimize import calibrator
+
+    with tflite_export.calibration_reused():
+        memo = tflite_export._CALIBRATIONS.get()
+        shared = [convert(True), convert(False)]
+        calls.append(len(memo))
+    assert calls == [1]  # one calibrated model for both recipes
+    assert shared == alone and shared[0] != shared[1]
+    assert getattr(calibrator.Calibrator.calibrate, "_skinreg_memo", False)

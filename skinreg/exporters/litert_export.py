@@ -103,9 +103,11 @@ def _nhwc_module(model: Any):
     import torch
 
     litert_torch = _import_litert()
-    if not isinstance(model, torch.fx.GraphModule):  # torch.export graphs refuse .eval() and need none
-        model = model.eval()
-    return litert_torch.to_channel_last_io(model, args=[0]).eval()
+    if isinstance(model, torch.fx.GraphModule):  # torch.export graphs refuse .eval(), even nested, and need none
+        wrapped = litert_torch.to_channel_last_io(model, args=[0])
+        wrapped.training = False
+        return wrapped
+    return litert_torch.to_channel_last_io(model.eval(), args=[0]).eval()
 
 
 def _first_and_last_layers(model: Any) -> tuple[str, ...]:
@@ -164,10 +166,18 @@ def convert_float32(model: Any, size: int, num_classes: int) -> bytes:
     return tflite
 
 
+def nhwc_program(model: Any, size: int):
+    """The model with NHWC float32 input, batch 1, as the torch.export program every int8 recipe starts from."""
+    import torch
+
+    return torch.export.export(_nhwc_module(model), (torch.zeros(1, size, size, 3),))
+
+
 def convert_int8(model: Any, size: int, num_classes: int, calibration_nchw: np.ndarray, *, per_channel: bool = True,
-                 observer: str = "histogram", float_layers: tuple[str, ...] = ()) -> bytes:
+                 observer: str = "histogram", float_layers: tuple[str, ...] = (), program: Any = None) -> bytes:
     """Static int8 via PT2E: symmetric int8 weights (per-channel or per-tensor), int8 activations
-    observed on the calibration images (preprocessed exactly as at inference), float32 I/O."""
+    observed on the calibration images (preprocessed exactly as at inference), float32 I/O.
+    program: `nhwc_program(model, size)` when it was already made (an int8 lane loads it from a file)."""
     import torch
     from litert_torch.quantize.quant_config import QuantConfig
     from torchao.quantization.pt2e import move_exported_model_to_eval
@@ -177,7 +187,7 @@ def convert_int8(model: Any, size: int, num_classes: int, calibration_nchw: np.n
     example = (torch.zeros(1, size, size, 3),)
     quantizer = _quantizer(per_channel=per_channel, observer=observer, float_layers=float_layers)
     try:
-        graph = torch.export.export(_nhwc_module(model), example).module()
+        graph = (program if program is not None else nhwc_program(model, size)).module()
         prepared = prepare_pt2e(graph, quantizer)  # folds BatchNorm into the convolutions
         nhwc = np.ascontiguousarray(np.transpose(np.asarray(calibration_nchw, np.float32), (0, 2, 3, 1)))
         with torch.no_grad():
@@ -200,23 +210,28 @@ def convert_int8(model: Any, size: int, num_classes: int, calibration_nchw: np.n
 
 
 def export_litert(model: Any, spec: ModelSpec, out_dir: Path, *, stem: str, precision: Precision,
-                  calibration: np.ndarray | None = None, recipe: Any = None, path: Path | None = None) -> ExportedFile:
+                  calibration: np.ndarray | None = None, recipe: Any = None, path: Path | None = None,
+                  data: bytes | None = None, float_layers: tuple[str, ...] | None = None) -> ExportedFile:
     """float32 or int8 TFLite straight from the PyTorch model. calibration: preprocessed NCHW float32
-    images; recipe: an Int8Recipe (per-channel, observer, float layers)."""
+    images; recipe: an Int8Recipe (per-channel, observer, float layers). data: the file's bytes when
+    another process converted it (int8_lanes): only written here. float_layers: the layers a float-ends
+    recipe keeps in float, when `model` no longer has its named modules (a graph loaded back in a lane)."""
     from .tflite_export import tflite_path, write_tflite
 
     size, n = spec.preprocessing.input_size, spec.num_classes
     details: dict[str, Any] = {}
     if precision is Precision.float32:
-        data = convert_float32(model, size, n)
+        data = data if data is not None else convert_float32(model, size, n)
     elif precision is Precision.int8:
         if calibration is None or len(calibration) == 0:
             raise ExportError("int8 conversion needs calibration images: pass --calibration-dir DIR")
         per_channel = recipe.per_channel if recipe is not None else True
         observer = getattr(recipe, "observer", "histogram") or "histogram"
-        float_layers = _first_and_last_layers(model) if getattr(recipe, "float_ends", False) else ()
-        data = convert_int8(model, size, n, calibration, per_channel=per_channel, observer=observer,
-                            float_layers=float_layers)
+        if float_layers is None:
+            float_layers = _first_and_last_layers(model) if getattr(recipe, "float_ends", False) else ()
+        if data is None:
+            data = convert_int8(model, size, n, calibration, per_channel=per_channel, observer=observer,
+                                float_layers=float_layers)
         details.update({"calibration_count": int(len(calibration)), "observer": observer,
                         "float_layers": list(float_layers)})
         if recipe is not None:
