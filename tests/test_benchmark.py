@@ -34,6 +34,15 @@ def test_benchmark_prints_targets_computed_from_the_measured_report(tmp_path):
     assert rows["tflite-int8"]["converter"] == "litert-torch"
     assert "| int8 accuracy drop (points, held-out set) |" in res.stdout and "# tiny_cnn" in res.stdout
     # `skinreg export` run twice in a child process: the second reused the first (else `measured` is None)
-    [again] = [t for t in summary["models"][0]["targets"] if t["name"].startswith("the same export again")]
+    [again] = [t for t in summary["models"][0]["targets"] if t["name"].startswith("the same default export again")]
     assert again["measured"] is not None and again["met"] == (again["measured"] <= 10.0), again
-    assert "| the same export again, files reused from the cache" in res.stdout
+    assert "| the same default export again, files reused from the cache" in res.stdout
+    # the default export and the asked-for strategy, both timed in this run, with their stage breakdowns
+    model = summary["models"][0]
+    default = targets["default export: ONNX + TFLite float32/float16/int8"]
+    assert default["measured"] == model["default_export_s"] > 0 and default["limit"] == 60.0
+    [vs] = [t for t in model["targets"] if t["name"].startswith("`--int8-strategy litert-per-channel` export")]
+    assert vs["measured"] == pytest.approx(model["export_s"] / model["default_export_s"]) and vs["limit"] is None
+    assert set(model["stage_seconds"]) == {"default", "litert-per-channel"}
+    assert model["stage_seconds"]["default"]["SavedModel (onnx2tf)"] > 0
+    assert "| TFLite int8 (litert-per-channel) | - |" in res.stdout  # a stage of one export only
