@@ -233,7 +233,7 @@ def _stage_table(by_strategy: dict[str, dict[str, float]]) -> list[str]:
              "alongside this process's work)", "",
              "| stage | " + " | ".join(by_strategy) + " |", "|---" * (len(by_strategy) + 1) + "|"]
     for n in names:
-        lines.append(f"| {n} | " + " | ".join(_num(st.get(n), "") if n in st else "-" for st in by_strategy.values())
+        lines.append(f"| {n} | " + " | ".join(f"{st[n]:.1f}" if n in st else "-" for st in by_strategy.values())
                      + " |")
     return lines
 

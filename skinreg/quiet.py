@@ -28,6 +28,7 @@ CHATTER = re.compile(
     rb"|INFO: Created TensorFlow Lite XNNPACK delegate"
     rb"|Downloading artifacts:"                               # MLflow's per-download tqdm bars
     rb"|color_warning\("
+    rb"|W\d{4} [\d:.]+ +\d+ torch/utils/_pytree\.py:\d+\] "  # torchao's register_constant deprecation (litert)
     rb"|\S+data_validation\.py:\d+: UserWarning: .*Add type hints to the `predict` method)")
 
 

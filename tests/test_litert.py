@@ -207,3 +207,35 @@ def test_tf_recipes_calibrate_once_and_quantize_as_before(trained_ckpt, demo_dat
     assert calls == [1]  # one calibrated model for both recipes
     assert shared == alone and shared[0] != shared[1]
     assert getattr(calibrator.Calibrator.calibrate, "_skinreg_memo", False)
+    # half of the images calibrated in a second process, the ranges merged: the same bytes again
+    with tflite_export.calibration_split(tmp_path / "split"):
+        split = [convert(True), convert(False)]
+    assert split == alone
+    assert len(list((tmp_path / "split").glob("calibrate-*/calibrated.tflite"))) == 2  # the child did run, twice
+
+
+def test_a_failing_or_dying_second_process_turns_its_recipes_into_conversion_failures(trained_ckpt, demo_data, tmp_path):
+    """What the second int8 process cannot convert comes back as a one-line reason per recipe (never a hang,
+    never a traceback): a bad SavedModel fails its TF recipes; a child that dies before converting anything
+    (its model file unreadable) fails every recipe it was given, with the exit code and its last log line."""
+    from skinreg.exporters import int8_lanes
+
+    loaded = load_checkpoint(trained_ckpt)
+    calib = Preprocessing(input_size=64).batch(sorted((demo_data / "calibration").rglob("*.png"))[:10])
+    tf_recipes = [INT8_RECIPES["tf-per-channel"], INT8_RECIPES["tf-per-tensor"]]
+    lane = int8_lanes.start(tf_recipes, model=loaded.model, spec=loaded.spec, calibration=calib,
+                            saved_model=tmp_path / "no-such-saved-model", folder=tmp_path / "a")
+    got = lane.collect()
+    assert set(got) == {"tf-per-channel", "tf-per-tensor"} and lane.proc.returncode == 0
+    assert all(o.data is None and o.error and "\n" not in o.error for o in got.values()), got
+
+    litert = [INT8_RECIPES["litert-per-channel"]]
+    int8_lanes.write_job(litert, model=loaded.model, spec=loaded.spec, calibration=calib, saved_model=None,
+                         folder=tmp_path / "b")
+    (tmp_path / "b" / "model.pt2").write_bytes(b"not a program")
+    lane = int8_lanes.launch(litert, tmp_path / "b")
+    [(name, outcome)] = lane.collect().items()
+    assert name == "litert-per-channel" and outcome.data is None and lane.proc.returncode != 0
+    assert outcome.error.startswith(f"the second int8 process exited with code {lane.proc.returncode} before "
+                                    "converting litert-per-channel: "), outcome.error
+    assert "\n" not in outcome.error

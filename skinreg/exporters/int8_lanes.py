@@ -37,10 +37,10 @@ from .int8_recipes import INT8_RECIPES, LITERT_BACKEND, TF_BACKEND, Int8Recipe
 
 log = logging.getLogger(__name__)
 
-# Relative cost of one recipe (EfficientNet-B0 on the project machine, 100 calibration images): a TF
-# calibration ~31 s and each further TF recipe <1 s; litert-torch ~40 s with histogram observers, ~33 s
-# with min/max. The child pays ~8 s to import torch, TensorFlow and litert-torch.
-_COST = {"tf-first": 31.0, "tf-more": 1.0, "histogram": 40.0, "minmax": 33.0}
+# Seconds per recipe on one thread (EfficientNet-B0 on the project machine, 100 calibration images,
+# `skinreg benchmark` 2026-11-27): a TF calibration ~33 s and each further TF recipe ~2 s; litert-torch
+# ~44 s with histogram observers, ~30 s with min/max. The child pays ~8 s to import torch, TF and litert.
+_COST = {"tf-first": 33.0, "tf-more": 2.3, "histogram": 44.0, "minmax": 30.0}
 _CHILD_START = 8.0
 
 
@@ -60,18 +60,24 @@ def _cost(recipes: list[Int8Recipe]) -> float:
 
 
 def assign(recipes: list[Int8Recipe]) -> tuple[list[Int8Recipe], list[Int8Recipe]]:
-    """(this process's recipes, the child's), each in the requested order. Float-ends recipes stay here;
-    the rest go, longest first, to the side that would then finish first (the child starts later)."""
+    """(this process's recipes, the child's), each in the requested order: of every split (six recipes make
+    at most 16), the one whose slower side finishes first on the estimated costs. Float-ends recipes stay
+    here; the TF recipes go together."""
+    import itertools
+
     tf = [r for r in recipes if r.backend == TF_BACKEND]
     units: list[list[Int8Recipe]] = ([tf] if tf else []) + [[r] for r in recipes if r.backend != TF_BACKEND]
-    mine = [r for unit in units for r in unit if r.float_ends]
-    theirs: list[Int8Recipe] = []
-    for unit in sorted((u for u in units if not any(r.float_ends for r in u)), key=_cost, reverse=True):
-        if _cost(mine + unit) <= _cost(theirs + unit) + _CHILD_START:
-            mine += unit
-        else:
-            theirs += unit
+    pinned = [u for u in units if any(r.float_ends for r in u)]
+    free = [u for u in units if u not in pinned]
+    best: tuple[float, list[Int8Recipe], list[Int8Recipe]] | None = None
+    for sides in itertools.product((0, 1), repeat=len(free)):
+        mine = [r for u in pinned for r in u] + [r for u, side in zip(free, sides) if side == 0 for r in u]
+        theirs = [r for u, side in zip(free, sides) if side == 1 for r in u]
+        finish = max(_cost(mine), _cost(theirs) + _CHILD_START if theirs else 0.0)
+        if best is None or finish < best[0]:
+            best = (finish, mine, theirs)
     order = {r.name: i for i, r in enumerate(recipes)}
+    _, mine, theirs = best if best else (0.0, [], [])
     return sorted(mine, key=lambda r: order[r.name]), sorted(theirs, key=lambda r: order[r.name])
 
 
@@ -117,6 +123,12 @@ class Lane:
 def start(recipes: list[Int8Recipe], *, model: Any, spec: Any, calibration: np.ndarray, saved_model: Path | None,
           folder: Path) -> Lane:
     """Write the child's inputs into `folder` (this process's private work folder) and start it."""
+    write_job(recipes, model=model, spec=spec, calibration=calibration, saved_model=saved_model, folder=folder)
+    return launch(recipes, folder)
+
+
+def write_job(recipes: list[Int8Recipe], *, model: Any, spec: Any, calibration: np.ndarray,
+              saved_model: Path | None, folder: Path) -> None:
     import torch
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -130,11 +142,62 @@ def start(recipes: list[Int8Recipe], *, model: Any, spec: Any, calibration: np.n
     if any(r.backend == TF_BACKEND for r in recipes):
         job["saved_model"] = str(saved_model)
     (folder / "job.json").write_text(json.dumps(job))
+
+
+def launch(recipes: list[Int8Recipe], folder: Path) -> Lane:
+    """`python -m skinreg.exporters.int8_lanes FOLDER/job.json`, one thread, output to FOLDER/lane.log."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
     with open(folder / "lane.log", "wb") as log_file:
         proc = subprocess.Popen([sys.executable, "-m", "skinreg.exporters.int8_lanes", str(folder / "job.json")],
                                 stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     return Lane(proc=proc, folder=folder, recipes=recipes)
+
+
+@dataclass
+class Calibration:
+    """A TF Lite calibration of some images, running in a child process."""
+
+    proc: subprocess.Popen
+    folder: Path
+
+    def result(self) -> bytes | None:
+        rc = self.proc.wait()
+        out = self.folder / "calibrated.tflite"
+        return out.read_bytes() if rc == 0 and out.is_file() else None
+
+    def reason(self) -> str:
+        text = (self.folder / "calibrate.log").read_text(errors="replace").strip() if (
+            self.folder / "calibrate.log").exists() else ""
+        return f"exit code {self.proc.returncode}: {(text.splitlines() or ['no output'])[-1][:300]}"
+
+
+def launch_calibration(model_content: bytes, samples: list, folder: Path) -> Calibration:
+    """Calibrate `model_content` (the float model the TF Lite converter handed its calibrator) on `samples`
+    (each a list of input arrays) in a child process; the arrays go as one .npz, read without pickle."""
+    import tempfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="calibrate-", dir=folder))
+    (work / "model.tflite").write_bytes(model_content)
+    np.savez(work / "samples.npz", **{f"s{i}_{j}": a for i, x in enumerate(samples) for j, a in enumerate(x)})
+    (work / "job.json").write_text(json.dumps({"samples": len(samples), "inputs": len(samples[0])}))
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    with open(work / "calibrate.log", "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "skinreg.exporters.int8_lanes", "--calibrate", str(work)],
+                                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    return Calibration(proc=proc, folder=work)
+
+
+def _calibrate_child(work: Path) -> int:
+    from tensorflow.lite.python.optimize import calibrator
+
+    job = json.loads((work / "job.json").read_text())
+    with np.load(work / "samples.npz", allow_pickle=False) as data:
+        samples = [[data[f"s{i}_{j}"] for j in range(job["inputs"])] for i in range(job["samples"])]
+    cal = calibrator.Calibrator((work / "model.tflite").read_bytes())
+    # the converter's own call, unwrapped: this process never installs skinreg's memo
+    (work / "calibrated.tflite").write_bytes(cal.calibrate(lambda: iter(samples)))
+    return 0
 
 
 def _child(job_path: Path) -> int:
@@ -188,4 +251,6 @@ def _child(job_path: Path) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
+    if sys.argv[1] == "--calibrate":
+        sys.exit(_calibrate_child(Path(sys.argv[2])))
     sys.exit(_child(Path(sys.argv[1])))

@@ -197,12 +197,15 @@ def saved_model_from_onnx(onnx_path: Path, spec: ModelSpec, work_dir: Path, *, u
 
 
 _CALIBRATIONS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("skinreg_tf_calibrations", default=None)
+_SPLIT: contextvars.ContextVar[Path | None] = contextvars.ContextVar("skinreg_tf_calibration_split", default=None)
+MIN_SPLIT_SAMPLES = 20  # below this, a second process costs more than it saves
 
 
 def _install_calibration_memo() -> None:
-    """Wrap the TF Lite converter's `Calibrator.calibrate` (once per process) so that, inside
-    `calibration_reused`, a float model it has already calibrated is not calibrated again. Outside that
-    block, and for a TF build whose Calibrator keeps no `_model_content`, it calls the original."""
+    """Wrap the TF Lite converter's `Calibrator.calibrate` (once per process). Inside `calibration_reused`, a
+    float model it has already calibrated is not calibrated again; inside `calibration_split`, half of the
+    images are calibrated in a second process. Elsewhere, and for a TF build whose Calibrator keeps no
+    `_model_content`, it is the original."""
     from tensorflow.lite.python.optimize import calibrator
 
     original = calibrator.Calibrator.calibrate
@@ -210,16 +213,59 @@ def _install_calibration_memo() -> None:
         return
 
     def calibrate(self, dataset_gen):
-        memo, content = _CALIBRATIONS.get(), getattr(self, "_model_content", None)
-        if memo is None or not isinstance(content, (bytes, bytearray)):
+        memo, split, content = _CALIBRATIONS.get(), _SPLIT.get(), getattr(self, "_model_content", None)
+        if not isinstance(content, (bytes, bytearray)) or (memo is None and split is None):
             return original(self, dataset_gen)
         key = hashlib.sha256(content).hexdigest()
-        if key not in memo:
-            memo[key] = original(self, dataset_gen)
-        return memo[key]
+        if memo is not None and key in memo:
+            return memo[key]
+        calibrated = (_split_calibrate(original, self, bytes(content), dataset_gen, split) if split is not None
+                      else original(self, dataset_gen))
+        if memo is not None:
+            memo[key] = calibrated
+        return calibrated
 
     calibrate._skinreg_memo = True  # type: ignore[attr-defined]
     calibrator.Calibrator.calibrate = calibrate
+
+
+def _split_calibrate(original: Callable, cal: Any, content: bytes, dataset_gen: Callable, folder: Path) -> bytes:
+    """The calibrator's work in two processes: the second half of the images in a child process
+    (`python -m skinreg.exporters.int8_lanes --calibrate`), the first half here, at the same time. TF Lite's
+    calibration records each tensor's running minimum and maximum, so the ranges of the two halves,
+    merged (the smaller minimum, the larger maximum), are the ranges of all images: the files are byte for
+    byte those of one calibration (tests/test_litert.py). Any failure of the child: all images here."""
+    from .int8_lanes import launch_calibration
+
+    samples = list(dataset_gen())
+    if len(samples) < MIN_SPLIT_SAMPLES or not all(
+            isinstance(x, (list, tuple)) and all(isinstance(a, np.ndarray) for a in x) for x in samples):
+        return original(cal, lambda: iter(samples))
+    half = len(samples) // 2
+    child = launch_calibration(content, samples[half:], folder)
+    mine = original(cal, lambda: iter(samples[:half]))
+    theirs = child.result()
+    if theirs is None:
+        from tensorflow.lite.python.optimize import calibrator
+
+        log.warning("the second calibration process failed (%s); calibrating every image here", child.reason())
+        return original(calibrator.Calibrator(content), lambda: iter(samples))
+    return _merge_ranges(mine, theirs)
+
+
+def _merge_ranges(a: bytes, b: bytes) -> bytes:
+    """Model `a` with each tensor's recorded min/max widened to also cover `b`'s (same model, other images)."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    ma, mb = (flatbuffer_utils.convert_bytearray_to_object(bytearray(x)) for x in (a, b))
+    for ga, gb in zip(ma.subgraphs, mb.subgraphs, strict=True):
+        for ta, tb in zip(ga.tensors, gb.tensors, strict=True):
+            qa, qb = ta.quantization, tb.quantization
+            if qa is None or qa.min is None or len(qa.min) == 0:
+                continue
+            qa.min = np.minimum(np.asarray(qa.min), np.asarray(qb.min))
+            qa.max = np.maximum(np.asarray(qa.max), np.asarray(qb.max))
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(ma))
 
 
 @contextlib.contextmanager
@@ -240,6 +286,23 @@ def calibration_reused() -> Iterator[None]:
         yield
     finally:
         _CALIBRATIONS.reset(token)
+
+
+@contextlib.contextmanager
+def calibration_split(folder: Path | None) -> Iterator[None]:
+    """Inside this block (folder: a private scratch folder; None: off), each TF calibration runs on two
+    cores: the TF Lite calibrator is single-threaded (~31 s for 100 EfficientNet-B0 images). For when
+    nothing else runs beside it: int8_lanes' second process would only take the core back."""
+    if folder is None:
+        yield
+        return
+    _import_tensorflow_safely()
+    _install_calibration_memo()
+    token = _SPLIT.set(folder)
+    try:
+        yield
+    finally:
+        _SPLIT.reset(token)
 
 
 def convert(saved_model: Path, precision: Precision, *,
