@@ -453,11 +453,16 @@ class _Export:
             with self.stages("int8: the second process's inputs"):
                 lane = int8_lanes.start(theirs, model=req.loaded.model, spec=self.spec, calibration=self.calib_x,
                                         saved_model=saved, folder=self.work / "int8_lane")
-        with calibration_reused(), _one_thread_while(lane is not None):
-            for n, recipe in enumerate(mine, 1):
-                self.progress(f"converting TFLite int8 ({recipe.name}, {n}/{len(mine)}"
-                              f"{' in this process' if lane else ''})")
-                self._try_int8(recipe, self._candidate_path(recipe))
+        try:
+            with calibration_reused(), _one_thread_while(lane is not None):
+                for n, recipe in enumerate(mine, 1):
+                    self.progress(f"converting TFLite int8 ({recipe.name}, {n}/{len(mine)}"
+                                  f"{' in this process' if lane else ''})")
+                    self._try_int8(recipe, self._candidate_path(recipe))
+        except BaseException:  # this export is over (an error, an interrupt): so is the second process
+            if lane is not None:
+                lane.proc.kill()
+            raise
         if lane is not None:
             self.progress("waiting for the second int8 process")
             with self.stages("int8: waiting for the second process"):

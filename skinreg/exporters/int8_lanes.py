@@ -27,7 +27,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +96,6 @@ class Lane:
     proc: subprocess.Popen
     folder: Path
     recipes: list[Int8Recipe]
-    started: float = field(default_factory=time.perf_counter)
 
     def collect(self) -> dict[str, Outcome]:
         """Wait for the child; one Outcome per recipe it was given."""

@@ -243,7 +243,11 @@ def _split_calibrate(original: Callable, cal: Any, content: bytes, dataset_gen: 
         return original(cal, lambda: iter(samples))
     half = len(samples) // 2
     child = launch_calibration(content, samples[half:], folder)
-    mine = original(cal, lambda: iter(samples[:half]))
+    try:
+        mine = original(cal, lambda: iter(samples[:half]))
+    except BaseException:
+        child.proc.kill()
+        raise
     theirs = child.result()
     if theirs is None:
         from tensorflow.lite.python.optimize import calibrator
