@@ -417,7 +417,8 @@ class _Export:
         from .exporters.int8_lanes import lanes_available
         from .exporters.tflite_export import calibration_split
 
-        with calibration_split(self.work / "calibration-split" if lanes_available() > 1 else None):
+        split = lanes_available(self.req.loaded.model) > 1
+        with calibration_split(self.work / "calibration-split" if split else None):
             self._convert_int8_chain_steps()
 
     def _convert_int8_chain_steps(self) -> None:
@@ -446,7 +447,8 @@ class _Export:
         from .exporters.tflite_export import calibration_reused
 
         req, lane = self.req, None
-        mine, theirs = int8_lanes.assign(self.recipes) if int8_lanes.lanes_available() > 1 else (self.recipes, [])
+        mine, theirs = (int8_lanes.assign(self.recipes) if int8_lanes.lanes_available(req.loaded.model) > 1
+                        else (self.recipes, []))
         if theirs:
             saved = self.saved_model() if any(r.backend == TF_BACKEND for r in theirs) else None
             self.progress(f"converting TFLite int8 ({', '.join(r.name for r in theirs)}) in a second process")

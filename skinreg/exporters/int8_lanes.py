@@ -44,12 +44,23 @@ _COST = {"tf-first": 33.0, "tf-more": 2.3, "histogram": 44.0, "minmax": 30.0}
 _CHILD_START = 8.0
 
 
-def lanes_available() -> int:
-    """2 where this machine has a second core and SKINREG_INT8_PROCESSES is not 1."""
-    wanted = os.environ.get("SKINREG_INT8_PROCESSES", "")
-    if wanted.strip() == "1":
+# Below this many bytes of weights a second process costs more than it saves: it needs ~5-8 s to import
+# TensorFlow (and torch, litert-torch). Measured with the demo's tiny_cnn (96 px): the default export's int8
+# took 7.0 s with its calibration split across two processes; auto's int8 waited 9.2 s for the child.
+# EfficientNet-B0 (16 MB of weights) gains 10-50 s.
+SMALL_MODEL_BYTES = 1_000_000
+
+
+def lanes_available(model: Any = None) -> int:
+    """2 where this machine has a second core and `model` (when given) is not small; SKINREG_INT8_PROCESSES=1
+    always keeps one process, =2 always uses a second one where there is a second core."""
+    wanted = os.environ.get("SKINREG_INT8_PROCESSES", "").strip()
+    if wanted == "1" or (os.cpu_count() or 1) < 2:
         return 1
-    return 2 if (os.cpu_count() or 1) >= 2 else 1
+    if wanted == "2" or model is None:
+        return 2
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values() if hasattr(t, "numel"))
+    return 2 if weights >= SMALL_MODEL_BYTES else 1
 
 
 def _cost(recipes: list[Int8Recipe]) -> float:
