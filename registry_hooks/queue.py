@@ -46,8 +46,10 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.job_info (
     run_id      TEXT,
     outcome     TEXT,
     last_error  TEXT,
-    updated_at  DOUBLE PRECISION NOT NULL
+    updated_at  DOUBLE PRECISION NOT NULL,
+    alive_at    TIMESTAMPTZ                  -- last beat of the job's own thread (the database's clock)
 );
+ALTER TABLE {SCHEMA}.job_info ADD COLUMN IF NOT EXISTS alive_at TIMESTAMPTZ;  -- queues made before it
 CREATE TABLE IF NOT EXISTS {SCHEMA}.deliveries (
     delivery_id TEXT PRIMARY KEY,
     timestamp   BIGINT NOT NULL,
@@ -195,8 +197,12 @@ class JobQueue:
             with self._db() as db:
                 found = db.execute("SELECT to_regclass(%s) AS t, to_regclass(%s) AS o",
                                    (f"{SCHEMA}.procrastinate_jobs", f"{SCHEMA}.job_info")).fetchone()
+                alive = found["o"] and _has_alive_at(db)
         if not found["t"] or not found["o"]:
             raise InputError(f"the queue schema {SCHEMA!r} is missing in {self.where}: run `skinreg hooks init-db`")
+        if not alive:
+            raise InputError(f"the queue schema {SCHEMA!r} in {self.where} is older than this skinreg (no "
+                             "job_info.alive_at): run `skinreg hooks init-db` once to bring it up to date")
 
     # -- enqueue -------------------------------------------------------------------------------
     def defer(self, spec: JobSpec, origin: str, *, merge_statuses: tuple[str, ...], interrupted: int = 0,
@@ -311,23 +317,39 @@ class JobQueue:
             return int(db.execute("UPDATE job_info SET outages = outages + 1 WHERE job_id = %s RETURNING outages",
                                   (job_id,)).fetchone()["outages"])
 
-    def beat(self, worker_id: int) -> None:
-        """procrastinate's worker heartbeat, sent from the job's own thread (runner.heartbeat_while)."""
+    def beat(self, worker_id: int, job_id: int) -> None:
+        """From the job's own thread (runner.heartbeat_while): procrastinate's worker heartbeat, and the job's
+        own `alive_at`, which outlives the worker row (procrastinate prunes a worker whose heartbeats a
+        database outage held up, and its job then looks stalled however alive it is)."""
         with self._db() as db:
             db.execute("SELECT procrastinate_update_heartbeat_v1(%s)", (worker_id,))
+            db.execute("UPDATE job_info SET alive_at = now() WHERE job_id = %s", (job_id,))
 
-    def running_for(self, job_id: int) -> float | None:
-        """Seconds since the job last started (procrastinate's 'started' event); None if it never did."""
+    def alive(self, job_ids: list[int], within_s: float) -> set[int]:
+        """Of these jobs, those that beat or started within `within_s` seconds (by the database's clock)."""
+        if not job_ids:
+            return set()
         with self._db() as db:
-            row = db.execute("SELECT EXTRACT(EPOCH FROM now() - MAX(at)) AS s FROM procrastinate_events "
-                             "WHERE job_id = %s AND type = 'started'", (job_id,)).fetchone()
-        return None if row is None or row["s"] is None else float(row["s"])
+            rows = db.execute(
+                "SELECT j.id FROM procrastinate_jobs j LEFT JOIN job_info i ON i.job_id = j.id "
+                "WHERE j.id = ANY(%(ids)s) AND (i.alive_at > now() - make_interval(secs => %(s)s) OR "
+                "(SELECT MAX(e.at) FROM procrastinate_events e WHERE e.job_id = j.id AND e.type = 'started') "
+                "> now() - make_interval(secs => %(s)s))", {"ids": list(job_ids), "s": within_s}).fetchall()
+        return {int(r["id"]) for r in rows}
+
+    def uptime_s(self) -> float:
+        """Seconds since the database server started: after a restart no heartbeat is older than that."""
+        with self._db() as db:
+            return float(db.execute("SELECT EXTRACT(EPOCH FROM now() - pg_postmaster_start_time()) AS s")
+                         .fetchone()["s"])
 
     def holds(self, job_id: int, worker_id: int | None) -> bool:
-        """Whether this worker still runs the job (it has not been declared stalled and taken over)."""
+        """Whether this worker still runs the job (it has not been declared stalled and taken over). A job
+        whose worker row procrastinate pruned during an outage has no worker id, and is still ours."""
         with self._db() as db:
             row = db.execute("SELECT status, worker_id FROM procrastinate_jobs WHERE id = %s", (job_id,)).fetchone()
-        return row is not None and row["status"] == "doing" and (worker_id is None or row["worker_id"] == worker_id)
+        return row is not None and row["status"] == "doing" and \
+            (worker_id is None or row["worker_id"] in (None, worker_id))
 
     # -- reading -------------------------------------------------------------------------------
     @staticmethod
@@ -406,6 +428,12 @@ class JobQueue:
         return out
 
 
+def _has_alive_at(db: Any) -> bool:
+    """Whether job_info has the column added after the first release of the queue schema."""
+    return db.execute("SELECT 1 FROM information_schema.columns WHERE table_schema = %s AND table_name = 'job_info' "
+                      "AND column_name = 'alive_at'", (SCHEMA,)).fetchone() is not None
+
+
 @contextmanager
 def _reachable(url: str) -> Iterator[None]:
     """A database that cannot be reached (or refuses us) is one line naming the URL and the fix."""
@@ -438,7 +466,10 @@ def init_db(database_url: str) -> list[str]:
                 db.execute(SchemaManager.get_schema())
                 done.append("applied procrastinate's schema")
             before = db.execute("SELECT to_regclass(%s)", (f"{SCHEMA}.job_info",)).fetchone()[0]
+            had_alive = before is not None and _has_alive_at(db)
             db.execute(OWN_TABLES)
             if before is None:
                 done.append("created skinreg's tables (job_info, deliveries, refusals)")
+            elif not had_alive:
+                done.append("added job_info.alive_at (a job's own heartbeat)")
     return done

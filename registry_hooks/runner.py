@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -36,21 +37,25 @@ def build_app(cfg: HooksConfig, worker: Worker | None) -> Any:
     def run(context: Any, spec: dict, origin: str, interrupted: int = 0, previous_run_id: str | None = None) -> None:
         if worker is None:
             raise RuntimeError("this process only receives; run `skinreg hooks worker`")
-        with heartbeat_while(worker.queue, context.job.worker_id, cfg.heartbeat_s):
+        with heartbeat_while(worker.queue, context.job.worker_id, context.job.id, cfg.heartbeat_s):
             worker.run_job(context.job.id, context.job.worker_id)
 
     return app
 
 
 @contextmanager
-def heartbeat_while(queue: JobQueue, worker_id: int | None, interval_s: float) -> Iterator[None]:
-    """While a job runs, its own thread also sends the worker's heartbeat, on a connection of its own.
+def heartbeat_while(queue: JobQueue, worker_id: int | None, job_id: int, interval_s: float) -> Iterator[None]:
+    """While a job runs, its own thread also sends the worker's heartbeat and the job's own (`alive_at`),
+    on a connection of its own.
 
     procrastinate's heartbeat goes through the worker's async connection pool. After a PostgreSQL
     restart that pool reconnects with a backoff (up to ~20 s measured), and in the meantime the worker
     still fetches jobs: each one looked stalled at once and was taken over, five times in a row in one CI
-    run, until the job was left dead. A job whose process is alive is not stalled. This thread stops
-    with the job, so a SIGKILLed worker still goes stale within stalled_s."""
+    run, until the job was left dead. A job whose process is alive is not stalled. The job's own beat
+    matters when procrastinate has pruned the worker row (a restarting worker prunes every worker whose
+    heartbeat the outage held up): the job then has no worker and looks stalled for good, and a CI run
+    saw it taken over while it still exported (two jobs of one source overlapping by 9.8 s). This
+    thread stops with the job, so a SIGKILLed worker still goes stale within stalled_s."""
     if worker_id is None:
         yield
         return
@@ -59,7 +64,7 @@ def heartbeat_while(queue: JobQueue, worker_id: int | None, interval_s: float) -
     def beat() -> None:
         while not done.is_set():
             try:
-                queue.beat(worker_id)
+                queue.beat(worker_id, job_id)
             except Exception as exc:  # noqa: BLE001 - the database is away: procrastinate's own beat reports it
                 log.debug("job heartbeat of worker %s: %s", worker_id, exc)
             done.wait(interval_s)
@@ -73,16 +78,39 @@ def heartbeat_while(queue: JobQueue, worker_id: int | None, interval_s: float) -
         thread.join(timeout=interval_s + 1)
 
 
-async def take_over_stalled(app: Any, queue: JobQueue, cfg: HooksConfig) -> list[int]:
-    """Jobs whose worker stopped sending heartbeats for cfg.stalled_s: close each and queue its work again."""
+class Outages:
+    """When this worker last failed to reach the queue's database. Heartbeats could not be sent then
+    either, so for stalled_s after it nothing is judged stalled by this worker."""
+
+    def __init__(self) -> None:
+        self.last: float | None = None
+
+    def seen(self) -> None:
+        self.last = time.monotonic()
+
+    def within(self, seconds: float) -> bool:
+        return self.last is not None and time.monotonic() - self.last < seconds
+
+
+async def take_over_stalled(app: Any, queue: JobQueue, cfg: HooksConfig, outages: Outages | None = None) -> list[int]:
+    """Jobs whose worker stopped sending heartbeats for cfg.stalled_s: close each and queue its work again.
+
+    A job is not stalled while its own thread beats (`alive_at`) or while it started less than stalled_s
+    ago, and nothing is stalled until the database and this worker have both been up for stalled_s
+    after an outage: until then no live job could have sent a heartbeat."""
     from procrastinate.jobs import Status
 
+    stalled = await app.job_manager.get_stalled_jobs(task_name=TASK, seconds_since_heartbeat=cfg.stalled_s)
+    if not stalled:
+        return []
+    if (outages is not None and outages.within(cfg.stalled_s)) or \
+            await asyncio.to_thread(queue.uptime_s) < cfg.stalled_s:
+        log.debug("stalled-job check: the database was away less than %.0fs ago; not judging yet", cfg.stalled_s)
+        return []
+    alive = await asyncio.to_thread(queue.alive, [job.id for job in stalled], cfg.stalled_s)
     new_ids = []
-    for job in await app.job_manager.get_stalled_jobs(task_name=TASK, seconds_since_heartbeat=cfg.stalled_s):
-        # A job that started less than stalled_s ago was fetched by a live worker: its heartbeat may
-        # still be catching up (after a PostgreSQL restart); give it the same stalled_s as any other.
-        started = await asyncio.to_thread(queue.running_for, job.id)
-        if started is not None and started < cfg.stalled_s:
+    for job in stalled:
+        if job.id in alive:
             continue
         try:  # only one worker wins a stalled job: the others find it no longer 'doing'
             await app.job_manager.finish_job_by_id_async(job_id=job.id, status=Status.FAILED, delete_job=False)
@@ -108,11 +136,12 @@ async def take_over_stalled(app: Any, queue: JobQueue, cfg: HooksConfig) -> list
     return new_ids
 
 
-async def _stalled_loop(app: Any, queue: JobQueue, cfg: HooksConfig) -> None:
+async def _stalled_loop(app: Any, queue: JobQueue, cfg: HooksConfig, outages: Outages) -> None:
     while True:
         try:
-            await take_over_stalled(app, queue, cfg)
+            await take_over_stalled(app, queue, cfg, outages)
         except Exception as exc:  # the database is away: the worker loop reports it, try again later
+            outages.seen()
             log.debug("stalled-job check: %s", exc)
         await asyncio.sleep(cfg.heartbeat_s)
 
@@ -137,11 +166,12 @@ async def work(cfg: HooksConfig, *, until_idle: bool = False, stop: threading.Ev
         for sig in (signal.SIGTERM, signal.SIGINT):  # finish the current job, then exit
             loop.add_signal_handler(sig, stopping.set)
     log.info("worker %s: executor %s, queue %s", name, cfg.executor.value, queue.where)
+    outages = Outages()
     while True:
         try:
             async with app.open_async():
-                await take_over_stalled(app, queue, cfg)
-                stalled = asyncio.create_task(_stalled_loop(app, queue, cfg))
+                await take_over_stalled(app, queue, cfg, outages)
+                stalled = asyncio.create_task(_stalled_loop(app, queue, cfg, outages))
                 run = asyncio.create_task(app.run_worker_async(**options))
                 watch = asyncio.create_task(_wait_for(stop, stopping))
                 try:
@@ -162,6 +192,7 @@ async def work(cfg: HooksConfig, *, until_idle: bool = False, stop: threading.Ev
         except Exception as exc:
             if stopping.is_set() or (stop is not None and stop.is_set()):
                 return
+            outages.seen()
             log.warning("worker %s: %s; starting again in %.0fs", name,
                         " ".join(str(exc).split())[:300] or type(exc).__name__, RESTART_AFTER_S)
             await asyncio.sleep(RESTART_AFTER_S)

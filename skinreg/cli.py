@@ -9,7 +9,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 
@@ -107,9 +107,9 @@ def export_cmd(
 ) -> None:
     """Export a checkpoint to ONNX and TFLite, validate every file against PyTorch, and report."""
     from .datasets import resolve_settings
-    from .errors import GateError, InputError
-    from .export import ExportRequest, run_export
-    from .export_cache import ExportCache, cache_root, export_key
+    from .errors import InputError
+    from .export import ExportRequest
+    from .export_cache import ExportCache, cache_root, export_key, run_cached
     from .models import load_checkpoint
 
     if device is Device.cuda:
@@ -124,34 +124,28 @@ def export_cmd(
     store = None
     root = cache_root() if cache else None
     if root is not None and device is Device.cpu:
-        key, inputs = export_key(checkpoint, {"arch": arch, "num_classes": num_classes, "input_size": input_size,
-                                              "labels": labels}, settings,
+        from .exporters import file_sha256
+
+        key, inputs = export_key(file_sha256(checkpoint), {"arch": arch, "num_classes": num_classes,
+                                                           "input_size": input_size, "labels": labels}, settings,
                                  {what: d.content_digest() for what, d in sorted(data.items())}, checkpoint.stem)
         store = ExportCache(root, key, inputs)
-        hit = store.lookup(out_dir)
-        if hit is not None:
-            typer.echo(hit.report_md.read_text())
-            typer.echo(f"reused the export stored {hit.created} (cache key {hit.key[:16]}: same checkpoint bytes, "
-                       f"settings, calibration/eval content, toolchain and CPU); every file matched its stored sha256. "
-                       f"Validation and timings above are that export's. --no-cache exports again.", err=True)
-            typer.echo(f"report: {hit.report_json}", err=True)
-            if hit.failures:  # the stored export failed a gate: the same verdict, the same exit code
-                raise GateError(hit.failures)
-            return
     req = ExportRequest(loaded=loaded, out_dir=out_dir, stem=checkpoint.stem, **settings.request_kwargs())
-    before = store.before(out_dir) if store is not None else {}
     try:
-        result = run_export(req, progress=_progress())
+        result = run_cached(req, store, progress=_progress())
     except SkinregError as exc:
         if getattr(exc, "result", None) is not None:
-            typer.echo(exc.result.report_md.read_text())
-            typer.echo(f"report: {exc.result.report_json}", err=True)
-            if isinstance(exc, GateError) and store is not None:  # a verdict is a result too: stored with it
-                store.store(out_dir, before, exc.result.report_md, exc.result.report_json, failures=exc.failures)
+            _print_report(exc.result)
         raise
-    if store is not None:
-        store.store(out_dir, before, result.report_md, result.report_json)
+    _print_report(result)
+
+
+def _print_report(result: Any) -> None:
     typer.echo(result.report_md.read_text())
+    if result.reused:
+        typer.echo(f"reused the export stored {result.reused['created']} (cache key {result.reused['key'][:16]}: same "
+                   "checkpoint bytes, settings, calibration/eval content, toolchain and CPU); every file matched its "
+                   "stored sha256. Validation and timings above are that export's. --no-cache exports again.", err=True)
     typer.echo(f"report: {result.report_json}", err=True)
 
 
@@ -217,6 +211,10 @@ def export_version_cmd(
     name_pattern: Annotated[str, typer.Option(help="Variant model names; {source} and {variant}.")] = "{source}-{variant}",
     candidate_alias: Annotated[str, typer.Option(help="Alias set on passing variants ('' for none).")] = "candidate",
     force: Annotated[bool, typer.Option(help="Export again even if this version was exported with these settings.")] = False,
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help=(
+        "Reuse the files and measurements of an earlier export of the same source files with the same settings, "
+        "data and toolchain (the export cache, as for `skinreg export`); registering and the consumer check of "
+        "what the registry serves run as always.")) ] = True,
     *, settings: ExportSettings,
 ) -> None:
     """Export a registered PyTorch version: log validated variants with metrics, register them, alias `candidate`."""
@@ -225,7 +223,8 @@ def export_version_cmd(
 
     opts = ExportOptions(**vars(settings), allow_pickle=allow_pickle, arch=arch, num_classes=num_classes,
                          input_size=input_size, labels=labels.split(",") if labels else None,
-                         name_pattern=name_pattern, candidate_alias=candidate_alias or None, force=force)
+                         name_pattern=name_pattern, candidate_alias=candidate_alias or None, force=force,
+                         cache=cache)
     res = export_version(model_uri, opts, progress=_progress())
     if res.report:
         typer.echo(res.report)

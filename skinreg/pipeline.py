@@ -17,12 +17,14 @@ from . import __version__
 from .datasets import DataDir, data_digests, log_dataset_inputs, resolve_settings
 from .enums import Format
 from .errors import GateError, RegistryError, first_line
-from .export import ExportRequest, ExportResult, run_export
+from .export import ExportRequest, ExportResult
+from .export_cache import run_cached
 from .measure import Stages
 from .registry import STAGE_FOR_ALIAS, Registry, VersionRef, each_at_once, ok
 from .settings import ExportSettings
 from .tags import (
-    ACCURACY, ACCURACY_DROP, ARCH, CONSUMER_CHECK, CONVERTER, CONVERTER_VERSION, DYNAMIC_BATCH, EXPORT_FAILED,
+    ACCURACY, ACCURACY_DROP, ARCH, CONSUMER_CHECK, CONVERTER, CONVERTER_VERSION, DYNAMIC_BATCH, EXPORT_CACHE,
+    EXPORT_FAILED,
     EXPORT_REASON, EXPORT_RUN, EXPORT_RUN_ID, EXPORT_SETTINGS, EXPORT_STATUS, EXPORT_VARIANTS, FAILURE,
     FORMAT, GATE, INPUT_SHAPE, INPUT_SIZE, INT8_RECIPE, LABELS, LATENCY_P50_MS, LATENCY_P90_MS,
     PARITY_MAX_ABS, PARITY_TOP1_AGREEMENT, PRECISION, PREFIX, SETTINGS, SHA256, SIZE_BYTES, SOURCE,
@@ -52,6 +54,7 @@ class ExportOptions(ExportSettings):
     experiment: str = DEFAULT_EXPERIMENT
     candidate_alias: str | None = CANDIDATE
     force: bool = False
+    cache: bool = True  # reuse a stored export of the same source files and settings (export_cache)
 
     def source_hints(self) -> "SourceHints":
         from .mlflow_io import SourceHints
@@ -62,7 +65,7 @@ class ExportOptions(ExportSettings):
     def settings_hash(self, calibration_sha: str | None, data_digests: dict[str, str] | None = None) -> str:
         """The idempotence key: the settings as given (folders or URIs), the calibration images' content and,
         for data given by URI, the content fetched from it (data_digests: context -> sha256)."""
-        keep = {k: v for k, v in asdict(self).items() if k not in ("latency_runs", "threads", "force", "experiment")}
+        keep = {k: v for k, v in asdict(self).items() if k not in ("latency_runs", "threads", "force", "experiment", "cache")}
         keep.update(calibration_sha=calibration_sha, skinreg=__version__)
         if data_digests:  # only then: keys of exports from local folders stay what they were
             keep.update(data_digests=data_digests)
@@ -149,7 +152,7 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                 req = ExportRequest(loaded=loaded, out_dir=Path(tmp) / "out", stem=ref.name.replace("/", "_"),
                                     dynamic_batch=dynamic_batch, notes=notes, **local.request_kwargs())
                 try:
-                    result = run_export(req, progress=progress)
+                    result = run_cached(req, _export_cache(opts, local, data, Path(tmp), req), progress=progress)
                 except GateError as exc:
                     result = exc.result
                 failed = {v.file.variant: "; ".join(v.verdict.failures) for v in result.variants if not v.passed}
@@ -176,7 +179,8 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                     name = variant_model_name(ref.name, v.file.variant, opts.name_pattern)
                     earlier = _earlier_version(reg, name, ref, settings, v.file.sha256) if may_reuse else None
                     if earlier is not None:  # an interrupted earlier run registered this very file: reuse it
-                        progress(f"{name}: reusing version {earlier.version} (same file) from an interrupted export")
+                        progress(f"{name}: reusing version {earlier.version} (the same file, from an earlier export "
+                                 "of this version with these settings)")
                         versions[v.file.variant] = earlier
                         continue
                     dynamic, shape = file_facts(v.file.path, v.file.format)  # the file the consumer check re-reads
@@ -235,7 +239,9 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                 report_text = result.report_md.read_text()
                 variants = dict(versions)
                 status = "failed" if failed else "passed"
-                run_tags = {STATUS: status, **({FAILURE: "; ".join(failed.values())[:5000]} if failed else {})}
+                run_tags = {STATUS: status, **({FAILURE: "; ".join(failed.values())[:5000]} if failed else {}),
+                            **({EXPORT_CACHE: f"{result.reused['key']} (stored {result.reused['created']})"}
+                               if result.reused else {})}
                 outcome = {
                     EXPORT_STATUS: status, EXPORT_SETTINGS: settings,
                     EXPORT_VARIANTS: json.dumps({k: f"{v.name}/{v.version}" for k, v in variants.items()}),
@@ -288,6 +294,22 @@ def _time_split(result: ExportResult, io: dict[str, float]) -> None:
     result.stage_seconds.update(io)
     result.stage_seconds["export"] = result.wall_s
     result.stage_seconds["registry I/O"] = sum(v for k, v in io.items() if k.startswith("registry:"))
+
+
+def _export_cache(opts: ExportOptions, local: ExportOptions, data: dict[str, DataDir], source: Path,
+                  req: ExportRequest) -> Any:
+    """The export cache entry for this source's files (all `load_source` downloaded into `source`), its
+    loading hints and the export settings; None when turned off (--no-cache, SKINREG_EXPORT_CACHE=off)."""
+    from .datasets import folder_sha256
+    from .export_cache import ExportCache, cache_root, export_key
+
+    root = cache_root() if opts.cache else None
+    if root is None:
+        return None
+    load = {**asdict(opts.source_hints()), "dynamic_batch": req.dynamic_batch, "notes": req.notes}
+    key, inputs = export_key(folder_sha256(source), load, local,
+                             {what: d.content_digest() for what, d in sorted(data.items())}, req.stem)
+    return ExportCache(root, key, inputs)
 
 
 def _earlier_version(reg: Registry, name: str, ref: VersionRef, settings: str, sha256: str) -> VersionRef | None:

@@ -13,7 +13,7 @@ import numpy as np
 from .enums import Precision
 from .exporters import ExportedFile
 from .measure import Latency
-from .validate import Verdict
+from .validate import Gate, Verdict
 
 
 @dataclass
@@ -49,9 +49,10 @@ class ExportResult:
     x_val: np.ndarray | None = None  # the preprocessed validation images (NCHW float32)
     val_images: list[Any] = field(default_factory=list)  # the same images as paths or HWC arrays
     consumer_checks: dict[str, Any] = field(default_factory=dict)  # variant -> ConsumerCheck, after registration
-    gates: dict[Precision, Any] = field(default_factory=dict)
+    gates: dict[Precision, Gate] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)  # where the time went (report + run metrics)
     int8_strategy: str | None = None  # as requested: None is the default recipe with its fallback chain
+    reused: dict[str, str] | None = None  # from the export cache: {"key", "created"} of the stored export
 
     @property
     def failures(self) -> list[str]:

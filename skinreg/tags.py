@@ -10,6 +10,7 @@ CONSUMER_CHECK = PREFIX + "consumer_check"
 CONVERTER = PREFIX + "converter"
 CONVERTER_VERSION = PREFIX + "converter_version"
 DYNAMIC_BATCH = PREFIX + "dynamic_batch"
+EXPORT_CACHE = PREFIX + "export.cache"  # on an export run that reused a stored export: its key and date
 EXPORT_FAILED = PREFIX + "export.failed"
 EXPORT_REASON = PREFIX + "export.reason"
 EXPORT_RUN_ID = PREFIX + "export.run_id"

@@ -188,6 +188,20 @@ def test_credentials_never_reach_the_queue_or_jobs_and_short_secrets_are_refused
         JobQueue(empty).check_ready()
 
 
+def test_a_queue_made_before_alive_at_is_refused_until_init_db_brings_it_up_to_date(queue_db):
+    import psycopg
+
+    from registry_hooks.queue import SCHEMA, conninfo, init_db
+    from skinreg.errors import InputError
+
+    with psycopg.connect(conninfo(queue_db)) as db:  # a queue made by a skinreg from before job_info.alive_at
+        db.execute(f"ALTER TABLE {SCHEMA}.job_info DROP COLUMN alive_at")
+    with pytest.raises(InputError, match="is older than this skinreg .*: run `skinreg hooks init-db` once"):
+        JobQueue(queue_db).check_ready()
+    assert init_db(queue_db) == ["added job_info.alive_at (a job's own heartbeat)"] and init_db(queue_db) == []
+    JobQueue(queue_db).check_ready()
+
+
 def test_bad_signature_and_stale_or_future_timestamps_are_rejected_and_change_nothing(receiver):
     url, queue = receiver
     raw = body("model_version_alias", "created", {"name": "skin", "alias": "production", "version": "1"})
@@ -780,6 +794,48 @@ def test_an_attempt_whose_job_was_taken_over_stops_before_its_next_registry_writ
     done = q.get(taken)
     assert (done.state, done.outcome) == ("done", "export passed")
     assert len(client.search_model_versions("name = 'hk-l-onnx'")) == 1
+
+
+def test_a_live_job_whose_worker_row_was_pruned_in_an_outage_is_not_taken_over(queue_db):
+    """After a PostgreSQL restart, a restarting worker prunes every worker whose heartbeat the outage held
+    up (procrastinate's prune_stalled_workers) and their jobs lose their worker id, so procrastinate calls
+    them stalled for good. A CI run saw such a job taken over while it still exported. A job whose own
+    thread beats is alive: not taken over, its fence still holds; once its beats stop, it is taken over.
+    A worker that lost the database itself less than stalled_s ago judges nothing."""
+    from registry_hooks.queue import TASK, make_app
+    from registry_hooks.runner import Outages, heartbeat_while, take_over_stalled
+
+    cfg = HooksConfig(sources=["hk-p"], secret=SECRET, database_url=queue_db, heartbeat_s=0.2, stalled_s=1.0)
+    q = JobQueue(cfg.database_url, max_attempts=cfg.max_attempts)
+    [job_id] = q.accept(delivery_id="d", timestamp=int(time.time()), event="model_version.created",
+                        jobs=[JobSpec(JobKind.export, "hk-p", "1")], outcome="queued").job_ids
+
+    async def scenario() -> tuple[list[int], list[int], bool, list[int], list[int]]:
+        queue_app = make_app(queue_db)
+        async with queue_app.open_async():
+            manager = queue_app.job_manager
+            a_id = await manager.register_worker()
+            assert (await manager.fetch_job(queues=None, worker_id=a_id)).id == job_id
+            await asyncio.sleep(0.4)
+            assert a_id in await manager.prune_stalled_workers(0.2)  # what a worker restarting after an outage does
+            with heartbeat_while(q, a_id, job_id, cfg.heartbeat_s):  # the job's thread: still exporting
+                await asyncio.sleep(cfg.stalled_s + 0.5)
+                seen_stalled = [j.id for j in await manager.get_stalled_jobs(task_name=TASK,
+                                                                             seconds_since_heartbeat=cfg.stalled_s)]
+                while_alive = await take_over_stalled(queue_app, q, cfg)
+                fence = await asyncio.to_thread(q.holds, job_id, a_id)
+            await asyncio.sleep(cfg.stalled_s + 0.3)  # its beats stopped: dead now
+            outages = Outages()
+            outages.seen()
+            after_outage = await take_over_stalled(queue_app, q, cfg, outages)
+            return seen_stalled, while_alive, fence, after_outage, await take_over_stalled(queue_app, q, cfg)
+
+    seen_stalled, while_alive, fence, after_outage, taken = asyncio.run(scenario())
+    assert seen_stalled == [job_id]  # procrastinate alone would take it over
+    assert while_alive == [] and fence
+    assert after_outage == []
+    [new_id] = taken
+    assert q.get(job_id).state == "dead" and q.get(new_id).interrupted == 1 and q.get(new_id).state == "pending"
 
 
 def _burst(url: str, items: list[tuple[str, bytes]], *, gap: float) -> dict[str, int]:

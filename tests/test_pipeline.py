@@ -86,6 +86,48 @@ def test_same_settings_again_creates_no_duplicate_versions(exported, demo_data):
     assert len(MlflowClient().search_model_versions("name='skin-onnx'")) == 1
 
 
+def test_force_and_a_new_version_of_the_same_files_reuse_the_export_cache(exported, trained, demo_data):
+    """export-version --force with unchanged inputs, and a new version registered from the same artifact,
+    reuse the stored export (its files checked against their sha256); logging, registration and the
+    consumer check of what the registry serves run as always. --no-cache converts again."""
+    uri, first = exported
+    client = MlflowClient()
+    assert "skinreg.export.cache" not in client.get_run(first.run_id).data.tags
+    said: list[str] = []
+    forced = export_version(uri, full_options(demo_data, force=True), progress=said.append)
+    assert forced.status == "passed" and forced.run_id != first.run_id
+    assert [m for m in said if m.startswith("export cache hit")] and not [m for m in said if "converting" in m]
+    run = client.get_run(forced.run_id)
+    assert run.data.tags["skinreg.export.cache"].startswith(forced.export.reused["key"])
+    assert "stage.export_cache_check_and_copy_s" in run.data.metrics
+    assert not [k for k in run.data.metrics if k.startswith("stage.onnx")]  # nothing was converted
+    # the same files: the versions of the first export are reused, and checked again as consumers load them
+    assert {k: v.uri for k, v in forced.variants.items()} == {k: v.uri for k, v in first.variants.items()}
+    assert set(forced.export.consumer_checks) == set(VARIANTS)
+    assert all(c.passed for c in forced.export.consumer_checks.values())
+    assert [v.verdict.parity.max_abs for v in forced.export.variants] == \
+        [v.verdict.parity.max_abs for v in first.export.variants]
+
+    source = client.get_model_version("skin", "1")
+    again = client.create_model_version("skin", source.source, run_id=source.run_id,
+                                        model_id=source.source.split("models:/", 1)[1])
+    said.clear()
+    second = export_version(f"models:/skin/{again.version}", full_options(demo_data), progress=said.append)
+    assert second.status == "passed" and [m for m in said if m.startswith("export cache hit")]
+    for variant in VARIANTS:  # new versions of each variant, holding the very files of the first export
+        mv = client.get_model_version(f"skin-{variant}", second.variants[variant].version)
+        assert str(mv.version) == "2" and mv.tags["skinreg.source_version"] == str(again.version)
+        assert mv.tags["skinreg.sha256"] == client.get_model_version(f"skin-{variant}", "1").tags["skinreg.sha256"]
+    x = trained.loaded.spec.preprocessing.batch(sorted((demo_data / "val").rglob("*.png"))[:4])
+    served = mlflow.pyfunc.load_model("models:/skin-onnx/2").predict(x)["logits"]  # the consumer's path, batch 4
+    assert served.shape == (4, trained.loaded.spec.num_classes)
+
+    said.clear()
+    fresh = export_version(uri, full_options(demo_data, force=True, cache=False), progress=said.append)
+    assert fresh.status == "passed" and fresh.export.reused is None
+    assert not [m for m in said if m.startswith("export cache hit")] and [m for m in said if "exporting ONNX" in m]
+
+
 def test_promote_moves_alias_on_source_and_variants_and_mirrors_stages(exported):
     uri, _ = exported
     res = runner.invoke(app, ["promote", "--model-uri", uri, "--alias", "production", "--stages"])
