@@ -37,6 +37,9 @@ def test_benchmark_prints_targets_computed_from_the_measured_report(tmp_path):
     [again] = [t for t in summary["models"][0]["targets"] if t["name"].startswith("the same default export again")]
     assert again["measured"] is not None and again["met"] == (again["measured"] <= 10.0), again
     assert "| the same default export again, files reused from the cache" in res.stdout
+    # `skinreg export-version` of a registered version, then --force: the second reused the stored export
+    [forced] = [t for t in summary["models"][0]["targets"] if t["name"].startswith("the same registered version again")]
+    assert forced["measured"] is not None and forced["met"] == (forced["measured"] <= 10.0), forced
     # the default export and the asked-for strategy, both timed in this run, with their stage breakdowns
     model = summary["models"][0]
     default = targets["default export: ONNX + TFLite float32/float16/int8"]

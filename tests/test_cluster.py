@@ -198,7 +198,13 @@ def test_a_burst_with_duplicates_and_a_killed_worker_exports_every_version_exact
     with capsys.disabled():
         print(f"\ncluster burst: 12 registrations + 6 duplicates, {WORKERS} workers (one SIGKILLed mid-export): "
               f"all exported once in {elapsed:.1f}s")
-    cluster.workers[victim].start()
+    # Back for the next test, and up before it restarts PostgreSQL: a worker that cannot reach the queue as
+    # it starts exits with a one-line error (a supervisor restarts it); one that is running rides it out.
+    restarted, started_line = cluster.workers[victim], f"worker {victim}: executor"
+    starts = restarted.log_path.read_text().count(started_line)
+    restarted.start()
+    wait_for(f"worker {victim} running again", lambda: restarted.log_path.read_text().count(started_line) > starts,
+             timeout=120, interval=0.2)
 
 
 def test_postgresql_restarted_mid_burst_loses_nothing(cluster, trained, demo_data):
