@@ -69,7 +69,10 @@ def run_benchmark(workdir: Path, *, burst: int = 12, probes: int = 5, server_wor
         env = {**demo.env, "MLFLOW_TRACKING_URI": mlflow_url, "SKINREG_WEBHOOK_SECRET": secrets.token_urlsafe(32),
                "SKINREG_HOOKS_DATABASE_URL": pg.url, "SKINREG_HOOKS_SOURCES": ",".join(sources),
                "SKINREG_HOOKS_FORMATS": formats, "SKINREG_HOOKS_LATENCY_RUNS": "5",
-               "SKINREG_HOOKS_RECONCILE_INTERVAL_S": "0"}
+               "SKINREG_HOOKS_RECONCILE_INTERVAL_S": "0",
+               # every burst version is a copy of its v1's artifact: with the export cache each would reuse the
+               # v1 export, and the phases would time registry I/O, not the exports a new model costs
+               "SKINREG_EXPORT_CACHE": "off"}
         demo.run([_bin("skinreg"), "hooks", "init-db"], env)
         receiver = stack.enter_context(demo.process("bench-receiver", [
             _bin("skinreg"), "hooks", "serve", "--no-worker", "--port", str(hooks_port)], env))

@@ -117,22 +117,25 @@ def export_cmd(
 
         if not torch.cuda.is_available():
             raise InputError("--device cuda: no CUDA device is available here; use --device cpu")
-    loaded = load_checkpoint(checkpoint, arch=arch, num_classes=num_classes, input_size=input_size,
-                             labels=labels.split(",") if labels else None)  # checked first, cache or not
     settings, data = resolve_settings(settings)  # a URI is fetched into the content-hash cache, once
     out_dir = output_dir or checkpoint.parent
     store = None
     root = cache_root() if cache else None
-    if root is not None and device is Device.cpu:
+    if root is not None and device is Device.cpu and checkpoint.is_file():
         from .exporters import file_sha256
 
         key, inputs = export_key(file_sha256(checkpoint), {"arch": arch, "num_classes": num_classes,
                                                            "input_size": input_size, "labels": labels}, settings,
-                                 {what: d.content_digest() for what, d in sorted(data.items())}, checkpoint.stem)
+                                 data, checkpoint.stem)
         store = ExportCache(root, key, inputs)
-    req = ExportRequest(loaded=loaded, out_dir=out_dir, stem=checkpoint.stem, **settings.request_kwargs())
+
+    def request() -> ExportRequest:  # only on a cache miss: a hit needs no model (nor torch imported)
+        loaded = load_checkpoint(checkpoint, arch=arch, num_classes=num_classes, input_size=input_size,
+                                 labels=labels.split(",") if labels else None)
+        return ExportRequest(loaded=loaded, out_dir=out_dir, stem=checkpoint.stem, **settings.request_kwargs())
+
     try:
-        result = run_cached(req, store, progress=_progress())
+        result = run_cached(request, out_dir, store, progress=_progress())
     except SkinregError as exc:
         if getattr(exc, "result", None) is not None:
             _print_report(exc.result)

@@ -78,17 +78,17 @@ def _own_source() -> str:
     return h.hexdigest()
 
 
-def export_key(checkpoint_sha256: str, load_options: dict[str, Any], settings: Any, data_digests: dict[str, str],
+def export_key(checkpoint_sha256: str, load_options: dict[str, Any], settings: Any, data: dict[str, Any],
                stem: str) -> tuple[str, dict[str, Any]]:
     """(key, what it was computed from). Of `settings`, only the ExportSettings fields count (not what the
-    pipeline adds: names, aliases, --force)."""
+    pipeline adds: names, aliases, --force); the data folders (datasets.DataDir) by their content."""
     from .settings import ExportSettings
 
     settings_doc = {f.name: (v.value if hasattr(v := getattr(settings, f.name), "value") else v)
                     for f in fields(ExportSettings)
                     if f.name not in ("calibration_dir", "eval_dir")}  # the folders count by content, not by path
     inputs = {"checkpoint_sha256": checkpoint_sha256, "load": load_options, "settings": settings_doc,
-              "data": data_digests, "stem": stem, "toolchain": _versions(), "skinreg_source": _own_source(),
+              "data": {what: d.content_digest() for what, d in sorted(data.items())}, "stem": stem, "toolchain": _versions(), "skinreg_source": _own_source(),
               "cpu": _cpu(), "cpu_count": os.cpu_count()}
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
     return key, inputs
@@ -182,17 +182,18 @@ class ExportCache:
             shutil.rmtree(tmp, ignore_errors=True)  # a full disk or a read-only cache never fails the export
 
 
-def run_cached(req: "ExportRequest", cache: ExportCache | None, *,
+def run_cached(request: "Callable[[], ExportRequest]", out_dir: Path, cache: ExportCache | None, *,
                progress: Callable[[str], None] = lambda msg: None) -> "ExportResult":
-    """`run_export` through the cache. A hit is the stored result, its files copied into req.out_dir
-    (result.reused says so); a stored gate failure raises the same GateError. A miss exports and stores
-    the result, a gate failure included."""
+    """`run_export` through the cache. A hit is the stored result, its files copied into out_dir
+    (result.reused says so), and `request` (which loads the model) is never called: the same bytes with the
+    same options loaded before. A stored gate failure raises the same GateError. A miss exports
+    `request()` and stores the result, a gate failure included."""
     from .errors import GateError
     from .export import run_export
 
     if cache is not None:
         t0 = time.perf_counter()
-        hit = cache.lookup(req.out_dir, want_result=True)
+        hit = cache.lookup(out_dir, want_result=True)
         if hit is not None and hit.result is not None:
             result, seconds = hit.result, time.perf_counter() - t0
             progress(f"export cache hit (key {hit.key[:16]}, stored {hit.created}): {len(hit.files)} files copied, "
@@ -205,13 +206,14 @@ def run_cached(req: "ExportRequest", cache: ExportCache | None, *,
             if hit.failures:
                 raise GateError(hit.failures, result)
             return result
-    before = cache.before(req.out_dir) if cache is not None else {}
+    req = request()
+    before = cache.before(out_dir) if cache is not None else {}
     try:
         result = run_export(req, progress=progress)
     except GateError as exc:
         if cache is not None:  # a verdict is a result too: stored with it
-            cache.store(req.out_dir, before, exc.result, failures=exc.failures)
+            cache.store(out_dir, before, exc.result, failures=exc.failures)
         raise
     if cache is not None:
-        cache.store(req.out_dir, before, result)
+        cache.store(out_dir, before, result)
     return result

@@ -65,7 +65,8 @@ class ExportOptions(ExportSettings):
     def settings_hash(self, calibration_sha: str | None, data_digests: dict[str, str] | None = None) -> str:
         """The idempotence key: the settings as given (folders or URIs), the calibration images' content and,
         for data given by URI, the content fetched from it (data_digests: context -> sha256)."""
-        keep = {k: v for k, v in asdict(self).items() if k not in ("latency_runs", "threads", "force", "experiment", "cache")}
+        keep = {k: v for k, v in asdict(self).items()
+                if k not in ("latency_runs", "threads", "force", "experiment", "cache")}
         keep.update(calibration_sha=calibration_sha, skinreg=__version__)
         if data_digests:  # only then: keys of exports from local folders stay what they were
             keep.update(data_digests=data_digests)
@@ -152,7 +153,8 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                 req = ExportRequest(loaded=loaded, out_dir=Path(tmp) / "out", stem=ref.name.replace("/", "_"),
                                     dynamic_batch=dynamic_batch, notes=notes, **local.request_kwargs())
                 try:
-                    result = run_cached(req, _export_cache(opts, local, data, Path(tmp), req), progress=progress)
+                    result = run_cached(lambda: req, req.out_dir, _export_cache(opts, local, data, Path(tmp), req),
+                                        progress=progress)
                 except GateError as exc:
                     result = exc.result
                 failed = {v.file.variant: "; ".join(v.verdict.failures) for v in result.variants if not v.passed}
@@ -178,7 +180,7 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                 for v in passing:
                     name = variant_model_name(ref.name, v.file.variant, opts.name_pattern)
                     earlier = _earlier_version(reg, name, ref, settings, v.file.sha256) if may_reuse else None
-                    if earlier is not None:  # an interrupted earlier run registered this very file: reuse it
+                    if earlier is not None:  # an earlier run (interrupted, or --force) registered this very file
                         progress(f"{name}: reusing version {earlier.version} (the same file, from an earlier export "
                                  "of this version with these settings)")
                         versions[v.file.variant] = earlier
@@ -307,8 +309,7 @@ def _export_cache(opts: ExportOptions, local: ExportOptions, data: dict[str, Dat
     if root is None:
         return None
     load = {**asdict(opts.source_hints()), "dynamic_batch": req.dynamic_batch, "notes": req.notes}
-    key, inputs = export_key(folder_sha256(source), load, local,
-                             {what: d.content_digest() for what, d in sorted(data.items())}, req.stem)
+    key, inputs = export_key(folder_sha256(source), load, local, data, req.stem)
     return ExportCache(root, key, inputs)
 
 
