@@ -905,7 +905,10 @@ def test_a_receiver_sigkilled_in_a_burst_loses_no_acknowledged_delivery(tmp_path
         print(f"\nreceiver SIGKILLed in a burst: 50 deliveries, {len(acknowledged) - len(lost_in_flight)} answered "
               f"2xx/4xx by MLflow's retries, {len(lost_in_flight)} given up (sent again), {len(jobs)} jobs queued")
     assert sorted(j.key for j in jobs) == sorted(f"export:skin:{i + 1}" for i in range(50))  # none lost
-    assert all(j.deliveries == 1 for j in jobs)  # none queued twice
+    # none queued twice (the keys above are distinct). A delivery whose job was deferred just before the
+    # SIGKILL, but not yet recorded, is retried with the same id and merges into that job, which then counts
+    # two deliveries (queue.accept: defer, then record). The sender has one request in flight: at most one.
+    assert sorted(j.deliveries for j in jobs)[:-1] == [1] * 49 and jobs and max(j.deliveries for j in jobs) <= 2
 
 
 def test_the_mlflow_run_executor_runs_export_and_promote_as_mlflow_projects(tracking, trained, demo_data, queue_db):
