@@ -163,6 +163,7 @@ def cached_export_version_seconds(loaded, settings, work: Path, val_dir: Path) -
             raise RuntimeError(f"skinreg export-version exited {proc.returncode}: "
                                f"{(proc.stderr.strip().splitlines() or [''])[-1]}")
         out["reused"] = "export cache hit" in proc.stderr
+        out["verdicts_reused"] = proc.stderr.count("that verdict reused")  # consumer checks of identical files
     return out
 
 
@@ -237,7 +238,9 @@ def run_one(arch: str, *, data: Path, work: Path, input_size: int, epochs: int, 
         progress(f"[{arch}] `skinreg export-version` of one registered version, then again with --force")
         force_s = cached_export_version_seconds(trained.loaded, default_settings, work / "cache-registry", data / "val")
         targets.append(Target("the same registered version again with `export-version --force`, from the cache "
-                              f"(logged, registered and consumer-checked again; first run {force_s['first']:.0f} s)",
+                              "(logged again, its versions reused, what the registry serves downloaded and "
+                              f"sha256-checked, {force_s['verdicts_reused']} consumer verdicts of byte-identical "
+                              f"files reused; first run {force_s['first']:.0f} s)",
                               force_s["again"] if force_s["reused"] else None, 10.0, " s"))
     opset_ms = {}
     if opsets:

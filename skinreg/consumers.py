@@ -9,13 +9,26 @@ Consumers and their paths:
   float32 [1,C] out), as a phone runs it.
 
 Tags that describe the file (`skinreg.dynamic_batch`) are read here, from what the registry serves.
+
+A passing check is remembered (in the export cache folder, `consumer-checks/`) under a sha256 of every
+file the registry served for the version, the validated logits and images it was compared against, and
+the toolchain, skinreg's code, Python and the CPU (`export_cache.environment`). The next check of the
+same version (`export-version --force` with unchanged inputs reuses the versions that hold the same
+files) still downloads what the registry serves, compares its sha256 with the validated file's, reads
+the file's facts and the version's tags; only when all of that matches and every served byte is what
+passed before does it reuse the verdict and the per-path differences, and say so (`reused`). Anything
+else (a changed artifact, a new version, whose MLmodel names its own model id, another runtime
+version) runs every path again. A failing check is never stored.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import tempfile
+import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,14 +65,75 @@ class ConsumerCheck(Outcome):
     input_shape: list[int] = field(default_factory=list)  # of the served file, as its runtime reports it
     dynamic_batch: bool = False  # the served file itself takes any batch size
     failures: list[str] = field(default_factory=list)
+    reused: dict[str, str] | None = None  # {"key", "created"}: the paths' verdict of an earlier check of these bytes
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "status": self.status}
 
+    def reuse_note(self) -> str:
+        if not self.reused:
+            return ""
+        return (f"the served files are byte for byte those that passed every path on {self.reused['created']} "
+                f"(key {self.reused['key'][:16]}): that verdict reused")
+
     def summary(self) -> str:
         paths = ", ".join(f"{k} {v:.1e}" for k, v in self.max_abs.items())
+        reused = f" ({self.reuse_note()})" if self.reused else ""
         return (f"{self.status}: sha256 {'matches' if self.served_sha256 == self.validated_sha256 else 'DIFFERS'}; "
-                f"batch 1 and {self.batch} on {self.images} images, max |diff| vs validated: {paths}")
+                f"batch 1 and {self.batch} on {self.images} images, max |diff| vs validated: {paths}{reused}")
+
+
+def _array_sha256(a: np.ndarray) -> str:
+    a = np.ascontiguousarray(a)
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(memoryview(a).cast("B"))  # no copy: the validation batch is ~120 MB at 224 px
+    return h.hexdigest()
+
+
+class Verdicts:
+    """Passing consumer checks, by a sha256 of everything that decides them (see the module docstring)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root) / "consumer-checks"
+        self._shared: dict[int, dict[str, Any]] = {}  # id(result) -> what every variant of it shares
+
+    def key(self, served: Path, v: "VariantResult", result: "ExportResult", batch: int, tolerance: float) -> str:
+        from .datasets import folder_sha256
+        from .export_cache import environment
+
+        shared = self._shared.get(id(result))
+        if shared is None or shared["result"] is not result:
+            shared = self._shared[id(result)] = {"result": result, "inputs": {
+                "x_val": _array_sha256(result.x_val), **environment(),
+                "val_images": [_array_sha256(im) if isinstance(im, np.ndarray) else
+                               hashlib.sha256(Path(im).read_bytes()).hexdigest() for im in result.val_images]}}
+        inputs = {"served": folder_sha256(served), "format": v.file.format.value,
+                  "validated_logits": _array_sha256(v.logits), "batch": batch, "tolerance": tolerance,
+                  **shared["inputs"]}
+        return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.json"
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        try:
+            doc = json.loads(self._path(key).read_text())
+        except (OSError, ValueError):
+            return None
+        if doc.get("key") != key or not isinstance(doc.get("max_abs"), dict) or not doc["max_abs"]:
+            return None
+        return doc
+
+    def put(self, key: str, check: ConsumerCheck) -> None:
+        path = self._path(key)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps({"key": key, "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                                       "variant": check.variant, "uri": check.uri, "max_abs": check.max_abs}))
+            tmp.replace(path)
+        except OSError:  # a full disk or a read-only cache never fails the check
+            tmp.unlink(missing_ok=True)
 
 
 def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
@@ -118,7 +192,8 @@ def download_variant(uri: str, dst: Path) -> Path:
 
 
 def check_variant(uri: str, v: "VariantResult", result: "ExportResult", *, tags: dict[str, str] | None = None,
-                  batch: int = BATCH, downloaded: "Path | BaseException | None" = None) -> ConsumerCheck:
+                  batch: int = BATCH, downloaded: "Path | BaseException | None" = None,
+                  verdicts: Verdicts | None = None) -> ConsumerCheck:
     """Load `uri` (a registered variant) through every consumer path on the validation images.
 
     `uri` is downloaded once (`models:/<name>/<version>`, resolved by the registry like any consumer's
@@ -127,7 +202,8 @@ def check_variant(uri: str, v: "VariantResult", result: "ExportResult", *, tags:
     per artifact file each time against a remote server and prove nothing more. `tags`: the version's
     tags, whose description of the file (dynamic batch, input shape), where present, must match the served
     file. `downloaded`: what `download_variant(uri)` gave when the caller downloaded it already (the
-    folder, or the error it raised)."""
+    folder, or the error it raised). `verdicts`: where passing checks are remembered; a check whose
+    served bytes and inputs passed before reuses that verdict (module docstring), None runs every path."""
     import mlflow
 
     from .serving import SkinClassifier, find_model_file
@@ -162,6 +238,12 @@ def check_variant(uri: str, v: "VariantResult", result: "ExportResult", *, tags:
             if tags is not None and key in tags and tags[key] != fact:
                 check.failures.append(f"{v.file.variant}: tag {key}={tags.get(key)} but the served "
                                       f"file says {fact}")
+        key = verdicts.key(local, v, result, batch, tol) if verdicts is not None and not check.failures else None
+        stored = verdicts.get(key) if key is not None else None
+        if stored is not None:
+            check.max_abs = {k: float(d) for k, d in stored["max_abs"].items()}
+            check.reused = {"key": key, "created": str(stored.get("created", "?"))}
+            return check
         if v.file.format is Format.onnx:
             _onnx_paths(paths, served, x, batch)
         else:
@@ -198,6 +280,8 @@ def check_variant(uri: str, v: "VariantResult", result: "ExportResult", *, tags:
 
         paths.run("mlflow.pyfunc", pyfunc)
         paths.run("SkinClassifier.from_uri", classifier)
+    if key is not None and check.passed:
+        verdicts.put(key, check)
     return check
 
 
@@ -263,6 +347,8 @@ def description(check: ConsumerCheck, row: dict[str, Any], *, source_uri: str, r
         "",
         f"sha256 `{check.served_sha256}` ({'the validated file' if check.served_sha256 == check.validated_sha256 else 'NOT the validated file'})",
     ]
+    if check.reused:
+        lines += ["", f"Every path: {check.reuse_note()}."]
     if check.failures:
         lines += ["", *[f"- {f}" for f in check.failures]]
     return "\n".join(lines)

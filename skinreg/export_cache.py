@@ -78,6 +78,13 @@ def _own_source() -> str:
     return h.hexdigest()
 
 
+def environment() -> dict[str, Any]:
+    """What else decides a file's numbers and verdicts besides its inputs: the converters' and runtimes'
+    versions, skinreg's own code, Python, and this machine's CPU (kernels and latencies differ by CPU)."""
+    return {"toolchain": _versions(), "skinreg_source": _own_source(), "python": platform.python_version(),
+            "cpu": _cpu(), "cpu_count": os.cpu_count()}
+
+
 def export_key(checkpoint_sha256: str, load_options: dict[str, Any], settings: Any, data: dict[str, Any],
                stem: str) -> tuple[str, dict[str, Any]]:
     """(key, what it was computed from). Of `settings`, only the ExportSettings fields count (not what the
@@ -88,8 +95,7 @@ def export_key(checkpoint_sha256: str, load_options: dict[str, Any], settings: A
                     for f in fields(ExportSettings)
                     if f.name not in ("calibration_dir", "eval_dir")}  # the folders count by content, not by path
     inputs = {"checkpoint_sha256": checkpoint_sha256, "load": load_options, "settings": settings_doc,
-              "data": {what: d.content_digest() for what, d in sorted(data.items())}, "stem": stem, "toolchain": _versions(), "skinreg_source": _own_source(),
-              "cpu": _cpu(), "cpu_count": os.cpu_count()}
+              "data": {what: d.content_digest() for what, d in sorted(data.items())}, "stem": stem, **environment()}
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
     return key, inputs
 

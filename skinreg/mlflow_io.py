@@ -3,6 +3,7 @@ registry.py owns that). Heavy imports stay inside functions."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import warnings
@@ -56,15 +57,40 @@ class SourceHints:
     labels: list[str] | None = None
 
 
-def load_source(ref: "VersionRef", opts: SourceHints, tmp: Path) -> tuple[LoadedModel, bool, list[str]]:
-    """Return (eager-or-graph model + spec, dynamic batch?, notes for the report)."""
-    import mlflow
-    from mlflow.models import Model
+@dataclass
+class FetchedSource:
+    """What `fetch_source` downloaded of a source version (`local`) and the names at the top of its artifact
+    (`top`: the loader's safety check reads them too, downloaded or not)."""
 
+    local: Path
+    top: set[str]
+
+    def digest(self) -> str:
+        """sha256 of everything the loader will read: every downloaded file, and the listed names."""
+        from .datasets import folder_sha256
+
+        return hashlib.sha256(f"{folder_sha256(self.local)}\0{json.dumps(sorted(self.top))}".encode()).hexdigest()
+
+
+def fetch_source(ref: "VersionRef", opts: SourceHints, tmp: Path) -> FetchedSource:
+    """Download what the loader of `ref` will read into tmp/src (a one-line RegistryError when it cannot)."""
     try:
         local, top = _fetch_source(ref, opts, tmp / "src")
     except Exception as exc:
         raise RegistryError(f"cannot download {ref.uri}: {first_line(exc)}") from None
+    return FetchedSource(local, top)
+
+
+def load_source(ref: "VersionRef", opts: SourceHints, tmp: Path) -> tuple[LoadedModel, bool, list[str]]:
+    """Return (eager-or-graph model + spec, dynamic batch?, notes for the report)."""
+    return load_fetched(ref, fetch_source(ref, opts, tmp), opts)
+
+
+def load_fetched(ref: "VersionRef", fetched: FetchedSource, opts: SourceHints) -> tuple[LoadedModel, bool, list[str]]:
+    """Load what `fetch_source` downloaded: (model + spec, dynamic batch?, notes for the report)."""
+    from mlflow.models import Model
+
+    local, top = fetched.local, fetched.top
     if (local / "MLmodel").exists():
         mlmodel = Model.load(str(local))
         if "pytorch" in mlmodel.flavors:
@@ -256,6 +282,20 @@ def variant_metrics(v: "VariantResult") -> dict[str, float]:
     if p.accuracy is not None:
         out.update(accuracy=p.accuracy, accuracy_drop=p.accuracy_drop)
     return out
+
+
+def warm_requirements_map() -> None:
+    """Build, once per process, the module -> package map MLflow's save_model reads to compare a model's
+    pip requirements with the environment. It walks every installed distribution's file list (seconds in
+    a venv with torch and TensorFlow), and variants logged from several threads at once would each build
+    it (its cache is a module global, filled when the first finishes). Private to MLflow 3.x: an upgrade
+    that renames it only loses the warm-up."""
+    try:
+        from mlflow.utils import requirements_utils
+
+        requirements_utils._init_packages_to_modules_map()
+    except Exception as exc:  # noqa: BLE001 - an optimisation only
+        log.debug("MLflow requirements map not pre-built: %s", first_line(exc))
 
 
 def log_variant(v: "VariantResult", result: "ExportResult", run: Any) -> tuple[str, str]:

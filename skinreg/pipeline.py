@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -114,10 +115,14 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
 
     from .consumers import check_variant, download_variant, file_facts
     from .consumers import description as consumer_description
-    from .mlflow_io import link_variant_outputs, load_source, log_export_run, log_variant
+    from .mlflow_io import (fetch_source, link_variant_outputs, load_fetched, log_export_run, log_variant,
+                            warm_requirements_map)
     from .report import rows as report_rows
     from .report import write_report
 
+    # what logging a variant reads of the environment, built while the source is fetched (mlflow_io)
+    warm = threading.Thread(target=warm_requirements_map, name="skinreg-mlflow-requirements", daemon=True)
+    warm.start()
     reg = registry or Registry()
     ref = reg.resolve(model_uri)
     if VARIANT_OF in ref.tags:
@@ -147,13 +152,21 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
         io = Stages()
         try:
             with tempfile.TemporaryDirectory(prefix="skinreg-src-") as tmp:
-                progress(f"loading {ref.uri}")
+                progress(f"downloading {ref.uri}")
+                hints = opts.source_hints()
                 with io("registry: download source"):
-                    loaded, dynamic_batch, notes = load_source(ref, opts.source_hints(), Path(tmp))
-                req = ExportRequest(loaded=loaded, out_dir=Path(tmp) / "out", stem=ref.name.replace("/", "_"),
-                                    dynamic_batch=dynamic_batch, notes=notes, **local.request_kwargs())
+                    fetched = fetch_source(ref, hints, Path(tmp))
+                out_dir, stem = Path(tmp) / "out", ref.name.replace("/", "_")
+
+                def request() -> ExportRequest:  # only on a cache miss: a hit never loads the model
+                    progress(f"loading {ref.uri}")
+                    with io("load source model"):
+                        loaded, dynamic_batch, notes = load_fetched(ref, fetched, hints)
+                    return ExportRequest(loaded=loaded, out_dir=out_dir, stem=stem, dynamic_batch=dynamic_batch,
+                                         notes=notes, **local.request_kwargs())
+
                 try:
-                    result = run_cached(lambda: req, req.out_dir, _export_cache(opts, local, data, Path(tmp), req),
+                    result = run_cached(request, out_dir, _export_cache(opts, local, data, fetched, stem),
                                         progress=progress)
                 except GateError as exc:
                     result = exc.result
@@ -165,6 +178,7 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                 if passing:
                     progress(f"logging {', '.join(v.file.variant for v in passing)}")
                 with io("registry: log variants"):  # all first: registration starts once every file is logged
+                    warm.join()
                     logged = each_at_once(lambda v: log_variant(v, result, run), passing)
                     model_ids = {v.file.variant: ok(out)[1] for v, out in zip(passing, logged)}
                     for v, out in zip(passing, logged):
@@ -200,6 +214,7 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                     made = each_at_once(register, new)
                 registered += [mv for mv in made if not isinstance(mv, BaseException)]  # rolled back on error
                 versions.update({v.file.variant: ok(mv) for (v, _, _), mv in zip(new, made)})
+                verdicts = _consumer_verdicts(opts)
                 with tempfile.TemporaryDirectory(prefix="skinreg-served-") as served:
                     if versions:
                         progress(f"downloading {', '.join(mv.uri for mv in versions.values())} as consumers do")
@@ -213,7 +228,10 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                                  f"{'onnxruntime' if v.file.format is Format.onnx else 'ai_edge_litert'})")
                         with io("consumer check"):
                             check = result.consumer_checks[v.file.variant] = check_variant(
-                                mv.uri, v, result, tags=mv.tags, downloaded=downloads[v.file.variant])
+                                mv.uri, v, result, tags=mv.tags, downloaded=downloads[v.file.variant],
+                                verdicts=verdicts)
+                        if check.reused:
+                            progress(f"consumer check of {mv.uri}: {check.reuse_note()}")
                         if not check.passed:  # rolled back like any failed variant: no version, no alias
                             failed[v.file.variant] = "consumer check failed: " + "; ".join(check.failures)
                             reg.delete_version(mv.name, mv.version)
@@ -298,19 +316,27 @@ def _time_split(result: ExportResult, io: dict[str, float]) -> None:
     result.stage_seconds["registry I/O"] = sum(v for k, v in io.items() if k.startswith("registry:"))
 
 
-def _export_cache(opts: ExportOptions, local: ExportOptions, data: dict[str, DataDir], source: Path,
-                  req: ExportRequest) -> Any:
-    """The export cache entry for this source's files (all `load_source` downloaded into `source`), its
-    loading hints and the export settings; None when turned off (--no-cache, SKINREG_EXPORT_CACHE=off)."""
-    from .datasets import folder_sha256
+def _export_cache(opts: ExportOptions, local: ExportOptions, data: dict[str, DataDir], fetched: Any,
+                  stem: str) -> Any:
+    """The export cache entry for this source (everything `fetch_source` downloaded and listed, which with
+    the loading hints and skinreg's own code decides what loading gives), the export settings and the data;
+    None when turned off (--no-cache, SKINREG_EXPORT_CACHE=off)."""
     from .export_cache import ExportCache, cache_root, export_key
 
     root = cache_root() if opts.cache else None
     if root is None:
         return None
-    load = {**asdict(opts.source_hints()), "dynamic_batch": req.dynamic_batch, "notes": req.notes}
-    key, inputs = export_key(folder_sha256(source), load, local, data, req.stem)
+    key, inputs = export_key(fetched.digest(), asdict(opts.source_hints()), local, data, stem)
     return ExportCache(root, key, inputs)
+
+
+def _consumer_verdicts(opts: ExportOptions) -> Any:
+    """Where passing consumer checks are remembered (beside the export cache); None when it is off."""
+    from .consumers import Verdicts
+    from .export_cache import cache_root
+
+    root = cache_root() if opts.cache else None
+    return Verdicts(root) if root is not None else None
 
 
 def _earlier_version(reg: Registry, name: str, ref: VersionRef, settings: str, sha256: str) -> VersionRef | None:

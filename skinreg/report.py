@@ -99,7 +99,7 @@ def markdown(result: "ExportResult") -> str:
             paths = "<br>".join(f"{k}: {v:.1e}" for k, v in c.max_abs.items())
             lines.append(f"| {variant} | {c.uri} | {'yes' if c.served_sha256 == c.validated_sha256 else 'NO'} | "
                          f"{c.input_shape} | {str(c.dynamic_batch).lower()} | {paths} | "
-                         f"{c.status if c.passed else 'failed: ' + '; '.join(c.failures)} |")
+                         f"{_check_result(c)} |")
     failures = result.failures
     if failures:
         lines += ["", "## Gate failures", ""] + [f"- {f}" for f in failures]
@@ -110,6 +110,12 @@ def markdown(result: "ExportResult") -> str:
         lines += [f"| {k} | {v:.1f} |" for k, v in result.stage_seconds.items()]
     lines += ["", f"Total export wall time: {result.wall_s:.1f} s", ""]
     return "\n".join(lines)
+
+
+def _check_result(c: Any) -> str:
+    if not c.passed:
+        return "failed: " + "; ".join(c.failures)
+    return f"{c.status} ({c.reuse_note()})" if getattr(c, "reused", None) else c.status
 
 
 def _sampling_line(v: dict[str, Any]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -40,6 +41,8 @@ def test_benchmark_prints_targets_computed_from_the_measured_report(tmp_path):
     # `skinreg export-version` of a registered version, then --force: the second reused the stored export
     [forced] = [t for t in summary["models"][0]["targets"] if t["name"].startswith("the same registered version again")]
     assert forced["measured"] is not None and forced["met"] == (forced["measured"] <= 10.0), forced
+    reused = re.search(r", (\d+) consumer verdicts of byte-identical files reused;", forced["name"])
+    assert reused and int(reused.group(1)) >= 3, forced["name"]  # ONNX and TFLite fp32/fp16 at least
     # the default export and the asked-for strategy, both timed in this run, with their stage breakdowns
     model = summary["models"][0]
     default = targets["default export: ONNX + TFLite float32/float16/int8"]

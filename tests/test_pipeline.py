@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import mlflow
@@ -86,10 +87,12 @@ def test_same_settings_again_creates_no_duplicate_versions(exported, demo_data):
     assert len(MlflowClient().search_model_versions("name='skin-onnx'")) == 1
 
 
-def test_force_and_a_new_version_of_the_same_files_reuse_the_export_cache(exported, trained, demo_data):
+def test_force_and_a_new_version_of_the_same_files_reuse_the_export_cache(exported, trained, demo_data,
+                                                                           tmp_path):
     """export-version --force with unchanged inputs, and a new version registered from the same artifact,
-    reuse the stored export (its files checked against their sha256); logging, registration and the
-    consumer check of what the registry serves run as always. --no-cache converts again."""
+    reuse the stored export (its files checked against their sha256); logging and registration run as
+    always. The consumer check downloads what the registry serves and reuses the verdict of byte-identical
+    served files only. --no-cache converts and checks again."""
     uri, first = exported
     client = MlflowClient()
     assert "skinreg.export.cache" not in client.get_run(first.run_id).data.tags
@@ -107,6 +110,24 @@ def test_force_and_a_new_version_of_the_same_files_reuse_the_export_cache(export
     assert all(c.passed for c in forced.export.consumer_checks.values())
     assert [v.verdict.parity.max_abs for v in forced.export.variants] == \
         [v.verdict.parity.max_abs for v in first.export.variants]
+    # what the registry serves is byte for byte what passed the first check: downloaded, its sha256 compared,
+    # and that check's verdict reused (said on the version and in the report); the first ran every path
+    assert not any(c.reused for c in first.export.consumer_checks.values())
+    for variant, c in forced.export.consumer_checks.items():
+        assert c.reused and c.max_abs == first.export.consumer_checks[variant].max_abs, variant
+        assert c.served_sha256 == c.validated_sha256 == first.export.consumer_checks[variant].served_sha256
+        assert "that verdict reused" in client.get_model_version(f"skin-{variant}", "1").tags["skinreg.consumer_check"]
+    assert [m for m in said if m.startswith("consumer check of models:/skin-onnx/1: the served files are byte")]
+    assert "that verdict reused" in forced.report
+    # one served byte changed (not even the model file): every path runs again
+    from skinreg.consumers import Verdicts, check_variant, download_variant
+
+    onnx_result = next(v for v in forced.export.variants if v.file.variant == "onnx")
+    copy = download_variant("models:/skin-onnx/1", tmp_path / "served")
+    (copy / "requirements.txt").write_text((copy / "requirements.txt").read_text() + "\n")
+    verdicts = Verdicts(Path(os.environ["SKINREG_EXPORT_CACHE"]))
+    rechecked = check_variant("models:/skin-onnx/1", onnx_result, forced.export, downloaded=copy, verdicts=verdicts)
+    assert rechecked.passed and rechecked.reused is None and "onnxruntime batch 4" in rechecked.max_abs
 
     source = client.get_model_version("skin", "1")
     again = client.create_model_version("skin", source.source, run_id=source.run_id,
@@ -118,6 +139,7 @@ def test_force_and_a_new_version_of_the_same_files_reuse_the_export_cache(export
         mv = client.get_model_version(f"skin-{variant}", second.variants[variant].version)
         assert str(mv.version) == "2" and mv.tags["skinreg.source_version"] == str(again.version)
         assert mv.tags["skinreg.sha256"] == client.get_model_version(f"skin-{variant}", "1").tags["skinreg.sha256"]
+    assert not any(c.reused for c in second.export.consumer_checks.values())  # a new version: its own MLmodel
     x = trained.loaded.spec.preprocessing.batch(sorted((demo_data / "val").rglob("*.png"))[:4])
     served = mlflow.pyfunc.load_model("models:/skin-onnx/2").predict(x)["logits"]  # the consumer's path, batch 4
     assert served.shape == (4, trained.loaded.spec.num_classes)
@@ -125,6 +147,7 @@ def test_force_and_a_new_version_of_the_same_files_reuse_the_export_cache(export
     said.clear()
     fresh = export_version(uri, full_options(demo_data, force=True, cache=False), progress=said.append)
     assert fresh.status == "passed" and fresh.export.reused is None
+    assert not any(c.reused for c in fresh.export.consumer_checks.values())
     assert not [m for m in said if m.startswith("export cache hit")] and [m for m in said if "exporting ONNX" in m]
 
 
