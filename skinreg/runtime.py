@@ -12,6 +12,10 @@ import numpy as np
 from .preprocess import nchw_to_nhwc
 
 DEFAULT_THREADS = 2
+# Logits of many images are computed this many at a time: EfficientNet-B0's 200 validation images took
+# 11.9 s in PyTorch and 3.8 s in ONNX Runtime as one batch, 5.5 s and 2.4 s in batches of 8 (2 cores,
+# 2026-12-01); results differ only by float reassociation (1.5e-5 here).
+CHUNK = 8
 
 
 class Runner(Protocol):
@@ -37,11 +41,10 @@ class TorchRunner:
     def logits(self, x: np.ndarray) -> np.ndarray:
         import torch
 
+        step = 1 if self.batch_one else CHUNK
         with torch.inference_mode():
-            if self.batch_one:
-                return np.concatenate([self.model(torch.from_numpy(np.ascontiguousarray(x[i:i + 1]))).numpy()
-                                       for i in range(len(x))]).astype(np.float32)
-            return self.model(torch.from_numpy(np.ascontiguousarray(x))).numpy().astype(np.float32)
+            return np.concatenate([self.model(torch.from_numpy(np.ascontiguousarray(x[i:i + step]))).numpy()
+                                   for i in range(0, max(len(x), 1), step)]).astype(np.float32)
 
 
 class OnnxRunner:
@@ -62,9 +65,9 @@ class OnnxRunner:
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         x = x.astype(np.float32)
-        if self.fixed_batch and len(x) > 1:
-            return np.concatenate([self.session.run(None, {self.input_name: x[i:i + 1]})[0] for i in range(len(x))])
-        return self.session.run(None, {self.input_name: x})[0]
+        step = 1 if self.fixed_batch else CHUNK
+        return np.concatenate([self.session.run(None, {self.input_name: x[i:i + step]})[0]
+                               for i in range(0, max(len(x), 1), step)])
 
 
 class TFLiteRunner:
