@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from .results import ExportResult
 
 TOOLCHAIN = ("torch", "torchvision", "onnx", "onnxruntime", "tensorflow", "onnx2tf", "litert-torch", "ai-edge-litert",
-             "numpy", "mlflow")
+             "numpy", "mlflow", "pillow")  # pillow decodes and resizes every image the gates and checks read
 MANIFEST = "manifest.json"
 
 
