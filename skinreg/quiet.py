@@ -29,7 +29,10 @@ CHATTER = re.compile(
     rb"|Downloading artifacts:"                               # MLflow's per-download tqdm bars
     rb"|color_warning\("
     rb"|W\d{4} [\d:.]+ +\d+ torch/utils/_pytree\.py:\d+\] "  # torchao's register_constant deprecation (litert)
-    rb"|\S+data_validation\.py:\d+: UserWarning: .*Add type hints to the `predict` method)")
+    rb"|\S+data_validation\.py:\d+: UserWarning: .*Add type hints to the `predict` method"
+    # save_model of each TFLite variant; MLflow's filter_user_warnings_once puts a "once" filter above
+    # any "ignore" of ours, from the logging threads, so it reaches fd 2 now and then
+    rb"|\S+pyfunc/__init__\.py:\d+: UserWarning: .*An input example was not provided when logging the model)")
 
 
 def verbose() -> bool:
