@@ -95,21 +95,20 @@ class Verdicts:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root) / "consumer-checks"
-        self._shared: dict[int, dict[str, Any]] = {}  # id(result) -> what every variant of it shares
+        self._shared: tuple[Any, dict[str, Any]] | None = None  # (result, what all its variants share)
 
     def key(self, served: Path, v: "VariantResult", result: "ExportResult", batch: int, tolerance: float) -> str:
         from .datasets import folder_sha256
         from .export_cache import environment
 
-        shared = self._shared.get(id(result))
-        if shared is None or shared["result"] is not result:
-            shared = self._shared[id(result)] = {"result": result, "inputs": {
+        if self._shared is None or self._shared[0] is not result:  # hashed once per export, not per variant
+            self._shared = (result, {
                 "x_val": _array_sha256(result.x_val), **environment(),
                 "val_images": [_array_sha256(im) if isinstance(im, np.ndarray) else
-                               hashlib.sha256(Path(im).read_bytes()).hexdigest() for im in result.val_images]}}
+                               hashlib.sha256(Path(im).read_bytes()).hexdigest() for im in result.val_images]})
         inputs = {"served": folder_sha256(served), "format": v.file.format.value,
                   "validated_logits": _array_sha256(v.logits), "batch": batch, "tolerance": tolerance,
-                  **shared["inputs"]}
+                  **self._shared[1]}
         return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
 
     def _path(self, key: str) -> Path:

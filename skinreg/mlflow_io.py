@@ -81,11 +81,6 @@ def fetch_source(ref: "VersionRef", opts: SourceHints, tmp: Path) -> FetchedSour
     return FetchedSource(local, top)
 
 
-def load_source(ref: "VersionRef", opts: SourceHints, tmp: Path) -> tuple[LoadedModel, bool, list[str]]:
-    """Return (eager-or-graph model + spec, dynamic batch?, notes for the report)."""
-    return load_fetched(ref, fetch_source(ref, opts, tmp), opts)
-
-
 def load_fetched(ref: "VersionRef", fetched: FetchedSource, opts: SourceHints) -> tuple[LoadedModel, bool, list[str]]:
     """Load what `fetch_source` downloaded: (model + spec, dynamic batch?, notes for the report)."""
     from mlflow.models import Model

@@ -120,9 +120,6 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
     from .report import rows as report_rows
     from .report import write_report
 
-    # what logging a variant reads of the environment, built while the source is fetched (mlflow_io)
-    warm = threading.Thread(target=warm_requirements_map, name="skinreg-mlflow-requirements", daemon=True)
-    warm.start()
     reg = registry or Registry()
     ref = reg.resolve(model_uri)
     if VARIANT_OF in ref.tags:
@@ -142,6 +139,9 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
         return PipelineResult(source=ref, run_id=ref.tags.get(EXPORT_RUN_ID), status="skipped",
                               variants=existing, failed=json.loads(ref.tags.get(EXPORT_FAILED, "{}")))
 
+    # what logging a variant reads of the environment, built while the source is fetched (mlflow_io)
+    warm = threading.Thread(target=warm_requirements_map, name="skinreg-mlflow-requirements", daemon=True)
+    warm.start()
     with run_context(f"export {ref.name} v{ref.version}", opts.experiment) as run:
         run_id = run.info.run_id
         mlflow.set_tags({SOURCE: ref.uri, SOURCE_NAME: ref.name, SOURCE_VERSION: ref.version,
