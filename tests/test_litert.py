@@ -181,7 +181,7 @@ def test_auto_in_two_processes_makes_the_same_files_as_in_one(trained_ckpt, demo
     assert len(two) == len(INT8_RECIPES) and two == one
 
 
-def test_tf_recipes_calibrate_once_and_quantize_as_before(trained_ckpt, demo_data, tmp_path):
+def test_tf_recipes_calibrate_once_and_quantize_as_before(trained_ckpt, demo_data, tmp_path, monkeypatch):
     from skinreg.enums import Precision
     from skinreg.exporters import tflite_export
     from skinreg.exporters.onnx_export import export_onnx
@@ -207,10 +207,17 @@ def test_tf_recipes_calibrate_once_and_quantize_as_before(trained_ckpt, demo_dat
     assert calls == [1]  # one calibrated model for both recipes
     assert shared == alone and shared[0] != shared[1]
     assert getattr(calibrator.Calibrator.calibrate, "_skinreg_memo", False)
-    # half of the images calibrated in a second process, the ranges merged: the same bytes again
+    # tf_ranges records the ranges in this process: calibration_split starts no second process for it
+    with tflite_export.calibration_split(tmp_path / "split"):
+        assert [convert(True), convert(False)] == alone
+    assert not list((tmp_path / "split").glob("calibrate-*"))
+    # the converter's own calibrator: half of the images calibrated in a second process, the ranges merged,
+    # are the bytes of one calibration
+    monkeypatch.setenv("SKINREG_TF_CALIBRATOR", "tflite")
+    own_alone = [convert(True), convert(False)]
     with tflite_export.calibration_split(tmp_path / "split"):
         split = [convert(True), convert(False)]
-    assert split == alone
+    assert split == own_alone
     assert len(list((tmp_path / "split").glob("calibrate-*/calibrated.tflite"))) == 2  # the child did run, twice
 
 
