@@ -37,10 +37,11 @@ from .int8_recipes import INT8_RECIPES, LITERT_BACKEND, TF_BACKEND, Int8Recipe
 
 log = logging.getLogger(__name__)
 
-# Seconds per recipe on one thread (EfficientNet-B0 on the project machine, 100 calibration images,
-# `skinreg benchmark` 2026-11-27): a TF calibration ~33 s and each further TF recipe ~2 s; litert-torch
-# ~44 s with histogram observers, ~30 s with min/max. The child pays ~8 s to import torch, TF and litert.
-_COST = {"tf-first": 33.0, "tf-more": 2.3, "histogram": 44.0, "minmax": 30.0}
+# Seconds per recipe on one thread (EfficientNet-B0, 100 calibration images, `skinreg benchmark`
+# 2026-12-02, the TF ranges recorded by tf_ranges): the first TF recipe ~5.7 s and each further one ~1.6 s;
+# litert-torch ~28-31 s with histogram observers, ~21 s with min/max. Only the ratios matter here.
+# The child pays ~8 s to import torch, TF and litert.
+_COST = {"tf-first": 5.7, "tf-more": 1.6, "histogram": 29.0, "minmax": 21.0}
 _CHILD_START = 8.0
 
 
