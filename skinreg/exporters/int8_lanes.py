@@ -37,11 +37,14 @@ from .int8_recipes import INT8_RECIPES, LITERT_BACKEND, TF_BACKEND, Int8Recipe
 
 log = logging.getLogger(__name__)
 
-# Seconds per recipe on one thread (EfficientNet-B0, 100 calibration images, `skinreg benchmark`
-# 2026-12-02, the TF ranges recorded by tf_ranges): the first TF recipe ~5.7 s and each further one ~1.6 s;
-# litert-torch ~28-31 s with histogram observers, ~21 s with min/max. Only the ratios matter here.
-# The child pays ~8 s to import torch, TF and litert.
-_COST = {"tf-first": 5.7, "tf-more": 1.6, "histogram": 29.0, "minmax": 21.0}
+# Seconds per recipe on one thread (EfficientNet-B0 on the project machine, 100 calibration images,
+# `skinreg benchmark` 2026-11-27): a TF calibration ~33 s and each further TF recipe ~2 s; litert-torch
+# ~44 s with histogram observers, ~30 s with min/max. The child pays ~8 s to import torch, TF and litert.
+# Since tf_ranges records the TF ranges, the first TF recipe takes ~6 s (2026-12-02). These costs still
+# pick the split measured that day (TF recipes, min/max and float-ends here; the other two in the child:
+# auto 91 s). Today's costs pick another split (per-channel here, min/max there), which a separate run
+# did not show to be faster (116 s, the machine slower by ~15 % per recipe), so the costs stay.
+_COST = {"tf-first": 33.0, "tf-more": 2.3, "histogram": 44.0, "minmax": 30.0}
 _CHILD_START = 8.0
 
 
