@@ -135,7 +135,12 @@ def test_what_it_does_not_cover_goes_to_the_converters_calibrator(float_model):
     # signature inputs (dicts) are the calibrator's to handle
     assert tf_ranges.calibrate(content, lambda: iter([{"input": x[None]} for x in images[:3]]), own) == b"the calibrator's"
     assert called == [3]
-    with pytest.raises(ValueError, match=r"calibration image 2 made NaN in tensor"):
-        bad = images[:2].copy()
-        bad[1, 0, 0, 0] = np.nan
-        tf_ranges.record_ranges(content, [[x[None]] for x in bad])
+    # samples the model cannot take (the wrong size after the first): the calibrator's turn, with its own error
+    called.clear()
+    odd = [[images[0][None]], [images[1][None, :16]]]
+    assert tf_ranges.calibrate(content, lambda: iter(odd), own) == b"the calibrator's" and called == [2]
+    # NaN is an error here as in the calibrator, not a reason to run it again
+    bad = images[:2].copy()
+    bad[1, 0, 0, 0] = np.nan
+    with pytest.raises(tf_ranges.NaNInRange, match=r"calibration image 2 made NaN in tensor"):
+        tf_ranges.calibrate(content, lambda: iter([[x[None]] for x in bad]), own)

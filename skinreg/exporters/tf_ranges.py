@@ -38,6 +38,10 @@ class NotHandled(Exception):
     """A model or sample this recorder does not cover: the converter's own calibrator runs instead."""
 
 
+class NaNInRange(ValueError):
+    """A calibration image made NaN in a tensor: an error, as in the converter's calibrator."""
+
+
 def loggable_tensors(model: Any) -> list[int]:
     """The calibrator's choice (GetLoggableTensorIndices): operator inputs and outputs of type FLOAT32 whose
     buffer is empty (not a constant), of the model's only subgraph."""
@@ -94,7 +98,7 @@ def _feed(interp: Any, sample: Any, shaped: list[bool]) -> None:
 def record_ranges(content: bytes, samples: Iterable[Any], *, threads: int = 1) -> bytes:
     """The float model `content` with each loggable tensor's min/max over `samples` (each a list of input
     arrays, as the converter's representative dataset yields them). Raises NotHandled for what the
-    converter's own calibrator should do instead, ValueError on NaN (as the calibrator does)."""
+    converter's own calibrator should do instead, NaNInRange on NaN (as the calibrator fails)."""
     from tensorflow.lite.python import schema_py_generated as schema
     from tensorflow.lite.tools import flatbuffer_utils
 
@@ -114,7 +118,8 @@ def record_ranges(content: bytes, samples: Iterable[Any], *, threads: int = 1) -
                 continue
             a, b = float(view.min()), float(view.max())
             if a != a or b != b:
-                raise ValueError(f"calibration image {count} made NaN in tensor {model.subgraphs[0].tensors[i].name!r}")
+                name = model.subgraphs[0].tensors[i].name
+                raise NaNInRange(f"calibration image {count} made NaN in tensor {name!r}")
             lo[k], hi[k], seen[k] = min(lo[k], a), max(hi[k], b), True
             del view
     if count == 0:
@@ -143,16 +148,17 @@ def _in_place_pairs(content: bytes, graph: Any, chosen: list[int], *, shaped_lik
     plain.allocate_tensors()
     wanted = set(chosen)
 
-    def where(i: int) -> tuple[int, int]:
+    def where(i: int) -> tuple[int, int] | None:
         view = plain.tensor(i)()
-        return view.ctypes.data, view.nbytes
+        return (view.ctypes.data, view.nbytes) if view.nbytes else None
 
     pairs = []
     for op in graph.operators:
         outs = [o for o in ([] if op.outputs is None else op.outputs) if o in wanted]
         for i in ([] if op.inputs is None else op.inputs):
             if i in wanted and i not in outs:
-                pairs += [(int(i), int(o)) for o in outs if where(i) == where(o)]
+                at = where(i)
+                pairs += [(int(i), int(o)) for o in outs if at is not None and at == where(o)]
     return pairs
 
 
@@ -178,6 +184,11 @@ def calibrate(content: bytes, dataset_gen: Callable, own: Callable[[Callable], b
     samples = list(dataset_gen())
     try:
         return record_ranges(content, samples)
+    except NaNInRange:
+        raise
     except NotHandled as why:
         log.info("TF Lite's own calibrator runs for this model: %s", why)
-        return own(lambda: iter(samples))
+    except Exception as exc:  # anything unforeseen: the converter's calibrator is the reference
+        log.warning("recording the calibration ranges failed (%s: %s); TF Lite's own calibrator runs instead",
+                    type(exc).__name__, exc)
+    return own(lambda: iter(samples))
