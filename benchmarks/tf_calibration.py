@@ -99,10 +99,10 @@ with tempfile.TemporaryDirectory() as tmp:
     model = flatbuffer_utils.convert_bytearray_to_object(bytearray(content))
     chosen = tf_ranges.loggable_tensors(model)
     pairs = tf_ranges._in_place_pairs(content, model.subgraphs[0], chosen,
-                                      shaped_like=tf_ranges._interpreter(content, 1))
+                                      shaped_like=tf_ranges._interpreter(content, preserve=True))
     # the same recording without the quirk: every range its own values only
     saved_fn = tf_ranges._as_logged
-    tf_ranges._as_logged = lambda graph, chosen, lo, hi, pairs: (lo, hi)
+    tf_ranges._as_logged = lambda chosen, lo, hi, pairs: (lo, hi)
     plain = ranges(mine())
     tf_ranges._as_logged = saved_fn
 

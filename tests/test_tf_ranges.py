@@ -74,7 +74,7 @@ def test_recorded_ranges_are_the_calibrators_own_in_place_writes_included(float_
 
     model = flatbuffer_utils.convert_bytearray_to_object(bytearray(content))
     chosen = tf_ranges.loggable_tensors(model)
-    interp = tf_ranges._interpreter(content, 1)
+    interp = tf_ranges._interpreter(content, preserve=True)
     pairs = tf_ranges._in_place_pairs(content, model.subgraphs[0], chosen, shaped_like=interp)
     assert pairs  # this model has in-place writes; without the quirk its ranges are not the calibrator's
     lo, hi = np.array([mine[i][0] for i in chosen]), np.array([mine[i][1] for i in chosen])
@@ -83,7 +83,7 @@ def test_recorded_ranges_are_the_calibrators_own_in_place_writes_included(float_
     assert widened
     # the true ranges of those inputs are strictly inside what the calibrator recorded for at least one
     true_lo, true_hi = [], []
-    interp2 = tf_ranges._interpreter(content, 1)
+    interp2 = tf_ranges._interpreter(content, preserve=True)
     for k in widened:
         vals = []
         for s in samples:
@@ -95,7 +95,9 @@ def test_recorded_ranges_are_the_calibrators_own_in_place_writes_included(float_
     assert any(tl > lo[k] + 1e-6 or th < hi[k] - 1e-6 for k, tl, th in zip(widened, true_lo, true_hi))
 
 
-def test_int8_from_recorded_ranges_matches_the_calibrators_file(float_model, monkeypatch):
+def test_int8_from_recorded_ranges_matches_the_calibrators_file(float_model, monkeypatch, caplog):
+    import logging
+
     from ai_edge_litert.interpreter import Interpreter
 
     saved, _, images = float_model
@@ -103,7 +105,9 @@ def test_int8_from_recorded_ranges_matches_the_calibrators_file(float_model, mon
     def convert() -> bytes:
         return tflite_export.convert(saved, Precision.int8, representative=lambda: ([x[None]] for x in images))
 
-    mine = convert()
+    with caplog.at_level(logging.INFO, logger=tf_ranges.__name__):
+        mine = convert()
+    assert not caplog.records, [r.getMessage() for r in caplog.records]  # recorded here, no fallback
     monkeypatch.setenv("SKINREG_TF_CALIBRATOR", "tflite")
     theirs = convert()
 
@@ -139,8 +143,18 @@ def test_what_it_does_not_cover_goes_to_the_converters_calibrator(float_model):
     called.clear()
     odd = [[images[0][None]], [images[1][None, :16]]]
     assert tf_ranges.calibrate(content, lambda: iter(odd), own) == b"the calibrator's" and called == [2]
-    # NaN is an error here as in the calibrator, not a reason to run it again
-    bad = images[:2].copy()
-    bad[1, 0, 0, 0] = np.nan
-    with pytest.raises(tf_ranges.NaNInRange, match=r"calibration image 2 made NaN in tensor"):
-        tf_ranges.calibrate(content, lambda: iter([[x[None]] for x in bad]), own)
+
+
+
+def test_nan_values_are_skipped_as_the_calibrator_skips_them(float_model, caplog):
+    from tensorflow.lite.python.optimize import calibrator
+
+    _, content, images = float_model
+    bad = images[:3].copy()
+    bad[1, 5, 5, 0] = np.nan  # spreads through the convolutions: many tensors partly NaN on this image
+    samples = [[x[None]] for x in bad]
+    theirs = _ranges(calibrator.Calibrator(content).calibrate(lambda: iter(samples)))
+    mine = _ranges(tf_ranges.record_ranges(content, samples))
+    assert set(mine) == set(theirs) and _worst(mine, theirs) < 1e-5
+    assert all(np.isfinite(v).all() for v in mine.values())
+    assert "NaN values during calibration" in caplog.text

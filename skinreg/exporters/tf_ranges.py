@@ -7,10 +7,10 @@ logging interpreter that records, for every operator, the minimum and maximum of
 output that has no constant buffer, and returns the same model with `quantization.min/max` set on
 those tensors. The quantizer reads nothing else from it.
 
-`record_ranges` makes that model by running the float model in the LiteRT interpreter with
-`experimental_preserve_all_tensors` (every intermediate kept) and reading the same tensors after each
-image: the same tensors, the same statistic (plain running min/max, NaN an error). One quirk of the
-calibrator is reproduced on purpose: it logs each input again *after* its operator ran, and where the
+`record_ranges` makes that model by running the float model in TensorFlow's own TF Lite interpreter
+(the calibrator's runtime: its kernels and memory planner) with `experimental_preserve_all_tensors`
+(every intermediate kept) and reading the same tensors after each image: the same tensors, the same
+statistic (running min/max from FLT_MAX/FLT_MIN, NaN values skipped). One quirk of the calibrator is reproduced on purpose: it logs each input again *after* its operator ran, and where the
 memory planner let that operator write its output over that input (a residual ADD over the projection
 conv's output, the swish MUL over the sigmoid's), the input's recorded range takes in the output's
 values. `_in_place_pairs` finds those buffers in an ordinary interpreter of the same model.
@@ -32,14 +32,11 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 LSTM_INPUTS = 24  # the calibrator logs an LSTM's intermediates with its own kernel: left to it
+FLT_MAX, FLT_MIN = float(np.finfo(np.float32).max), float(np.finfo(np.float32).tiny)  # the logger's start values
 
 
 class NotHandled(Exception):
     """A model or sample this recorder does not cover: the converter's own calibrator runs instead."""
-
-
-class NaNInRange(ValueError):
-    """A calibration image made NaN in a tensor: an error, as in the converter's calibrator."""
 
 
 def loggable_tensors(model: Any) -> list[int]:
@@ -49,11 +46,19 @@ def loggable_tensors(model: Any) -> list[int]:
 
     if len(model.subgraphs) != 1:
         raise NotHandled(f"{len(model.subgraphs)} subgraphs")
+    if any(getattr(b, "offset", 0) and b.offset > 1 for b in model.buffers or []):
+        raise NotHandled("buffers stored outside the flatbuffer")
+    lstm = {schema.BuiltinOperator.LSTM, schema.BuiltinOperator.UNIDIRECTIONAL_SEQUENCE_LSTM,
+            schema.BuiltinOperator.BIDIRECTIONAL_SEQUENCE_LSTM}
     graph = model.subgraphs[0]
+    if any(t.isVariable for t in graph.tensors):
+        raise NotHandled("variable (stateful) tensors")
     chosen: set[int] = set()
     for op in graph.operators:
         inputs = [] if op.inputs is None else list(op.inputs)
-        if len(inputs) == LSTM_INPUTS or (op.intermediates is not None and len(op.intermediates)):
+        code = model.operatorCodes[op.opcodeIndex]
+        if (max(code.builtinCode, code.deprecatedBuiltinCode) in lstm or len(inputs) == LSTM_INPUTS
+                or (op.intermediates is not None and len(op.intermediates))):
             raise NotHandled("an operator with logged intermediates (LSTM)")
         for i in inputs + ([] if op.outputs is None else list(op.outputs)):
             if i < 0:
@@ -66,17 +71,27 @@ def loggable_tensors(model: Any) -> list[int]:
     return sorted(chosen)
 
 
-def _interpreter(content: bytes, threads: int) -> Any:
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+def _interpreter(content: bytes, *, preserve: bool, threads: int = 1) -> Any:
+    """TensorFlow's own TF Lite runtime (the calibrator's library, its kernels and memory planner), without
+    default delegates, as the calibrator's logging interpreter runs."""
+    import warnings
 
-    interp = Interpreter(model_content=bytes(content), experimental_preserve_all_tensors=True, num_threads=threads,
-                         experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    import tensorflow as tf
+
+    if not hasattr(tf.lite, "Interpreter"):
+        raise NotHandled("this TensorFlow has no tf.lite.Interpreter")
+    # its deprecation notice (use ai_edge_litert): here the calibrator's own runtime is the point. A filter on
+    # that message only, added once (the same filter again replaces itself); catch_warnings is not thread-safe
+    warnings.filterwarnings("ignore", message=r"\s*Warning: tf\.lite\.Interpreter is deprecated", category=UserWarning)
+    interp = tf.lite.Interpreter(
+        model_content=bytes(content), experimental_preserve_all_tensors=preserve, num_threads=threads,
+        experimental_op_resolver_type=tf.lite.experimental.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     interp.allocate_tensors()
     return interp
 
 
 def _feed(interp: Any, sample: Any, shaped: list[bool]) -> None:
-    if not isinstance(sample, (list, tuple)) or not all(isinstance(a, np.ndarray) for a in sample):
+    if not isinstance(sample, list) or not all(isinstance(a, np.ndarray) for a in sample):
         raise NotHandled("a sample that is not a list of arrays (signature inputs)")
     details = interp.get_input_details()
     if len(sample) != len(details):
@@ -95,56 +110,64 @@ def _feed(interp: Any, sample: Any, shaped: list[bool]) -> None:
         interp.set_tensor(d["index"], np.ascontiguousarray(a))
 
 
+def _min_max(interp: Any, i: int) -> tuple[float, float] | None:
+    """The tensor's min and max, NaN values skipped as the logger skips them; None: no value to log."""
+    view = interp.tensor(i)()  # no copy; gone when this returns, before the next invoke
+    if view.size == 0:
+        return None
+    a = float(view.min())
+    if a != a:  # a NaN: the logger skips NaN values (and warns)
+        a, b = float(np.fmin.reduce(view, axis=None)), float(np.fmax.reduce(view, axis=None))
+        return None if a != a else (a, b)
+    return a, float(view.max())
+
+
 def record_ranges(content: bytes, samples: Iterable[Any], *, threads: int = 1) -> bytes:
     """The float model `content` with each loggable tensor's min/max over `samples` (each a list of input
-    arrays, as the converter's representative dataset yields them). Raises NotHandled for what the
-    converter's own calibrator should do instead, NaNInRange on NaN (as the calibrator fails)."""
+    arrays, as the converter's representative dataset yields them), as the calibrator's logger keeps them:
+    NaN values skipped, the minimum starting at FLT_MAX and the maximum at FLT_MIN (so an all-negative
+    tensor's maximum is FLT_MIN). Raises NotHandled for what the converter's own calibrator should do."""
     from tensorflow.lite.python import schema_py_generated as schema
     from tensorflow.lite.tools import flatbuffer_utils
 
     model = flatbuffer_utils.convert_bytearray_to_object(bytearray(content))
     chosen = loggable_tensors(model)
-    interp = _interpreter(content, threads)
-    lo = np.full(len(chosen), np.inf, np.float64)
-    hi = np.full(len(chosen), -np.inf, np.float64)
+    interp = _interpreter(content, preserve=True, threads=threads)
+    lo = np.full(len(chosen), FLT_MAX, np.float64)
+    hi = np.full(len(chosen), FLT_MIN, np.float64)
     seen = np.zeros(len(chosen), bool)
-    shaped, count = [False], 0
+    shaped, count, nan = [False], 0, 0
     for count, sample in enumerate(samples, 1):
         _feed(interp, sample, shaped)
         interp.invoke()
         for k, i in enumerate(chosen):
-            view = interp.tensor(i)()  # no copy; dropped before the next invoke
-            if view.size == 0:
+            got = _min_max(interp, i)
+            if got is None:
+                nan += interp.tensor(i)().size > 0
                 continue
-            a, b = float(view.min()), float(view.max())
-            if a != a or b != b:
-                name = model.subgraphs[0].tensors[i].name
-                raise NaNInRange(f"calibration image {count} made NaN in tensor {name!r}")
-            lo[k], hi[k], seen[k] = min(lo[k], a), max(hi[k], b), True
-            del view
+            lo[k], hi[k], seen[k] = min(lo[k], got[0]), max(hi[k], got[1]), True
     if count == 0:
         raise NotHandled("no calibration samples")
+    if not seen.all():  # the calibrator's reader fails on a tensor it never logged a value of: its call
+        raise NotHandled(f"{int((~seen).sum())} tensors without a single real value")
+    if nan:
+        log.warning("the model made NaN values during calibration (skipped, as TF Lite's calibrator does)")
     graph = model.subgraphs[0]
-    lo, hi = _as_logged(graph, chosen, lo, hi, _in_place_pairs(content, graph, chosen, shaped_like=interp))
+    lo, hi = _as_logged(chosen, lo, hi, _in_place_pairs(content, graph, chosen, shaped_like=interp))
     for k, i in enumerate(chosen):
-        if seen[k]:
-            q = schema.QuantizationParametersT()
-            q.min, q.max = [float(np.float32(lo[k]))], [float(np.float32(hi[k]))]
-            graph.tensors[i].quantization = q
+        q = schema.QuantizationParametersT()
+        q.min, q.max = [float(np.float32(lo[k]))], [float(np.float32(hi[k]))]
+        graph.tensors[i].quantization = q
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
 def _in_place_pairs(content: bytes, graph: Any, chosen: list[int], *, shaped_like: Any) -> list[tuple[int, int]]:
     """(input, output) tensor pairs the memory planner of an ordinary interpreter (no preserved tensors,
-    the calibrator's kernels) gives one buffer: an operator that writes its output over its input."""
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
-    want = {d["index"]: list(d["shape"]) for d in shaped_like.get_input_details()}
-
-    plain = Interpreter(model_content=bytes(content), num_threads=1,
-                        experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-    for index, shape in want.items():
-        plain.resize_tensor_input(index, shape)
+    the calibrator's runtime and kernels) gives one buffer: an operator that writes its output over its
+    input. The planner shares whole tensors of equal size only, so (address, size) identifies a share."""
+    plain = _interpreter(content, preserve=False)
+    for d in shaped_like.get_input_details():
+        plain.resize_tensor_input(d["index"], list(d["shape"]))
     plain.allocate_tensors()
     wanted = set(chosen)
 
@@ -162,11 +185,11 @@ def _in_place_pairs(content: bytes, graph: Any, chosen: list[int], *, shaped_lik
     return pairs
 
 
-def _as_logged(graph: Any, chosen: list[int], lo: np.ndarray, hi: np.ndarray,
+def _as_logged(chosen: list[int], lo: np.ndarray, hi: np.ndarray,
                pairs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
     """The calibrator logs each input again after its operator ran: where that operator wrote in place, the
-    input's range takes in the output's values too. Reproduced here so the ranges, and the int8 file, are
-    the calibrator's."""
+    input's range takes in the output's values too (the output's own values, not what later operators
+    wrote over it). Reproduced here so the ranges, and the int8 file, are the calibrator's."""
     at = {t: k for k, t in enumerate(chosen)}
     lo2, hi2 = lo.copy(), hi.copy()
     for i, o in pairs:
@@ -184,8 +207,6 @@ def calibrate(content: bytes, dataset_gen: Callable, own: Callable[[Callable], b
     samples = list(dataset_gen())
     try:
         return record_ranges(content, samples)
-    except NaNInRange:
-        raise
     except NotHandled as why:
         log.info("TF Lite's own calibrator runs for this model: %s", why)
     except Exception as exc:  # anything unforeseen: the converter's calibrator is the reference
