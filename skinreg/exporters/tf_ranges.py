@@ -16,10 +16,11 @@ conv's output, the swish MUL over the sigmoid's), the input's recorded range tak
 values. `_in_place_pairs` finds those buffers in an ordinary interpreter of the same model.
 
 Measured on the trained EfficientNet-B0 of `skinreg benchmark`, 100 calibration images, one thread
-(benchmarks/tf_calibration.py, side by side): 3.78 s instead of the calibrator's 16.36 s (4.3x), the
-same 246 tensors, every range within 7.2e-7 (relative to its width) of the calibrator's. Without the
-in-place quirk 58 ranges differed by up to 99 %, and in one export the int8 file fell from 0.970 to 0.960
-top-1 agreement and failed its gate. The int8 file is judged by the same gates either way.
+(benchmarks/tf_calibration.py, side by side, medians of 3): 2.94 s instead of the calibrator's
+17.33 s (5.9x), the same 246 tensors, every range within 6.2e-7 (relative to its width) of the
+calibrator's. Without the in-place quirk 58 ranges differed by up to 99 %, and in one export the int8
+file fell from 0.970 to 0.960 top-1 agreement and failed its gate. The int8 file is judged by the same
+gates either way.
 """
 
 from __future__ import annotations

@@ -203,7 +203,7 @@ MIN_SPLIT_SAMPLES = 20  # below this, a second process costs more than it saves
 
 def _install_calibration_memo() -> None:
     """Wrap the TF Lite converter's `Calibrator.calibrate` (once per process): tf_ranges records the ranges
-    (the calibrator's own figures, ~4x faster). Inside `calibration_reused`, a float model already
+    (the calibrator's own figures, ~6x faster). Inside `calibration_reused`, a float model already
     calibrated is not calibrated again. Where tf_ranges does not apply, the converter's calibrator runs,
     inside `calibration_split` on half of the images in a second process. For a TF build whose Calibrator
     keeps no `_model_content`, it is the original."""
@@ -300,7 +300,7 @@ def calibration_reused() -> Iterator[None]:
 def calibration_split(folder: Path | None) -> Iterator[None]:
     """Inside this block (folder: a private scratch folder; None: off), a calibration by the TF Lite
     converter's own calibrator (where tf_ranges does not apply, or SKINREG_TF_CALIBRATOR=tflite) runs on two
-    cores: that calibrator is single-threaded (~16-31 s for 100 EfficientNet-B0 images). For when nothing
+    cores: that calibrator is single-threaded (~17-31 s for 100 EfficientNet-B0 images). For when nothing
     else runs beside it: int8_lanes' second process would only take the core back."""
     if folder is None:
         yield
