@@ -10,8 +10,8 @@ those tensors. The quantizer reads nothing else from it.
 `record_ranges` makes that model by running the float model in TensorFlow's own TF Lite interpreter
 (the calibrator's runtime: its kernels and memory planner) with `experimental_preserve_all_tensors`
 (every intermediate kept) and reading the same tensors after each image: the same tensors, the same
-statistic (running min/max from FLT_MAX/FLT_MIN, NaN values skipped). One quirk of the calibrator is reproduced on purpose: it logs each input again *after* its operator ran, and where the
-memory planner let that operator write its output over that input (a residual ADD over the projection
+statistic (running min/max from FLT_MAX/FLT_MIN, NaN values skipped). One quirk of the calibrator is
+reproduced on purpose: it logs each input again *after* its operator ran, and where the memory planner let that operator write its output over that input (a residual ADD over the projection
 conv's output, the swish MUL over the sigmoid's), the input's recorded range takes in the output's
 values. `_in_place_pairs` finds those buffers in an ordinary interpreter of the same model.
 
