@@ -11,9 +11,10 @@ those tensors. The quantizer reads nothing else from it.
 (the calibrator's runtime: its kernels and memory planner) with `experimental_preserve_all_tensors`
 (every intermediate kept) and reading the same tensors after each image: the same tensors, the same
 statistic (running min/max from FLT_MAX/FLT_MIN, NaN values skipped). One quirk of the calibrator is
-reproduced on purpose: it logs each input again *after* its operator ran, and where the memory planner let that operator write its output over that input (a residual ADD over the projection
-conv's output, the swish MUL over the sigmoid's), the input's recorded range takes in the output's
-values. `_in_place_pairs` finds those buffers in an ordinary interpreter of the same model.
+reproduced on purpose: it logs each input again *after* its operator ran, and where the memory planner
+let that operator write its output over that input (a residual ADD over the projection conv's output,
+the swish MUL over the sigmoid's), the input's recorded range takes in the output's values.
+`_in_place_pairs` finds those buffers in an ordinary interpreter of the same model.
 
 Measured on the trained EfficientNet-B0 of `skinreg benchmark`, 100 calibration images, one thread
 (benchmarks/tf_calibration.py, side by side, medians of 3): 2.94 s instead of the calibrator's
@@ -72,7 +73,7 @@ def loggable_tensors(model: Any) -> list[int]:
     return sorted(chosen)
 
 
-def _interpreter(content: bytes, *, preserve: bool, threads: int = 1) -> Any:
+def _interpreter(content: bytes, *, preserve: bool) -> Any:
     """TensorFlow's own TF Lite runtime (the calibrator's library, its kernels and memory planner), without
     default delegates, as the calibrator's logging interpreter runs."""
     import warnings
@@ -85,7 +86,7 @@ def _interpreter(content: bytes, *, preserve: bool, threads: int = 1) -> Any:
     # that message only, added once (the same filter again replaces itself); catch_warnings is not thread-safe
     warnings.filterwarnings("ignore", message=r"\s*Warning: tf\.lite\.Interpreter is deprecated", category=UserWarning)
     interp = tf.lite.Interpreter(
-        model_content=bytes(content), experimental_preserve_all_tensors=preserve, num_threads=threads,
+        model_content=bytes(content), experimental_preserve_all_tensors=preserve, num_threads=1,
         experimental_op_resolver_type=tf.lite.experimental.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     interp.allocate_tensors()
     return interp
@@ -111,19 +112,20 @@ def _feed(interp: Any, sample: Any, shaped: list[bool]) -> None:
         interp.set_tensor(d["index"], np.ascontiguousarray(a))
 
 
-def _min_max(interp: Any, i: int) -> tuple[float, float] | None:
-    """The tensor's min and max, NaN values skipped as the logger skips them; None: no value to log."""
+def _min_max(interp: Any, i: int) -> tuple[float, float, bool] | None:
+    """The tensor's (min, max, had NaN), NaN values skipped as the logger skips them (and warns); None: no
+    value to log (empty, or NaN only)."""
     view = interp.tensor(i)()  # no copy; gone when this returns, before the next invoke
     if view.size == 0:
         return None
     a = float(view.min())
-    if a != a:  # a NaN: the logger skips NaN values (and warns)
-        a, b = float(np.fmin.reduce(view, axis=None)), float(np.fmax.reduce(view, axis=None))
-        return None if a != a else (a, b)
-    return a, float(view.max())
+    if a == a:
+        return a, float(view.max()), False
+    a, b = float(np.fmin.reduce(view, axis=None)), float(np.fmax.reduce(view, axis=None))
+    return None if a != a else (a, b, True)
 
 
-def record_ranges(content: bytes, samples: Iterable[Any], *, threads: int = 1) -> bytes:
+def record_ranges(content: bytes, samples: Iterable[Any]) -> bytes:
     """The float model `content` with each loggable tensor's min/max over `samples` (each a list of input
     arrays, as the converter's representative dataset yields them), as the calibrator's logger keeps them:
     NaN values skipped, the minimum starting at FLT_MAX and the maximum at FLT_MIN (so an all-negative
@@ -133,20 +135,20 @@ def record_ranges(content: bytes, samples: Iterable[Any], *, threads: int = 1) -
 
     model = flatbuffer_utils.convert_bytearray_to_object(bytearray(content))
     chosen = loggable_tensors(model)
-    interp = _interpreter(content, preserve=True, threads=threads)
+    interp = _interpreter(content, preserve=True)
     lo = np.full(len(chosen), FLT_MAX, np.float64)
     hi = np.full(len(chosen), FLT_MIN, np.float64)
     seen = np.zeros(len(chosen), bool)
-    shaped, count, nan = [False], 0, 0
+    shaped, count, nan = [False], 0, False
     for count, sample in enumerate(samples, 1):
         _feed(interp, sample, shaped)
         interp.invoke()
         for k, i in enumerate(chosen):
             got = _min_max(interp, i)
             if got is None:
-                nan += interp.tensor(i)().size > 0
+                nan = nan or interp.tensor(i)().size > 0
                 continue
-            lo[k], hi[k], seen[k] = min(lo[k], got[0]), max(hi[k], got[1]), True
+            lo[k], hi[k], seen[k], nan = min(lo[k], got[0]), max(hi[k], got[1]), True, nan or got[2]
     if count == 0:
         raise NotHandled("no calibration samples")
     if not seen.all():  # the calibrator's reader fails on a tensor it never logged a value of: its call

@@ -221,8 +221,10 @@ def _install_calibration_memo() -> None:
         if memo is not None and key in memo:
             return memo[key]
 
-        def own(gen: Callable) -> bytes:  # the converter's calibrator, on both cores where calibration_split says
-            return _split_calibrate(original, self, bytes(content), gen, split) if split is not None else original(self, gen)
+        def own(gen: Callable) -> bytes:  # the converter's calibrator, on two cores inside calibration_split
+            if split is None:
+                return original(self, gen)
+            return _split_calibrate(original, self, bytes(content), gen, split)
 
         calibrated = tf_ranges.calibrate(bytes(content), dataset_gen, own)
         if memo is not None:
