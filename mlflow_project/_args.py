@@ -7,7 +7,7 @@ from skinreg.cli import app
 
 TRUE = {"true", "1", "yes"}
 # The `export` entry point's parameters as `skinreg export-version` options (tests/test_settings.py).
-EXPORT_VERSION = {"lists": ("formats", "quantize", "gates"), "flags": ("allow-pickle", "force"),
+EXPORT_VERSION = {"lists": ("formats", "quantize", "gates"), "flags": ("run-registry-code", "force"),
                   "rename": {"formats": "format", "gates": "gate"}}
 
 

@@ -6,9 +6,20 @@ Missing work, per configured source model:
 - a version with no export (`skinreg.export.status` absent or 'error', or 'running' by a run that
   is dead or older than stale_running_s) -> an export job;
 - an alias on a source version that its passing variants do not carry at the matching version
-  -> an alias job (which exports first when needed).
-Deleted aliases are not reconciled: an alias only on a variant may be deliberate (e.g. a beta
-channel for one format), so only an alias.deleted event removes aliases from variants.
+  -> an alias job (which exports first when needed);
+- an alias on a variant that its source no longer has -> an unalias job (the alias was deleted on
+  the source and its `model_version_alias.deleted` delivery was lost): a revoked alias such as
+  `production` does not stay live on the variants. Every alias the hooks follow from the source is
+  checked; the candidate alias (cfg.candidate_alias) is not, because exports set it on passing
+  variants themselves, whatever the source carries.
+
+Decisions are made from the facts of skinreg's sealed records (VersionRef.facts, Registry.variant_of;
+see skinreg/seal.py), never from plain tags. Everything else in the registry is written by whoever may
+write to it, so nothing in it stops a round: each source, each version, each alias and each variant is
+reconciled on its own. A failure is logged once, named (the source, models:/NAME/VERSION or the variant
+model), and listed in the report's `failures`; a recorded `skinreg.export.variants` that does not parse
+is treated as absent and listed in `bad_tags`. Both are also in `notes`. Only the job queue failing
+stops the round (nothing can be queued without it).
 """
 
 from __future__ import annotations
@@ -17,8 +28,9 @@ import json
 import logging
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 from skinreg.errors import SkinregError, first_line
 from skinreg.registry import Registry, VersionRef
@@ -26,7 +38,7 @@ from skinreg.registry import Registry, VersionRef
 from .config import HooksConfig
 from .events import JobKind, JobSpec
 from .queue import DEAD, JobQueue
-from skinreg.tags import EXPORT_REASON, EXPORT_RUN_ID, EXPORT_STATUS, EXPORT_VARIANTS, VARIANT_OF
+from skinreg.tags import EXPORT_REASON, EXPORT_RUN_ID, EXPORT_STATUS, EXPORT_VARIANTS
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +56,43 @@ class ReconcileReport:
     checked_versions: int = 0
     queued: list[Queued] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # "<source, version URI or variant>: not reconciled: <error>"
+    bad_tags: list[str] = field(default_factory=list)  # "<version URI>: <tag> ...: treated as absent"
+
+
+class QueueUnavailable(SkinregError):
+    """The job queue failed while the reconciler queued work: the round stops (raised with the cause)."""
+
+
+def _recorded_variants(ref: VersionRef) -> dict[str, str] | None:
+    """The export's `skinreg.export.variants` ({variant: "name/version"}); {} when absent; None when it is
+    not that (not JSON, not an object, a value that is no "name/version")."""
+    raw = ref.facts.get(EXPORT_VARIANTS)
+    if raw is None:
+        return {}
+    try:
+        recorded: Any = raw if isinstance(raw, dict) else json.loads(raw)
+    except (TypeError, ValueError):  # JSONDecodeError is a ValueError
+        return None
+    if not isinstance(recorded, dict):
+        return None
+    for name_version in recorded.values():
+        if not isinstance(name_version, str):
+            return None
+        name, _, version = name_version.partition("/")
+        if not name or not version.isdigit():
+            return None
+    return recorded
 
 
 def _export_missing(reg: Registry, ref: VersionRef, stale_running_s: float) -> str | None:
-    status = ref.tags.get(EXPORT_STATUS)
+    status = ref.facts.get(EXPORT_STATUS)
     if status is None:
         return "never exported"
     if status == "error":
-        return f"last export failed: {ref.tags.get(EXPORT_REASON, '?')}"
+        return f"last export failed: {ref.facts.get(EXPORT_REASON, '?')}"
     if status == "running":
-        run_id = ref.tags.get(EXPORT_RUN_ID)
+        run_id = ref.facts.get(EXPORT_RUN_ID)
         if not run_id:
             return "marked running without a run"
         state = reg.run_state(run_id)
@@ -64,9 +103,13 @@ def _export_missing(reg: Registry, ref: VersionRef, stale_running_s: float) -> s
     return None
 
 
-def _alias_missing(reg: Registry, ref: VersionRef, alias: str) -> str | None:
-    status = ref.tags.get(EXPORT_STATUS)
-    recorded = json.loads(ref.tags.get(EXPORT_VARIANTS, "{}"))
+def _alias_missing(reg: Registry, ref: VersionRef, alias: str, recorded: dict[str, str] | None) -> str | None:
+    """recorded: the version's parsed `skinreg.export.variants`; None when it does not parse."""
+    status = ref.facts.get(EXPORT_STATUS)
+    if recorded is None:
+        # Treated as absent. A finished export (passed/failed) is not exported again by the alias job,
+        # which would then fail on the same tag: nothing can follow until the version is exported again.
+        return None if status in ("passed", "failed") else f"{alias} on {ref.uri}, which has no variants yet"
     if not recorded:
         # failed with nothing passing: no variant can follow; running: the alias job waits for it
         return None if status == "failed" else f"{alias} on {ref.uri}, which has no variants yet"
@@ -86,7 +129,10 @@ def reconcile(cfg: HooksConfig, queue: JobQueue, *, registry: Registry | None = 
     report = ReconcileReport()
 
     def want(spec: JobSpec, why: str) -> None:
-        last = queue.latest(spec.key)
+        try:
+            last = queue.latest(spec.key)
+        except Exception as exc:
+            raise QueueUnavailable(f"job queue: {first_line(exc)}") from exc
         if last is not None and last.state == DEAD and not include_dead:
             dead_for = time.time() - (last.finished_at or last.updated_at)
             if not cfg.dead_requeue_s or dead_for < cfg.dead_requeue_s:
@@ -96,37 +142,90 @@ def reconcile(cfg: HooksConfig, queue: JobQueue, *, registry: Registry | None = 
                 return
             why = f"{why}; its job {last.id} has been dead for {dead_for:.0f}s (over dead_requeue_s): queued again"
             log.warning("reconcile: %s", why)
-        job_id, merged = queue.enqueue(spec, origin="reconcile")
+        try:
+            job_id, merged = queue.enqueue(spec, origin="reconcile")
+        except Exception as exc:
+            raise QueueUnavailable(f"job queue: {first_line(exc)}") from exc
         report.queued.append(Queued(spec=spec, job_id=job_id, merged=merged, why=why))
         log.info("reconcile: %s job %s (%s)%s", spec.key, job_id, why, " [already queued]" if merged else "")
 
+    found: dict[str, list[str]] | None = None
+
+    def variants_of(source: str) -> list[str]:
+        """The variant models of `source`, by their sealed records (as demote() finds them): every
+        registered model is listed once per round, when first needed."""
+        nonlocal found
+        if found is None:
+            models, found = reg.registered_models(), {}
+            for model in models:
+                with _isolated(report, f"model {model.name!r}"):
+                    of = reg.variant_of(model)
+                    if of is not None:
+                        found.setdefault(of, []).append(model.name)
+        return sorted(found.get(source, []))
+
     for name in cfg.sources:
-        try:
-            _reconcile_source(reg, name, cfg, report, want)
-        except SkinregError as exc:  # one broken model (a deleted run, a renamed variant) must not stop the rest
-            report.notes.append(f"{name}: not reconciled: {exc}")
+        with _isolated(report, name):
+            _reconcile_source(reg, name, cfg, report, want, variants_of)
     return report
 
 
+@contextmanager
+def _isolated(report: ReconcileReport, what: str) -> Iterator[None]:
+    """Run one part of a round; any failure but the queue's is logged once, named, and reported."""
+    try:
+        yield
+    except QueueUnavailable:
+        raise
+    except Exception as exc:  # registry content is anyone's: one bad source or version must not stop the rest
+        text = f"{what}: not reconciled: {type(exc).__name__}: {first_line(exc)}"
+        log.warning("reconcile: %s", text)
+        report.failures.append(text)
+        report.notes.append(text)
+
+
 def _reconcile_source(reg: Registry, name: str, cfg: HooksConfig, report: ReconcileReport,
-                      want: Callable[[JobSpec, str], None]) -> None:
+                      want: Callable[[JobSpec, str], None], variants_of: Callable[[str], list[str]]) -> None:
     if not reg.exists(name):
         report.notes.append(f"{name}: no such registered model (yet)")
         return
-    if VARIANT_OF in reg.registered_model_tags(name):
+    if reg.variant_source(name) is not None:
         report.notes.append(f"{name}: is a skinreg variant; remove it from the sources")
         return
     versions = {v.version: v for v in reg.versions(name)}
     report.checked_versions += len(versions)
+    recorded: dict[str, dict[str, str] | None] = {}
     for version, ref in sorted(versions.items(), key=lambda kv: int(kv[0])):
-        why = _export_missing(reg, ref, cfg.stale_running_s)
-        if why:
-            want(JobSpec(JobKind.export, name, version=version), why)
-    for alias, version in reg.aliases(name).items():
+        with _isolated(report, ref.uri):
+            recorded[version] = _recorded_variants(ref)
+            if recorded[version] is None:
+                text = (f"{ref.uri}: recorded {EXPORT_VARIANTS} is not a JSON object of variant -> \"name/version\" "
+                        f"({str(ref.facts.get(EXPORT_VARIANTS))[:80]!r}): treated as absent")
+                log.warning("reconcile: %s", text)
+                report.bad_tags.append(text)
+                report.notes.append(text)
+            why = _export_missing(reg, ref, cfg.stale_running_s)
+            if why:
+                want(JobSpec(JobKind.export, name, version=version), why)
+    source_aliases = reg.aliases(name)
+    for alias, version in source_aliases.items():
         ref = versions.get(str(version))
-        why = _alias_missing(reg, ref, alias) if ref is not None else None
-        if why:
-            want(JobSpec(JobKind.alias, name, version=str(version), alias=alias), why)
+        if ref is None:
+            continue
+        with _isolated(report, f"{ref.uri} (alias {alias})"):
+            why = _alias_missing(reg, ref, alias, recorded.get(ref.version, {}))
+            if why:
+                want(JobSpec(JobKind.alias, name, version=str(version), alias=alias), why)
+    # Aliases deleted on the source but still on its variants (a lost alias.deleted delivery)
+    stale: dict[str, list[str]] = {}
+    for variant in variants_of(name):
+        with _isolated(report, f"{variant} (variant of {name})"):
+            for alias in reg.aliases(variant):
+                if alias not in source_aliases and alias != cfg.candidate_alias:
+                    stale.setdefault(alias, []).append(variant)
+    for alias, variants in sorted(stale.items()):
+        with _isolated(report, f"{name} (alias {alias})"):
+            want(JobSpec(JobKind.unalias, name, alias=alias), f"{alias} is not on {name} but still on {', '.join(variants)}")
 
 
 def reconcile_forever(cfg: HooksConfig, queue: JobQueue, stop: threading.Event) -> None:

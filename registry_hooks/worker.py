@@ -22,7 +22,7 @@ from .config import Executor, HooksConfig
 from .events import JobKind
 from .queue import Job, JobQueue
 from skinreg.tags import (
-    EXPORT_FAILED, EXPORT_REASON, EXPORT_RUN, EXPORT_RUN_ID, EXPORT_STATUS, EXPORT_VARIANTS, VARIANT_OF,
+    EXPORT_FAILED, EXPORT_REASON, EXPORT_RUN, EXPORT_RUN_ID, EXPORT_STATUS, EXPORT_VARIANTS,
 )
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,17 @@ TAIL_LINES = 6  # last lines of a failed child's stderr kept (on one line) in th
 # backoff) without using up an attempt, so an outage never parks work as dead.
 OUTAGE_MARKERS = ("cannot reach the MLflow tracking server", "Connection refused", "Failed to establish a new connection",
                   "Max retries exceeded", "Name or service not known", "Temporary failure in name resolution")
+
+
+CLOCK_SKEW_S = 300  # a run that says it starts later than this from now is not believed
+
+
+def _json_object(value: Any) -> dict[str, str]:
+    try:
+        doc = json.loads(value or "{}")
+    except (TypeError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in doc.items()} if isinstance(doc, dict) else {}
 
 
 def is_outage(message: str) -> bool:
@@ -154,15 +165,15 @@ class _ChildExecutor:
     def export(self, ref: VersionRef, on_run: Callable[[str], None], cfg: HooksConfig) -> ExportOutcome:
         proc = _run_child(self._export_cmd(ref, cfg), what=f"export {ref.uri}")
         after = self.registry.get(ref.name, ref.version)
-        status = after.tags.get(EXPORT_STATUS)
-        run_id = after.tags.get(EXPORT_RUN_ID)
+        status = after.facts.get(EXPORT_STATUS)
+        run_id = after.facts.get(EXPORT_RUN_ID)
         if run_id:
             on_run(run_id)
         # export-version exits 4 when some variants failed their gates: that is a result, not an error
         if proc.returncode in (0, 4) and status in ("passed", "failed"):
             # the pipeline skips a version already exported with these settings: same run as before
-            skipped = ref.tags.get(EXPORT_STATUS) in ("passed", "failed") and \
-                ref.tags.get(EXPORT_RUN_ID) == run_id
+            skipped = ref.facts.get(EXPORT_STATUS) in ("passed", "failed") and \
+                ref.facts.get(EXPORT_RUN_ID) == run_id
             return ExportOutcome(status="skipped" if skipped else status, run_id=run_id)
         raise ExportError(f"export of {ref.uri} exited {proc.returncode} (export.status={status}): "
                           f"{_tail(proc.stderr)}")
@@ -325,10 +336,11 @@ class Worker:
         return self._unalias(job)
 
     def registry_guard(self, job: Job) -> Outcome | None:
-        """Second loop guard (the receiver checked names and payload tags): a model that skinreg made."""
-        tags = self.registry.registered_model_tags(job.spec.name)
-        if VARIANT_OF in tags:
-            return Outcome(f"ignored: {job.spec.name} is a skinreg variant of {tags[VARIANT_OF]}")
+        """Second loop guard (the receiver checked names and payload tags): a model that skinreg made, as its
+        sealed record says (a plain `skinreg.variant_of` tag on a source does not stop its exports)."""
+        source = self.registry.variant_source(job.spec.name)
+        if source is not None:
+            return Outcome(f"ignored: {job.spec.name} is a skinreg variant of {source}")
         return None
 
     def settings_for(self, ref: VersionRef) -> HooksConfig:
@@ -364,14 +376,14 @@ class Worker:
         ref = self.registry.get(name, version)
         self._recover_interrupted(job, ref)
         ref = self.registry.get(name, version)
-        run_id = ref.tags.get(EXPORT_RUN_ID)
-        if ref.tags.get(EXPORT_STATUS) not in ("passed", "failed"):
+        run_id = ref.facts.get(EXPORT_RUN_ID)
+        if ref.facts.get(EXPORT_STATUS) not in ("passed", "failed"):
             res = self.executor.export(ref, self._record_run(job), self.settings_for(ref))  # the alias follows to variants: make them
             ref, run_id = self.registry.get(name, version), res.run_id
-        recorded = json.loads(ref.tags.get(EXPORT_VARIANTS, "{}"))
+        recorded = _json_object(ref.facts.get(EXPORT_VARIANTS))
         if not recorded:
             return Outcome(f"nothing to follow: {ref.uri} has no passing variants "
-                           f"({ref.tags.get(EXPORT_REASON, 'no export')})", run_id=run_id)
+                           f"({ref.facts.get(EXPORT_REASON, 'no export')})", run_id=run_id)
         # Already in place: promote would only set the same aliases again (and fire the same webhook)
         if all(str(self.registry.aliases(nv.split("/", 1)[0]).get(alias)) == nv.split("/", 1)[1]
                for nv in recorded.values()):
@@ -401,47 +413,56 @@ class Worker:
           checked for completeness (every variant the run registered is recorded, with its alias).
         A dead export is rolled back like the pipeline would have: the run's variant versions are
         deleted, the run is marked KILLED and the source version 'error', then it is exported again."""
-        status = ref.tags.get(EXPORT_STATUS)
-        run_id = ref.tags.get(EXPORT_RUN_ID)
+        status = ref.facts.get(EXPORT_STATUS)
+        run_id = ref.facts.get(EXPORT_RUN_ID)
         # Ours, hence dead: a run of an earlier attempt of this very job with a local executor (killed, or
         # ended by an error it could not report because MLflow was down, which leaves the run RUNNING).
         ours = self.executor.local and bool(run_id) and (
             (job.interrupted > 0 and job.run_id in (None, run_id)) or job.run_id == run_id)
         if status == "running":
             state = self.registry.run_state(run_id) if run_id else None
-            too_old = state is not None and time.time() - state.start_time_ms / 1000 > self.cfg.stale_running_s
+            now = time.time()
+            # Stale by the job's own clock (how long this job has waited), never by the run's start time
+            # alone: a run's start time is whatever its creator wrote, ten years ahead included.
+            too_old = state is not None and (now - job.created_at > self.cfg.stale_running_s
+                                             or now - state.start_time_ms / 1000 > self.cfg.stale_running_s
+                                             or state.start_time_ms / 1000 > now + CLOCK_SKEW_S)
             if state is not None and state.status == "RUNNING" and not ours and not too_old:
                 raise Busy(f"{ref.uri} is being exported by run {run_id}")
         elif not (ours and status in ("passed", "failed")) or self._export_complete(ref, run_id or ""):
             return
-        self._roll_back(ref, run_id)
+        self._roll_back(ref, run_id, ours=bool(run_id) and job.run_id == run_id)
 
     def _run_versions(self, source: str, run_id: str) -> list[VersionRef]:
         from skinreg.pipeline import variant_models
 
         return [v for name in variant_models(source, registry=self.registry) for v in self.registry.versions(name)
-                if v.tags.get(EXPORT_RUN) == run_id]
+                if v.facts.get(EXPORT_RUN) == run_id]
 
     def _export_complete(self, ref: VersionRef, run_id: str) -> bool:
-        try:
-            recorded = set(json.loads(ref.tags[EXPORT_VARIANTS]).values())
-            json.loads(ref.tags[EXPORT_FAILED])
-        except (KeyError, ValueError):
+        if EXPORT_VARIANTS not in ref.facts or EXPORT_FAILED not in ref.facts:
             return False
+        recorded = set(_json_object(ref.facts[EXPORT_VARIANTS]).values())
         registered = {f"{v.name}/{v.version}" for v in self._run_versions(ref.name, run_id)}
         alias = self.cfg.candidate_alias
         return recorded == registered and (not alias or all(
             str(self.registry.aliases(nv.split("/", 1)[0]).get(alias)) == nv.split("/", 1)[1] for nv in recorded))
 
-    def _roll_back(self, ref: VersionRef, run_id: str | None) -> None:
+    def _roll_back(self, ref: VersionRef, run_id: str | None, *, ours: bool) -> None:
+        """Mark a dead export's source version 'error'. Its variant versions are deleted only when the run is
+        this job's own (recorded in the queue, which no registry user writes) and no alias points at them;
+        another run's leftovers stay (an export with the same settings reuses them after its checks)."""
         removed = []
-        if run_id:
+        if run_id and ours:
             for v in self._run_versions(ref.name, run_id):
+                if v.aliases:
+                    log.warning("%s: not deleted, it holds %s", v.uri, ", ".join(v.aliases))
+                    continue
                 self.registry.delete_version(v.name, v.version)
                 removed.append(v.uri)
-            if self.registry.run_state(run_id).status == "RUNNING":
-                self.registry.terminate_run(run_id, "KILLED")
-        self.registry.set_version_tags(ref.name, ref.version, {
-            EXPORT_STATUS: "error", EXPORT_REASON: f"export run {run_id} was interrupted"})
+        if run_id and ours and self.registry.run_state(run_id).status == "RUNNING":
+            self.registry.terminate_run(run_id, "KILLED")
+        self.registry.record_export(ref, {EXPORT_STATUS: "error",
+                                          EXPORT_REASON: f"export run {run_id} was interrupted"})
         log.warning("%s: export run %s was interrupted; rolled back %s; exporting again", ref.uri, run_id,
                     ", ".join(removed) or "no variant versions")

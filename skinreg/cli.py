@@ -206,7 +206,9 @@ def train_cmd(
 @export_settings_options
 def export_version_cmd(
     model_uri: Annotated[str, typer.Option(help="models:/NAME/VERSION or models:/NAME@ALIAS of a PyTorch version.")],
-    allow_pickle: Annotated[bool, typer.Option(help="Allow loading a pickled PyTorch model (executes its code).")] = False,
+    run_registry_code: Annotated[bool, typer.Option(help=(
+        "Load the source with MLflow's own loader: a pickle, a code folder or a pt2 program from the registry, "
+        "run as code in this process. Only for a version whose author you trust."))] = False,
     arch: Annotated[Optional[str], typer.Option(help="Architecture, for versions registered without skinreg metadata.")] = None,
     num_classes: Annotated[Optional[int], typer.Option()] = None,
     input_size: Annotated[Optional[int], typer.Option()] = None,
@@ -224,7 +226,7 @@ def export_version_cmd(
     from .errors import GateError
     from .pipeline import ExportOptions, export_version
 
-    opts = ExportOptions(**vars(settings), allow_pickle=allow_pickle, arch=arch, num_classes=num_classes,
+    opts = ExportOptions(**vars(settings), run_registry_code=run_registry_code, arch=arch, num_classes=num_classes,
                          input_size=input_size, labels=labels.split(",") if labels else None,
                          name_pattern=name_pattern, candidate_alias=candidate_alias or None, force=force,
                          cache=cache)

@@ -39,6 +39,7 @@ import numpy as np
 from .enums import Format
 from .errors import first_line
 from .exporters import file_sha256
+from .seal import manifest_differences
 from .tags import DYNAMIC_BATCH, INPUT_SHAPE
 from .validate import Outcome
 
@@ -192,7 +193,7 @@ def download_variant(uri: str, dst: Path) -> Path:
 
 def check_variant(uri: str, v: "VariantResult", result: "ExportResult", *, tags: dict[str, str] | None = None,
                   batch: int = BATCH, downloaded: "Path | BaseException | None" = None,
-                  verdicts: Verdicts | None = None) -> ConsumerCheck:
+                  verdicts: Verdicts | None = None, manifest: dict[str, str] | None = None) -> ConsumerCheck:
     """Load `uri` (a registered variant) through every consumer path on the validation images.
 
     `uri` is downloaded once (`models:/<name>/<version>`, resolved by the registry like any consumer's
@@ -202,7 +203,9 @@ def check_variant(uri: str, v: "VariantResult", result: "ExportResult", *, tags:
     tags, whose description of the file (dynamic batch, input shape), where present, must match the served
     file. `downloaded`: what `download_variant(uri)` gave when the caller downloaded it already (the
     folder, or the error it raised). `verdicts`: where passing checks are remembered; a check whose
-    served bytes and inputs passed before reuses that verdict (module docstring), None runs every path."""
+    served bytes and inputs passed before reuses that verdict (module docstring), None runs every path.
+    `manifest`: the sha256 of every file skinreg logged for this version (seal.manifest); the served
+    files must be exactly those before any loader reads them (a pyfunc's loader runs its code)."""
     import mlflow
 
     from .serving import SkinClassifier, find_model_file
@@ -222,6 +225,14 @@ def check_variant(uri: str, v: "VariantResult", result: "ExportResult", *, tags:
             served, _ = find_model_file(local)
         except Exception as exc:
             check.failures.append(f"{v.file.variant}: cannot download {uri}: {first_line(exc)}")
+            return check
+        if manifest is None:
+            check.failures.append(f"{v.file.variant}: no sealed manifest of what {uri} serves; not loaded")
+            return check
+        differences = manifest_differences(local, manifest)
+        if differences:
+            check.failures.append(f"{v.file.variant}: {uri} serves files skinreg did not log "
+                                  f"({'; '.join(differences[:3])}); not loaded")
             return check
         check.served_sha256 = file_sha256(served)
         if check.served_sha256 != check.validated_sha256:

@@ -18,6 +18,7 @@ from .enums import Format
 from .errors import RegistryError, first_line
 from .models import LoadedModel, ModelSpec, build_model, load_checkpoint
 from .preprocess import Preprocessing
+from .seal import manifest
 
 if TYPE_CHECKING:
     from .results import ExportResult, VariantResult
@@ -50,7 +51,7 @@ class SourceHints:
     """How to read a source version: what fills in for a version registered without skinreg metadata,
     and whether its pickled code may run. Separate from the export settings (what to export)."""
 
-    allow_pickle: bool = False
+    run_registry_code: bool = False
     arch: str | None = None
     num_classes: int | None = None
     input_size: int | None = None
@@ -107,7 +108,7 @@ def _fetch_source(ref: "VersionRef", opts: SourceHints, dst: Path) -> tuple[Path
 
     For an MLflow PyTorch model read without pickle that is the MLmodel file and the flavor's data folder:
     the input examples and environment files are never read, and against a remote server each file is a
-    request or two. Everything is downloaded when MLflow's own loader will run (--allow-pickle: it reads
+    request or two. Everything is downloaded when MLflow's own loader will run (--run-registry-code: it reads
     the whole folder) and when the version is not an MLflow PyTorch model (a .pth checkpoint is searched
     for anywhere in it)."""
     from mlflow import MlflowClient
@@ -132,7 +133,7 @@ def _fetch_source(ref: "VersionRef", opts: SourceHints, dst: Path) -> tuple[Path
             (dst / path).parent.mkdir(parents=True, exist_ok=True)
             download(path, str(dst / path))
 
-    if "MLmodel" in listing and not listing["MLmodel"].is_dir and not opts.allow_pickle:
+    if "MLmodel" in listing and not listing["MLmodel"].is_dir and not opts.run_registry_code:
         fetch("MLmodel")
         flavor = Model.load(str(dst)).flavors.get("pytorch")
         if flavor is not None:
@@ -149,31 +150,59 @@ def _fetch_source(ref: "VersionRef", opts: SourceHints, dst: Path) -> tuple[Path
 
 def _load_pytorch_flavor(ref: "VersionRef", mlmodel: Any, local: Path, opts: SourceHints, top: set[str]
                          ) -> tuple[LoadedModel, bool, list[str]]:
-    import mlflow.pytorch
-    import torch
-
+    """A version logged with mlflow.pytorch.log_model. By default nothing from the registry is executed: the
+    pt2 archive's weights are read as data (pt2_archive.py) into skinreg's own build of the architecture
+    (from the hints, the skinreg spec in the MLmodel, or recognized from the weights' names and shapes).
+    With --run-registry-code, MLflow's own loader runs (a pickle, a code folder, a pt2 program)."""
     flavor = mlmodel.flavors["pytorch"]
-    data = local / flavor.get("model_data", "data")
+    data = inside(local, flavor.get("model_data", "data"), what=f"{ref.uri}: the pytorch flavor's model_data")
     risks = code_risks(mlmodel, local, top)
-    if risks and not opts.allow_pickle:
+    if risks and not opts.run_registry_code:
         raise RegistryError(f"{ref.uri} would run code from the registry when loaded ({'; '.join(risks)}); pass "
-                            "--allow-pickle (MLproject: -P allow_pickle=true) only if you trust its author")
+                            "--run-registry-code (MLproject: -P run_registry_code=true) only if you trust its author")
     if not (data / "model.pth").exists() and not (data / "model.pt2").exists():
         raise RegistryError(f"{ref.uri} has neither data/model.pt2 nor data/model.pth; log it with "
                             "mlflow.pytorch.log_model")
     meta = (mlmodel.metadata or {}).get(SPEC_KEY)
-    spec_meta = ModelSpec.from_dict(meta if isinstance(meta, dict) else json.loads(meta)) if meta else None
-    arch = opts.arch or (spec_meta.arch if spec_meta else None)
-    notes: list[str] = []
-    if opts.allow_pickle:  # the user trusts the author: MLflow's own loader, pickle, code/ and all
-        is_pickle = (data / "model.pth").exists()
-        model = (mlflow.pytorch.load_model(str(local), map_location="cpu") if is_pickle
-                 else mlflow.pytorch.load_model(str(local)))
-    else:  # a pt2 archive checked pickle-free above: nothing in it can run code
-        model = torch.export.load(str(data / "model.pt2")).module()
+    try:
+        spec_meta = ModelSpec.from_dict(meta if isinstance(meta, dict) else json.loads(meta)) if meta else None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RegistryError(f"{ref.uri}: its MLmodel's {SPEC_KEY} metadata is malformed ({first_line(exc)}); "
+                            "pass --arch, --num-classes, --input-size and --labels instead") from None
+    size = opts.input_size or (spec_meta.preprocessing.input_size if spec_meta else None) or _signature_size(mlmodel) or 224
+    if opts.run_registry_code:
+        return _load_with_mlflow(ref, local, data, opts, spec_meta, size)
+    from .models import guess_arch, load_state_dict
+    from .pt2_archive import read_state_dict
+
+    state = read_state_dict(data / "model.pt2")
+    arch = opts.arch or (spec_meta.arch if spec_meta else None) or guess_arch(state)
+    if arch is None:
+        from .models import ARCHS
+
+        raise RegistryError(f"{ref.uri}: its weights fit none of skinreg's architectures ({', '.join(ARCHS)}), and "
+                            "skinreg does not run the pt2 program itself; pass --arch NAME, or --run-registry-code "
+                            "(MLproject: -P run_registry_code=true) to run it, only if you trust its author")
+    pre = spec_meta.preprocessing if spec_meta else None
+    meta = {"labels": list(pre.labels), "mean": list(pre.mean), "std": list(pre.std)} if pre else {}
+    loaded = load_state_dict(state, meta=meta, arch=arch, num_classes=opts.num_classes, input_size=size,
+                             labels=opts.labels, source=ref.uri)
+    return loaded, True, [f"rebuilt {arch} from the weights of the pt2 archive, read as data (its program is "
+                          "not run): dynamic batch"]
+
+
+def _load_with_mlflow(ref: "VersionRef", local: Path, data: Path, opts: SourceHints, spec_meta: ModelSpec | None,
+                      size: int) -> tuple[LoadedModel, bool, list[str]]:
+    """MLflow's own loader, as the user asked (--run-registry-code): pickle, code/ and pt2 programs run."""
+    import mlflow.pytorch
+    import torch
+
+    is_pickle = (data / "model.pth").exists()
+    model = (mlflow.pytorch.load_model(str(local), map_location="cpu") if is_pickle
+             else mlflow.pytorch.load_model(str(local)))
     if not isinstance(model, torch.fx.GraphModule):  # exported graphs refuse .eval(); they are eval already
         model.eval()
-    size = opts.input_size or (spec_meta.preprocessing.input_size if spec_meta else None) or _signature_size(mlmodel) or 224
+    arch = opts.arch or (spec_meta.arch if spec_meta else None)
     with torch.inference_mode():
         try:
             num_classes = int(model(torch.zeros(2, 3, size, size)).shape[-1])
@@ -199,44 +228,42 @@ def _load_pytorch_flavor(ref: "VersionRef", mlmodel: Any, local: Path, opts: Sou
             raise CheckpointError(f"architecture mismatch: the weights of {ref.uri} do not fit {arch} "
                                   f"({len(missing.missing_keys)} missing, {len(missing.unexpected_keys)} unexpected keys); "
                                   "pass the architecture it was trained with")
-        notes.append(f"rebuilt eager {arch} from the logged model's state_dict (dynamic batch)")
-        return LoadedModel(model=eager.eval(), spec=ModelSpec(arch, num_classes, pre)), True, notes
-    if not dynamic:
-        notes.append("architecture unknown and the logged pt2 model has its batch fixed at 1 (it was logged with "
-                     "a batch-1 input example): ONNX exported with batch 1; pass --arch to rebuild a dynamic-batch model")
+        return LoadedModel(model=eager.eval(), spec=ModelSpec(arch, num_classes, pre)), True, [
+            f"rebuilt eager {arch} from the logged model's state_dict (dynamic batch)"]
+    notes = [] if dynamic else [
+        "architecture unknown and the logged pt2 model has its batch fixed at 1 (it was logged with a batch-1 "
+        "input example): ONNX exported with batch 1; pass --arch to rebuild a dynamic-batch model"]
     return LoadedModel(model=model, spec=ModelSpec(arch or "unknown", num_classes, pre)), dynamic, notes
 
 
 def code_risks(mlmodel: Any, local: Path, top: set[str] = frozenset()) -> list[str]:
-    """What loading this MLflow PyTorch model would execute, decided from what MLflow's loader *will*
-    read (mlflow.pytorch._load_model, MLflow 3.17), not from which file happens to exist:
+    """What loading this MLflow PyTorch model with MLflow's loader would execute beside the pt2 archive (which
+    skinreg reads as data), decided from what MLflow's loader *will* read (mlflow.pytorch._load_model,
+    MLflow 3.17), not from which file happens to exist:
     - data/model.pth is unpickled (pickle module named by pickle_module_info.txt, so torch's weights_only
       is off) whenever it exists, even beside a model.pt2;
     - the flavor's `code` folder (and any `code/` in the artifact, downloaded or listed in `top`) is put on
-      sys.path and imported from;
-    - torch.export.load unpickles a pt2 archive's weight/constant records with weights_only=False, so a pt2
-      is safe only when every record passes MLflow's own pickle-free check."""
-    import mlflow.pytorch
-
+      sys.path and imported from."""
     flavor = mlmodel.flavors["pytorch"]
-    data = local / flavor.get("model_data", "data")
+    data = inside(local, flavor.get("model_data", "data"), what="the pytorch flavor's model_data")
     risks = []
     if (data / "model.pth").exists():
         risks.append(f"{data.name}/model.pth is a pickle, which MLflow loads whenever it exists")
     code = [f["code"] for f in mlmodel.flavors.values() if isinstance(f, dict) and f.get("code")]
     if code or "code" in top or (local / "code").exists():
-        risks.append(f"a code folder ({', '.join(code) or 'code'}) that MLflow puts on sys.path")
-    pt2 = data / "model.pt2"
-    if pt2.exists() and not risks:
-        check = getattr(mlflow.pytorch, "_validate_pt2_archive_is_pickle_free", None)
-        if check is None:  # pragma: no cover - an MLflow upgrade moved it: refuse rather than guess
-            risks.append("its pt2 archive cannot be checked for pickled records with this MLflow version")
-        else:
-            try:
-                check(str(pt2))
-            except Exception as exc:
-                risks.append(f"{data.name}/model.pt2 holds pickled records ({first_line(exc)[:120]})")
+        risks.append(f"a code folder ({', '.join(map(str, code)) or 'code'}) that MLflow puts on sys.path")
     return risks
+
+
+def inside(folder: Path, rel: Any, *, what: str) -> Path:
+    """`folder / rel` when it stays inside `folder` (no absolute path, no `..`, no link out of it); a one-line
+    RegistryError otherwise: a path read from the registry never reaches a file outside what was downloaded."""
+    base = Path(folder).resolve()
+    target = (base / str(rel)).resolve()
+    if not isinstance(rel, str) or Path(rel).is_absolute() or not target.is_relative_to(base):
+        raise RegistryError(f"{what} is {str(rel)[:200]!r}, a path outside the model's folder; register the model "
+                            "with its files inside its own artifact (mlflow.pytorch.log_model does)")
+    return target
 
 
 def _signature_size(mlmodel: Any) -> int | None:
@@ -293,7 +320,7 @@ def warm_requirements_map() -> None:
         log.debug("MLflow requirements map not pre-built: %s", first_line(exc))
 
 
-def log_variant(v: "VariantResult", result: "ExportResult", run: Any) -> tuple[str, str]:
+def log_variant(v: "VariantResult", result: "ExportResult", run: Any) -> tuple[str, str, dict[str, str]]:
     """Log one variant as an MLflow LoggedModel of the active run, with no metrics yet (`log_export_run`
     writes every number once, each variant's linked to its own LoggedModel only).
 
@@ -304,7 +331,7 @@ def log_variant(v: "VariantResult", result: "ExportResult", run: Any) -> tuple[s
     for all variants at once by `link_variant_outputs`. `run`: the export run (passed, not looked up:
     variants are logged from worker threads, and MLflow's active run is per thread). The file is stored
     byte for byte as validated (ONNX without external data); the consumer check proves it by sha256.
-    Returns (models:/m-... URI, id)."""
+    Returns (models:/m-... URI, id, manifest: the sha256 of every file logged)."""
     import tempfile
 
     import mlflow
@@ -345,9 +372,10 @@ def log_variant(v: "VariantResult", result: "ExportResult", run: Any) -> tuple[s
             import shutil
 
             shutil.rmtree(pycache, ignore_errors=True)
+        files = manifest(local)  # what the version will serve, sealed into its lineage
         get_artifact_repository(logged.artifact_location).log_artifacts(str(local))
     client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
-    return f"models:/{logged.model_id}", logged.model_id
+    return f"models:/{logged.model_id}", logged.model_id, files
 
 
 def link_variant_outputs(model_ids: dict[str, str]) -> None:

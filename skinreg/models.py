@@ -102,7 +102,8 @@ def _split_checkpoint(obj: Any) -> tuple[dict, dict]:
     )
 
 
-def _guess_arch(state: dict) -> str | None:
+def guess_arch(state: dict) -> str | None:
+    """The architecture whose state_dict has exactly these keys (the class count aside), or None."""
     keys = set(state)
     for arch in ARCHS.values():
         if set(arch.build(1).state_dict()) == keys:
@@ -155,12 +156,12 @@ def load_state_dict(
     if arch and file_arch and arch != file_arch:
         raise CheckpointError(f"architecture mismatch: --arch {arch} but {source} was saved from {file_arch}; "
                               f"drop --arch or pass --arch {file_arch}")
-    arch = arch or file_arch or _guess_arch(state) or "efficientnet_b0"
+    arch = arch or file_arch or guess_arch(state) or "efficientnet_b0"
     spec_arch = get_arch(arch)
 
     head = state.get(spec_arch.head_weight)
     if head is None:
-        found = _guess_arch(state)
+        found = guess_arch(state)
         hint = f"pass --arch {found}" if found else f"pass the --arch it was trained with ({', '.join(ARCHS)})"
         raise CheckpointError(f"architecture mismatch: expected {arch} weights ({spec_arch.head_weight}) "
                               f"but {source} has none; {hint}")
@@ -187,7 +188,7 @@ def load_state_dict(
         log.warning("exporting at --input-size %d; %s was trained at %s", input_size, source, meta["input_size"])
 
     model = spec_arch.build(found_classes)
-    found = _guess_arch(state)
+    found = guess_arch(state)
     hint = f"pass --arch {found}" if found else "pass the --arch it was trained with"
     try:
         result = model.load_state_dict(state, strict=False)

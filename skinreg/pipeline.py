@@ -22,6 +22,7 @@ from .export import ExportRequest, ExportResult
 from .export_cache import run_cached
 from .measure import Stages
 from .registry import STAGE_FOR_ALIAS, Registry, VersionRef, each_at_once, ok
+from .seal import MANIFEST
 from .settings import ExportSettings
 from .tags import (
     ACCURACY, ACCURACY_DROP, ARCH, CONSUMER_CHECK, CONVERTER, CONVERTER_VERSION, DYNAMIC_BATCH, EXPORT_CACHE,
@@ -45,7 +46,7 @@ class ExportOptions(ExportSettings):
     """The export settings (skinreg.settings.ExportSettings, declared once) plus what a registry-driven
     export needs: how to read the source version and where the variants go."""
 
-    allow_pickle: bool = False
+    run_registry_code: bool = False
     # For versions that carry no skinreg spec (registered by hand): fill what is missing.
     arch: str | None = None
     num_classes: int | None = None
@@ -60,7 +61,7 @@ class ExportOptions(ExportSettings):
     def source_hints(self) -> "SourceHints":
         from .mlflow_io import SourceHints
 
-        return SourceHints(allow_pickle=self.allow_pickle, arch=self.arch, num_classes=self.num_classes,
+        return SourceHints(run_registry_code=self.run_registry_code, arch=self.arch, num_classes=self.num_classes,
                            input_size=self.input_size, labels=self.labels)
 
     def settings_hash(self, calibration_sha: str | None, data_digests: dict[str, str] | None = None) -> str:
@@ -105,8 +106,17 @@ def _calibration_sha(opts: ExportOptions) -> str | None:
     return list_images(opts.calibration_dir).content_sha256()
 
 
+def _json_fact(ref: VersionRef, key: str) -> dict[str, str]:
+    """A JSON object among a version's verified facts ({} when absent or not an object of strings)."""
+    try:
+        value = json.loads(ref.facts.get(key) or "{}")
+    except ValueError:
+        return {}
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
+
+
 def _recorded_variants(ref: VersionRef) -> dict[str, str]:
-    return json.loads(ref.tags.get(EXPORT_VARIANTS, "{}"))
+    return _json_fact(ref, EXPORT_VARIANTS)
 
 
 def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | None = None,
@@ -122,8 +132,8 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
 
     reg = registry or Registry()
     ref = reg.resolve(model_uri)
-    if VARIANT_OF in ref.tags:
-        raise RegistryError(f"{ref.uri} is a variant made by skinreg (of {ref.tags[VARIANT_OF]}); "
+    if ref.facts.get(VARIANT_OF):
+        raise RegistryError(f"{ref.uri} is a variant made by skinreg (of {ref.facts[VARIANT_OF]}); "
                             "export its source version instead")
     local, data = resolve_settings(opts)  # URIs fetched (once, into the content-hash cache) before anything else
     for what, d in data.items():
@@ -131,13 +141,13 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
             progress(f"{what} data: {d.source} (sha256 {d.digest[:12]}, cached in {d.path})")
     settings = opts.settings_hash(_calibration_sha(local), data_digests(data))
     recorded = _recorded_variants(ref)
-    if (not opts.force and ref.tags.get(EXPORT_SETTINGS) == settings
-            and ref.tags.get(EXPORT_STATUS) in ("passed", "failed") and recorded):
+    if (not opts.force and ref.facts.get(EXPORT_SETTINGS) == settings
+            and ref.facts.get(EXPORT_STATUS) in ("passed", "failed") and recorded):
         existing = {v: reg.get(*nv.split("/", 1)) for v, nv in recorded.items()}
-        progress(f"{ref.uri} was already exported with these settings (run {ref.tags.get(EXPORT_RUN_ID)}); "
+        progress(f"{ref.uri} was already exported with these settings (run {ref.facts.get(EXPORT_RUN_ID)}); "
                  "nothing to do (--force to redo)")
-        return PipelineResult(source=ref, run_id=ref.tags.get(EXPORT_RUN_ID), status="skipped",
-                              variants=existing, failed=json.loads(ref.tags.get(EXPORT_FAILED, "{}")))
+        return PipelineResult(source=ref, run_id=ref.facts.get(EXPORT_RUN_ID), status="skipped",
+                              variants=existing, failed=_json_fact(ref, EXPORT_FAILED))
 
     # what logging a variant reads of the environment, built while the source is fetched (mlflow_io)
     warm = threading.Thread(target=warm_requirements_map, name="skinreg-mlflow-requirements", daemon=True)
@@ -147,7 +157,8 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
         mlflow.set_tags({SOURCE: ref.uri, SOURCE_NAME: ref.name, SOURCE_VERSION: ref.version,
                          SETTINGS: settings})
         log_dataset_inputs(**data)  # which data calibrated and judged the variants, on the run page
-        reg.set_version_tags(ref.name, ref.version, {EXPORT_STATUS: "running", EXPORT_RUN_ID: run_id})
+        before = dict(ref.facts)  # what the last export recorded, verified
+        ref = reg.record_export(ref, {EXPORT_STATUS: "running", EXPORT_RUN_ID: run_id})
         registered: list[VersionRef] = []
         io = Stages()
         try:
@@ -181,14 +192,15 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                     warm.join()
                     logged = each_at_once(lambda v: log_variant(v, result, run), passing)
                     model_ids = {v.file.variant: ok(out)[1] for v, out in zip(passing, logged)}
+                    manifests = {v.file.variant: ok(out)[2] for v, out in zip(passing, logged)}
                     for v, out in zip(passing, logged):
                         v.model_uri = out[0]
                     link_variant_outputs(model_ids)
                 # Only an earlier export of this source can have left a version to reuse: one that was
                 # interrupted (running), rolled back (error: a delete may have failed), or one with these
                 # very settings (--force). A first export skips the search, a request per variant.
-                may_reuse = opts.force or ref.tags.get(EXPORT_STATUS) in ("running", "error") \
-                    or ref.tags.get(EXPORT_SETTINGS) == settings
+                may_reuse = opts.force or before.get(EXPORT_STATUS) in ("running", "error") \
+                    or before.get(EXPORT_SETTINGS) == settings
                 versions: dict[str, VersionRef] = {}
                 new: list[tuple[Any, str, dict[str, Any]]] = []
                 for v in passing:
@@ -198,6 +210,7 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                         progress(f"{name}: reusing version {earlier.version} (the same file, from an earlier export "
                                  "of this version with these settings)")
                         versions[v.file.variant] = earlier
+                        manifests[v.file.variant] = earlier.facts[MANIFEST]  # what it served when it was sealed
                         continue
                     dynamic, shape = file_facts(v.file.path, v.file.format)  # the file the consumer check re-reads
                     new.append((v, name, {**_variant_tags(ref, v, run_id, settings, data.get("calibration")),
@@ -208,7 +221,8 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                 def register(item: tuple[Any, str, dict[str, Any]]) -> VersionRef:
                     v, name, tags = item
                     return reg.register(name, v.model_uri, tags=tags, run_id=run_id,
-                                        model_id=model_ids[v.file.variant], model_tags={VARIANT_OF: ref.name})
+                                        model_id=model_ids[v.file.variant], model_tags={VARIANT_OF: ref.name},
+                                        lineage=_lineage(ref, v, run_id, settings, manifests[v.file.variant]))
 
                 with io("registry: register"):
                     made = each_at_once(register, new)
@@ -229,12 +243,13 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                         with io("consumer check"):
                             check = result.consumer_checks[v.file.variant] = check_variant(
                                 mv.uri, v, result, tags=mv.tags, downloaded=downloads[v.file.variant],
-                                verdicts=verdicts)
+                                verdicts=verdicts, manifest=manifests[v.file.variant])
                         if check.reused:
                             progress(f"consumer check of {mv.uri}: {check.reuse_note()}")
                         if not check.passed:  # rolled back like any failed variant: no version, no alias
                             failed[v.file.variant] = "consumer check failed: " + "; ".join(check.failures)
-                            reg.delete_version(mv.name, mv.version)
+                            if any(r is mv for r in registered):  # only a version this run registered
+                                reg.delete_version(mv.name, mv.version)
                             del versions[v.file.variant]
                             registered = [r for r in registered if r is not mv]
                 rows = {r["variant"]: r for r in report_rows(result)}
@@ -247,6 +262,8 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                              INPUT_SHAPE: json.dumps(check.input_shape)}  # facts it lacks
                     facts = {k: v for k, v in facts.items() if mv.tags.get(k) != v}
                     reg.set_version_tags(mv.name, mv.version, facts)
+                    if mv.facts.get(CONSUMER_CHECK) != "passed":  # what promotion and reuse will rely on
+                        mv = reg.record_lineage(mv, {CONSUMER_CHECK: "passed"})
                     reg.set_description(mv.name, mv.version, consumer_description(
                         check, rows[variant], source_uri=ref.uri, run_id=run_id))
                     return replace(mv, tags={**mv.tags, **facts})
@@ -265,19 +282,17 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                 outcome = {
                     EXPORT_STATUS: status, EXPORT_SETTINGS: settings,
                     EXPORT_VARIANTS: json.dumps({k: f"{v.name}/{v.version}" for k, v in variants.items()}),
-                    EXPORT_FAILED: json.dumps(failed),
-                    EXPORT_REASON: "; ".join(failed.values()) if failed else "all variants passed their gates "
-                                                                                    "and consumer checks",
+                    EXPORT_FAILED: json.dumps({k: reason[:300] for k, reason in failed.items()}),
+                    EXPORT_REASON: "; ".join(failed.values())[:1000] if failed else "all variants passed their "
+                                                                                          "gates and consumer checks",
                 }
                 # a tag per request: the ones that already say this (a re-export) are not written again, and
                 # an empty failure list is what an absent tag means to every reader
-                outcome = {k: v for k, v in outcome.items()
-                           if k == EXPORT_STATUS or ref.tags.get(k, "{}" if k == EXPORT_FAILED else None) != v}
                 with io("registry: run results and source tags"):  # the run's and the source's, side by side
                     for out in each_at_once(lambda write: write(), [
                             lambda: log_export_run(result, run=run, source=ref, model_ids=model_ids,
                                                    tags=run_tags),
-                            lambda: reg.set_version_tags(ref.name, ref.version, outcome)]):
+                            lambda: reg.record_export(ref, outcome)]):
                         ok(out)
                 if opts.candidate_alias:
                     for out in each_at_once(lambda v: reg.set_alias(v.name, opts.candidate_alias, v.version),
@@ -299,8 +314,8 @@ def _roll_back(reg: Registry, registered: list[VersionRef], ref: VersionRef, rea
     steps = [(f"deleting {mv.name}/{mv.version}", lambda mv=mv: reg.delete_version(mv.name, mv.version))
              for mv in registered]  # never leave a half-registered export behind
     steps += [("tagging the run", lambda: mlflow.set_tags({STATUS: "failed", FAILURE: reason[:5000]})),
-              (f"tagging {ref.uri}", lambda: reg.set_version_tags(ref.name, ref.version, {
-                  EXPORT_STATUS: "error", EXPORT_REASON: reason[:5000]}))]
+              (f"tagging {ref.uri}", lambda: reg.record_export(ref, {
+                  EXPORT_STATUS: "error", EXPORT_REASON: reason[:2000]}))]
     for what, step in steps:
         try:
             step()
@@ -340,13 +355,21 @@ def _consumer_verdicts(opts: ExportOptions) -> Any:
 
 
 def _earlier_version(reg: Registry, name: str, ref: VersionRef, settings: str, sha256: str) -> VersionRef | None:
-    """A version of variant model `name` made from the same source version with the same settings, holding
-    the same file (sha256): anything else was not validated by this run and is not reused."""
+    """A version of variant model `name` whose sealed lineage says it was made from the same source version
+    with the same settings and holds the same file (sha256), with a manifest of what it serves (checked
+    before anything loads it): anything else was not validated by skinreg for this and is not reused."""
     for v in reg.versions(name):
-        if v.tags.get(SOURCE_VERSION) == ref.version and v.tags.get(SETTINGS) == settings \
-                and v.tags.get(SOURCE_NAME) == ref.name and v.tags.get(SHA256) == sha256:
+        f = v.facts
+        if f.get(SOURCE_VERSION) == ref.version and f.get(SETTINGS) == settings and f.get(SOURCE_NAME) == ref.name \
+                and f.get(SHA256) == sha256 and isinstance(f.get(MANIFEST), dict):
             return v
     return None
+
+
+def _lineage(ref: VersionRef, v: Any, run_id: str, settings: str, manifest: dict[str, str]) -> dict[str, Any]:
+    """The facts sealed into a variant version at registration (seal.py); the consumer check adds its own."""
+    return {VARIANT_OF: ref.name, SOURCE_NAME: ref.name, SOURCE_VERSION: ref.version, EXPORT_RUN: run_id,
+            SETTINGS: settings, SHA256: v.file.sha256, GATE: v.verdict.status, MANIFEST: manifest}
 
 
 def run_context(name: str, experiment: str):
@@ -435,21 +458,23 @@ def promote(model_uri: str, alias: str, *, stages: bool = False, registry: Regis
     """Move `alias` on the source version and on every passing variant made from it."""
     reg = registry or Registry()
     ref = reg.resolve(model_uri)
-    if VARIANT_OF in ref.tags:
+    if ref.facts.get(VARIANT_OF):
         raise RegistryError(f"{ref.uri} is a variant; promote its source "
-                            f"(models:/{ref.tags[VARIANT_OF]}/{ref.tags.get(SOURCE_VERSION)})")
+                            f"(models:/{ref.facts[VARIANT_OF]}/{ref.facts.get(SOURCE_VERSION)})")
     recorded = _recorded_variants(ref)
-    refused = json.loads(ref.tags.get(EXPORT_FAILED, "{}"))
+    refused = _json_fact(ref, EXPORT_FAILED)
     if not recorded:
-        reason = ref.tags.get(EXPORT_REASON, "it was never exported")
+        reason = ref.facts.get(EXPORT_REASON, "it was never exported")
         raise RegistryError(f"nothing to promote: {ref.uri} has no passing variants ({reason}); run "
                             f"`skinreg export-version --model-uri {ref.uri}` first")
     moved = []
     for variant, name_version in recorded.items():
         name, version = name_version.split("/", 1)
         vref = reg.get(name, version)
-        if vref.tags.get(GATE) != "passed":  # never promote a variant that failed its gate
-            refused[variant] = f"gate {vref.tags.get(GATE)}"
+        why = _not_promotable(vref, ref)
+        if why:  # only variants skinreg made from this very version, gated and checked
+            refused[variant] = why
+            log.warning("not promoting %s: %s", vref.uri, why)
             continue
         reg.set_alias(name, alias, version)
         if stages and alias in STAGE_FOR_ALIAS:
@@ -460,6 +485,19 @@ def promote(model_uri: str, alias: str, *, stages: bool = False, registry: Regis
         reg.transition_stage(ref.name, ref.version, STAGE_FOR_ALIAS[alias])
     moved.append(f"{ref.name}/{ref.version}")
     return PromoteResult(alias=alias, moved=moved, refused=refused)
+
+
+def _not_promotable(vref: VersionRef, source: VersionRef) -> str | None:
+    f = vref.facts
+    if not f:
+        return "it has no sealed skinreg lineage (not made by this service)"
+    if f.get(SOURCE_NAME) != source.name or f.get(SOURCE_VERSION) != source.version:
+        return f"its sealed lineage names models:/{f.get(SOURCE_NAME)}/{f.get(SOURCE_VERSION)}, not {source.uri}"
+    if f.get(GATE) != "passed":
+        return f"gate {f.get(GATE)}"
+    if f.get(CONSUMER_CHECK) != "passed":
+        return "its consumer check has not passed"
+    return None
 
 
 def demote(name: str, alias: str, *, registry: Registry | None = None) -> list[str]:
@@ -475,4 +513,4 @@ def demote(name: str, alias: str, *, registry: Registry | None = None) -> list[s
 
 def variant_models(source: str, *, registry: Registry | None = None) -> list[str]:
     reg = registry or Registry()
-    return [m.name for m in reg.registered_models() if (m.tags or {}).get(VARIANT_OF) == source]
+    return [m.name for m in reg.registered_models() if reg.variant_of(m) == source]

@@ -36,6 +36,7 @@ from registry_hooks.reconcile import reconcile
 from registry_hooks.signature import sign
 from registry_hooks.runner import work
 from registry_hooks.worker import RetryLater, Worker
+from skinreg.registry import Registry
 from servers import CountingProxy, free_port, mlflow_server, queue_database, wait_http
 from skinreg.cli import app
 from skinreg.mlflow_io import log_source_model
@@ -712,8 +713,8 @@ def test_a_run_left_running_by_this_jobs_own_failed_attempt_is_finished_not_wait
     version = register(trained, demo_data, "hk-o")
     client = MlflowClient()
     stuck = client.create_run(client.create_experiment("stuck")).info.run_id  # left RUNNING
-    client.set_model_version_tag("hk-o", version, "skinreg.export.status", "running")
-    client.set_model_version_tag("hk-o", version, "skinreg.export.run_id", stuck)
+    reg = Registry()  # the record the earlier attempt sealed when it started
+    reg.record_export(reg.get("hk-o", version), {"skinreg.export.status": "running", "skinreg.export.run_id": stuck})
     cfg = HooksConfig(sources=["hk-o"], secret=SECRET, database_url=queue_db, formats=["onnx"], latency_runs=2)
     q = JobQueue(cfg.database_url, max_attempts=cfg.max_attempts)
     accepted = q.accept(delivery_id="d", timestamp=int(time.time()), event="model_version.created",

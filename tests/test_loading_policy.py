@@ -1,8 +1,8 @@
 """No code from the registry runs unasked. Anyone who can register a version can put files in its artifact:
 a `model.pth` pickle beside a legitimate `model.pt2` (MLflow loads the pickle whenever it exists), a
 pt2 archive whose records are pickles, a `code/` folder MLflow would put on sys.path. Each is refused
-without --allow-pickle, by every entry point (CLI, MLproject, the hooks worker), and the payload's
-marker file never appears."""
+(or, for the pt2, read as data only) without --run-registry-code, by every entry point (CLI, MLproject, the
+hooks worker), and the payload's marker file never appears."""
 
 from __future__ import annotations
 
@@ -78,13 +78,26 @@ def evil(tracking, trained, tmp_path):
     return uris, marker
 
 
+def test_a_pickle_record_inside_a_pt2_is_never_read(evil):
+    """skinreg reads a pt2 archive's weights as data (pt2_archive.py): a pickled record beside them is
+    never opened, so the export goes on from the weights alone."""
+    uris, marker = evil
+    res = runner.invoke(app, ["export-version", "--model-uri", uris["pickle inside pt2"], "--format", "onnx",
+                              "--latency-runs", "2"])
+    assert res.exit_code == 0, res.output + res.stderr
+    assert not marker.exists(), "the pickled record was read"
+    assert MlflowClient().get_model_version("evil-archive", "1").tags["skinreg.export.status"] == "passed"
+
+
 def test_every_hostile_artifact_is_refused_by_the_cli_and_runs_nothing(evil):
     uris, marker = evil
     for case, uri in uris.items():
+        if case == "pickle inside pt2":  # read as data: test_a_pickle_record_inside_a_pt2_is_never_read
+            continue
         res = runner.invoke(app, ["export-version", "--model-uri", uri, "--format", "onnx", "--arch", "tiny_cnn"])
         assert res.exit_code == 5, (case, res.output, res.stderr)
         errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and "would run code from the registry" in errors[0] and "--allow-pickle" in errors[0], \
+        assert len(errors) == 1 and "would run code from the registry" in errors[0] and "--run-registry-code" in errors[0], \
             (case, res.stderr[-2000:])
         assert not marker.exists(), f"{case}: the payload ran"
         name = uri.split("/")[1]
@@ -101,7 +114,7 @@ def test_the_mlproject_and_the_hooks_worker_refuse_them_too(evil, tmp_path, monk
     out = subprocess.run([str(Path(sys.executable).with_name("mlflow")), "run", str(ROOT), "-e", "export",
                           "--env-manager", "local", "-P", f"model_uri={uri}", "-P", "formats=onnx"],
                          env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode != 0 and "--allow-pickle" in out.stderr, out.stderr[-2000:]
+    assert out.returncode != 0 and "--run-registry-code" in out.stderr, out.stderr[-2000:]
     assert not marker.exists()
     res = runner.invoke(app, ["reconcile", "--source", "evil-both", "--source", "evil-code",
                               "--database-url", queue_db])
@@ -111,13 +124,13 @@ def test_the_mlproject_and_the_hooks_worker_refuse_them_too(evil, tmp_path, monk
     assert not marker.exists(), "the hooks worker ran the payload"
     for name in ("evil-both", "evil-code"):
         tags = MlflowClient().get_model_version(name, "1").tags
-        assert tags["skinreg.export.status"] == "error" and "--allow-pickle" in tags["skinreg.export.reason"]
+        assert tags["skinreg.export.status"] == "error" and "--run-registry-code" in tags["skinreg.export.reason"]
 
 
-def test_allow_pickle_is_the_explicit_opt_in(evil):
+def test_run_registry_code_is_the_explicit_opt_in(evil):
     uris, marker = evil
     res = runner.invoke(app, ["export-version", "--model-uri", uris["pickle beside pt2"], "--format", "onnx",
-                              "--arch", "tiny_cnn", "--allow-pickle"])
-    assert marker.exists(), "with --allow-pickle MLflow's loader reads model.pth, as the user asked"
+                              "--arch", "tiny_cnn", "--run-registry-code"])
+    assert marker.exists(), "with --run-registry-code MLflow's loader reads model.pth, as the user asked"
     shutil.rmtree(marker, ignore_errors=True) if marker.is_dir() else marker.unlink()
     assert res.exit_code != 0  # the payload is not a model: the export then fails, one line, nothing registered

@@ -228,9 +228,9 @@ def test_pickle_needs_opt_in_and_raw_pth_artifact_works(tracking, trained, train
     with mlflow.start_run():
         mlflow.pytorch.log_model(trained.loaded.model, name="model", registered_model_name="pickled",
                                  serialization_format="pickle")
-    with pytest.raises(RegistryError, match="would run code from the registry.*model.pth is a pickle.*--allow-pickle"):
+    with pytest.raises(RegistryError, match="would run code from the registry.*model.pth is a pickle.*--run-registry-code"):
         export_version("models:/pickled/1", ExportOptions(formats=["onnx"]))
-    ok = export_version("models:/pickled/1", ExportOptions(formats=["onnx"], allow_pickle=True, input_size=64,
+    ok = export_version("models:/pickled/1", ExportOptions(formats=["onnx"], run_registry_code=True, input_size=64,
                                                           latency_runs=2))
     assert ok.status == "passed"
     with mlflow.start_run() as run:

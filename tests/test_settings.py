@@ -60,7 +60,7 @@ def test_the_mlproject_export_entry_point_takes_every_setting():
     entry = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["export"]
     assert [f for f in FIELDS if f not in entry["parameters"] or "{" + f + "}" not in entry["command"]] == []
     # As MLflow runs it: every parameter filled in (shell-quoted), then the entry point's translation.
-    values = {name: "" for name in entry["parameters"]} | {"model_uri": "models:/m/1", "allow_pickle": "false",
+    values = {name: "" for name in entry["parameters"]} | {"model_uri": "models:/m/1", "run_registry_code": "false",
                                                            "force": "false"} | CUSTOM.to_mlproject_params()
     argv = shlex.split(entry["command"].format(**{k: shlex.quote(v) for k, v in values.items()}))[2:]
     assert _parse("export-version", translate("export-version", argv, **EXPORT_VERSION)[1:]) == CUSTOM
