@@ -78,16 +78,14 @@ def register(app: typer.Typer, command: Callable) -> None:
     ) -> None:
         """Receive MLflow registry webhooks (POST /webhook); GET /jobs and GET /health for operators."""
         _no_pickle()
-        import uvicorn
-
-        from .app import create_app
+        from .app import serve
 
         cfg = _config(sources=source, database_url=queue, reconcile_interval_s=reconcile_interval,
                       tolerance_s=tolerance, executor=executor, formats=format, latency_runs=latency_runs)
         if not cfg.sources:
             typer.echo("warning: no --source / SKINREG_HOOKS_SOURCES: every delivery will be ignored", err=True)
-        app_ = create_app(cfg, run_worker=worker, run_reconciler=True)
-        uvicorn.run(app_, host=host, port=port, log_level="warning")
+        # uvicorn with the limits of cfg: connections, header size, keep-alive and read deadlines (app.serve)
+        serve(cfg, host=host, port=port, run_worker=worker, run_reconciler=True)
 
     @command("worker", typer_app=hooks_app)
     def worker_cmd(

@@ -33,6 +33,14 @@ class HooksConfig(ExportSettings):
     sources: list[str] = field(default_factory=list)  # registered models the hooks act on; empty = none
     secret: str = ""  # the webhook's signing secret; the receiver refuses to start without one
     tolerance_s: int = 300  # max |now - X-MLflow-Timestamp|; replays older than this are rejected outright
+    docs: bool = False  # serve /docs, /redoc and /openapi.json (off: they describe the service to anyone)
+    # Limits against hostile clients (uvicorn's and the receiver's own):
+    max_connections: int = 1000  # open connections at once (uvicorn limit_concurrency); more are answered 503
+    backlog: int = 256  # connections waiting to be accepted (listen backlog)
+    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this long
+    read_timeout_s: float = 5.0  # a request whose headers, or whose body, take longer to arrive is cut off (408)
+    max_header_bytes: int = 16384  # request line + headers (h11_max_incomplete_event_size); more is refused (400/431)
+    refusal_flush_s: float = 10.0  # refused-request counters are written to the queue database this often
     # -- queue -----------------------------------------------------------------------------------
     # The PostgreSQL the MLflow server uses (postgresql://... or MLflow's postgresql+psycopg2://...): the queue
     # (procrastinate) lives in its own schema there. `skinreg hooks init-db` creates it.
@@ -72,6 +80,10 @@ class HooksConfig(ExportSettings):
         ExportSettings.normalize)."""
         if self.tolerance_s <= 0 or self.max_attempts < 1 or self.heartbeat_s <= 0 or self.poll_s <= 0:
             raise InputError("tolerance_s, heartbeat_s, poll_s must be > 0 and max_attempts >= 1")
+        if min(self.max_connections, self.backlog, self.max_header_bytes) < 1 or \
+                min(self.keep_alive_s, self.read_timeout_s, self.refusal_flush_s) <= 0:
+            raise InputError("max_connections, backlog, max_header_bytes, keep_alive_s, read_timeout_s and "
+                             "refusal_flush_s must be > 0")
         if self.stalled_s <= 2 * self.heartbeat_s:
             raise InputError(f"stalled_s ({self.stalled_s:g}) must be over twice heartbeat_s ({self.heartbeat_s:g}): "
                              "a live worker would be taken for dead")
@@ -115,7 +127,9 @@ def from_env(env: Mapping[str, str] | None = None) -> HooksConfig:
     casts = {"sources": _split, "executor": Executor, "tolerance_s": int,
              "max_attempts": int, "backoff_s": float, "backoff_max_s": float,
              "heartbeat_s": float, "stalled_s": float, "poll_s": float, "stale_running_s": float, "reconcile_interval_s": float,
-             "dead_requeue_s": float, "source_run_data": _bool}
+             "dead_requeue_s": float, "source_run_data": _bool, "docs": _bool, "max_connections": int,
+             "backlog": int, "keep_alive_s": float, "read_timeout_s": float, "max_header_bytes": int,
+             "refusal_flush_s": float}
     export_fields = set(ExportSettings.__dataclass_fields__)
     values: dict[str, Any] = from_strings({name: env[ENV_PREFIX + name.upper()] for name in export_fields
                                            if ENV_PREFIX + name.upper() in env},

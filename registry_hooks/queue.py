@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -59,7 +60,8 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.deliveries (
     job_ids     TEXT NOT NULL
 );
 -- Requests the receiver refused (bad or missing signature, stale, too large, malformed): one counter per
--- reason, so a flood of forged requests costs constant space.
+-- reason, so a flood of forged requests costs constant space. The receiver counts them in memory and adds
+-- its counts here every refusal_flush_s and when it stops: a refused request costs no database work.
 CREATE TABLE IF NOT EXISTS {SCHEMA}.refusals (
     reason   TEXT PRIMARY KEY,
     count    BIGINT NOT NULL,
@@ -96,6 +98,45 @@ def make_app(database_url: str) -> Any:
     return procrastinate.App(connector=procrastinate.PsycopgConnector(
         conninfo=conninfo(database_url), kwargs={"options": f"-c search_path={SCHEMA}"},
         min_size=1, max_size=4))
+
+
+class Refusals:
+    """Refused requests counted in memory by reason (thread-safe), until JobQueue.flush_refusals writes them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, list] = {}  # reason -> [count, last_at]
+
+    def add(self, reason: str, n: int = 1, at: float | None = None) -> None:
+        at = time.time() if at is None else at
+        with self._lock:
+            entry = self._counts.setdefault(reason, [0, at])
+            entry[0] += n
+            entry[1] = max(entry[1], at)
+
+    def pending(self) -> dict[str, int]:
+        with self._lock:
+            return {reason: n for reason, (n, _) in self._counts.items()}
+
+    def take(self) -> dict[str, tuple[int, float]]:
+        """Every count, reset to none."""
+        with self._lock:
+            taken, self._counts = self._counts, {}
+        return {reason: (n, at) for reason, (n, at) in taken.items()}
+
+    def put_back(self, taken: dict[str, tuple[int, float]]) -> None:
+        for reason, (n, at) in taken.items():
+            self.add(reason, n, at)
+
+
+_REFUSALS: dict[str, Refusals] = {}
+_REFUSALS_LOCK = threading.Lock()
+
+
+def refusals_for(url: str) -> Refusals:
+    """The process-wide refusal counters of one queue database (by its libpq URL)."""
+    with _REFUSALS_LOCK:
+        return _REFUSALS.setdefault(url, Refusals())
 
 
 @dataclass(frozen=True)
@@ -400,14 +441,38 @@ class JobQueue:
             rows = db.execute("SELECT * FROM deliveries ORDER BY received_at DESC LIMIT %s", (limit,)).fetchall()
         return [self._delivery(r) for r in rows]
 
+    @property
+    def refusals(self) -> "Refusals":
+        """This process's unwritten refusal counters for this database (shared by every JobQueue on it)."""
+        return refusals_for(self.url)
+
     def refuse(self, reason: str) -> None:
-        with self._db() as db:
-            db.execute("INSERT INTO refusals (reason, count, last_at) VALUES (%s, 1, %s) ON CONFLICT (reason) DO UPDATE "
-                       "SET count = refusals.count + 1, last_at = excluded.last_at", (reason, time.time()))
+        """Count a refused request, in memory only: a request that proved nothing (no valid signature) costs
+        no database work. flush_refusals() writes the counts."""
+        self.refusals.add(reason)
+
+    def flush_refusals(self) -> int:
+        """Write the refusals counted in this process since the last flush, in one statement; returns how
+        many were written. On a database error they are kept for the next flush."""
+        taken = self.refusals.take()
+        if not taken:
+            return 0
+        reasons = sorted(taken)
+        try:
+            with self._db() as db:
+                db.execute("INSERT INTO refusals (reason, count, last_at) "
+                           "SELECT * FROM unnest(%s::text[], %s::bigint[], %s::float8[]) "
+                           "ON CONFLICT (reason) DO UPDATE SET count = refusals.count + excluded.count, "
+                           "last_at = GREATEST(refusals.last_at, excluded.last_at)",
+                           (reasons, [taken[r][0] for r in reasons], [taken[r][1] for r in reasons]))
+        except Exception:
+            self.refusals.put_back(taken)
+            raise
+        return sum(n for n, _ in taken.values())
 
     def delivery_counts(self) -> dict[str, int]:
         """Deliveries by what became of them (queued / ignored; replays are acknowledged, not stored), plus
-        every refusal reason."""
+        every refusal reason (those written to the database and those this process has not written yet)."""
         out: dict[str, int] = {}
         with self._db() as db:
             for r in db.execute("SELECT outcome FROM deliveries"):
@@ -415,6 +480,9 @@ class JobQueue:
                 out[kind] = out.get(kind, 0) + 1
             for r in db.execute("SELECT reason, count FROM refusals"):
                 out[f"refused ({r['reason']})"] = int(r["count"])
+        for reason, n in self.refusals.pending().items():
+            key = f"refused ({reason})"
+            out[key] = out.get(key, 0) + n
         return out
 
     def counts(self) -> dict[str, int]:

@@ -15,6 +15,9 @@ HEADER_ID = "X-MLflow-Delivery-Id"
 HEADER_TIMESTAMP = "X-MLflow-Timestamp"
 HEADER_SIGNATURE = "X-MLflow-Signature"
 VERSION = "v1"
+MAX_ID_LENGTH = 200  # MLflow's delivery ids are UUIDs (36 characters)
+MAX_STAMP_DIGITS = 12  # Unix seconds for the next 30,000 years
+MAX_SIGNATURES = 8  # space-separated candidates in one signature header (a secret being rotated has two)
 
 
 class SignatureError(Exception):
@@ -50,12 +53,24 @@ def verify(*, secret: str, headers: dict[str, str], body: bytes, tolerance_s: in
     given = lower.get(HEADER_SIGNATURE.lower(), "").strip()
     if not given:
         raise SignatureError(401, f"missing {HEADER_SIGNATURE}")
-    if not delivery_id or not stamp.isdigit():
-        raise SignatureError(400, f"missing or malformed {HEADER_ID} / {HEADER_TIMESTAMP}")
+    # Checked before anything else is done with them: each is echoed nowhere but in a log line, and the id
+    # is a key in the queue's tables.
+    if not delivery_id or len(delivery_id) > MAX_ID_LENGTH or not delivery_id.isascii() \
+            or not delivery_id.isprintable():
+        raise SignatureError(400, f"missing or malformed {HEADER_ID}: expected 1 to {MAX_ID_LENGTH} printable "
+                                  "ASCII characters")
+    # isdigit() alone accepts any Unicode digit ('²', Arabic-Indic digits) and any length
+    if not (stamp.isascii() and stamp.isdigit() and len(stamp) <= MAX_STAMP_DIGITS):
+        raise SignatureError(400, f"missing or malformed {HEADER_TIMESTAMP}: expected Unix seconds "
+                                  f"(at most {MAX_STAMP_DIGITS} ASCII digits)")
+    candidates = given.split()
+    if len(candidates) > MAX_SIGNATURES or not given.isascii():
+        raise SignatureError(400, f"malformed {HEADER_SIGNATURE}: expected at most {MAX_SIGNATURES} "
+                                  "space-separated ASCII signatures")
     expected = sign(secret, delivery_id, stamp, body).encode()
     # Several space-separated signatures are allowed (Standard Webhooks), so a secret can be rotated.
     # compare_digest on every candidate: the time taken does not reveal how much of a guess matched.
-    if not any(hmac.compare_digest(expected, cand.encode()) for cand in given.split()):
+    if not any(hmac.compare_digest(expected, cand.encode()) for cand in candidates):
         raise SignatureError(401, "bad signature")
     age = (time.time() if now is None else now) - int(stamp)
     if abs(age) > tolerance_s:
