@@ -4,8 +4,11 @@ A URI (runs:/, models:/, mlflow-artifacts:/, s3://, file://, ...) is fetched wit
 `mlflow.artifacts.download_artifacts`, hashed (sha256 over the sorted relative paths and the bytes of
 every file) and kept in a cache folder named after that hash, `~/.cache/skinreg/data/<sha256>/`
 (SKINREG_DATA_CACHE overrides the folder). Content already in the cache is not kept twice: the fresh
-download is discarded and the cached folder used. `log_dataset_inputs` records on the active run which
-data the variants were calibrated and judged on (MLflow dataset inputs: name, digest, source)."""
+download is discarded and the cached folder used. What one URI holds may total at most the image-set byte
+cap (`data.max_set_bytes()`, $SKINREG_MAX_DATA_BYTES): the store's listing is checked before the download
+starts, and the downloaded files again before they are hashed or cached. `log_dataset_inputs` records on
+the active run which data the variants were calibrated and judged on (MLflow dataset inputs: name, digest,
+source)."""
 
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .data import check_set_bytes, max_set_bytes
 from .errors import InputError, first_line
 
 if TYPE_CHECKING:
@@ -82,10 +86,43 @@ def _flag(what: str) -> str:
     return f"--{what}-dir"
 
 
+def listed_bytes(uri: str, *, stop_above: int | None = None) -> int | None:
+    """The total size of the files under an artifact URI, from the store's listing (nothing is downloaded);
+    None when the store gives no size for some file or cannot list. Listing stops once the total passes
+    `stop_above`."""
+    from mlflow.artifacts import list_artifacts
+
+    total, pending = 0, [uri.rstrip("/")]
+    try:
+        while pending:
+            current = pending.pop()
+            for info in list_artifacts(artifact_uri=current):
+                if info.is_dir:
+                    pending.append(f"{current}/{info.path.rstrip('/').rsplit('/', 1)[-1]}")
+                elif info.file_size is None:
+                    return None
+                else:
+                    total += int(info.file_size)
+                if stop_above is not None and total > stop_above:
+                    return total
+    except Exception as exc:  # noqa: BLE001 - the download that follows reports the store's error
+        log.debug("cannot list %s before fetching it: %s", uri, first_line(exc))
+        return None
+    return total
+
+
+def _fix(what: str) -> str:
+    return f"pass {_flag(what)} a smaller folder or artifact URI"
+
+
 def fetch(uri: str, *, what: str) -> DataDir:
     """Download `uri` into the cache (see the module docstring); the cached folder and its hash."""
     from mlflow.artifacts import download_artifacts
 
+    cap = max_set_bytes()
+    listed = listed_bytes(uri, stop_above=cap)
+    if listed is not None:  # refused before anything is downloaded (the listing may have stopped early)
+        check_set_bytes(listed, f"{what} data at {uri}", fix=_fix(what), limit=cap, at_least=True)
     root = cache_root()
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -103,6 +140,8 @@ def fetch(uri: str, *, what: str) -> DataDir:
         if not local.is_dir() or not any(p.is_file() for p in local.rglob("*")):
             raise InputError(f"{what} data at {uri} is {'empty' if local.is_dir() else 'a single file'}: "
                              f"pass {_flag(what)} a folder of images (an artifact directory)")
+        check_set_bytes(sum(p.stat().st_size for p in local.rglob("*") if p.is_file()), f"{what} data at {uri}",
+                        fix=_fix(what), limit=cap)
         digest = folder_sha256(local)
         cached = root / digest
         if not cached.is_dir():

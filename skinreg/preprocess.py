@@ -90,13 +90,15 @@ class Preprocessing:
         return np.ascontiguousarray(arr, dtype=np.float32)
 
     def load(self, path: Path | str, *, layout: str | None = None) -> np.ndarray:
-        from PIL import Image
+        """One image file -> array, opened by `data.open_image`'s rules (the format its suffix declares,
+        the pixel cap checked from the header before decoding; an InputError otherwise)."""
+        from .data import open_image
 
-        with Image.open(path) as im:
+        with open_image(path) as im:
             return self.to_array(im, layout=layout)
 
     def batch(self, images: Iterable[Any], *, layout: str | None = None) -> np.ndarray:
-        """Images (paths, PIL images or HWC uint8 arrays) -> float32 batch."""
+        """Images (paths, PIL images or HWC uint8 arrays) -> float32 batch; paths are read with `load`."""
         arrays = [
             self.load(im, layout=layout) if isinstance(im, (str, Path)) else self.to_array(im, layout=layout)
             for im in images
