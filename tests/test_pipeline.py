@@ -19,6 +19,8 @@ from skinreg.cli import app
 from skinreg.errors import CheckpointError, InputError, RegistryError
 from skinreg.mlflow_io import log_source_model
 from skinreg.pipeline import ExportOptions, export_version, promote
+from skinreg.registry import Registry
+from skinreg.seal import MANIFEST, manifest
 from skinreg.serving import SkinClassifier, pull
 
 runner = CliRunner()
@@ -126,7 +128,12 @@ def test_force_and_a_new_version_of_the_same_files_reuse_the_export_cache(export
     copy = download_variant("models:/skin-onnx/1", tmp_path / "served")
     (copy / "requirements.txt").write_text((copy / "requirements.txt").read_text() + "\n")
     verdicts = Verdicts(Path(os.environ["SKINREG_EXPORT_CACHE"]))
-    rechecked = check_variant("models:/skin-onnx/1", onnx_result, forced.export, downloaded=copy, verdicts=verdicts)
+    sealed = Registry().get("skin-onnx", "1").facts[MANIFEST]
+    refused = check_variant("models:/skin-onnx/1", onnx_result, forced.export, downloaded=copy, verdicts=verdicts,
+                            manifest=sealed)  # a served byte that is not what skinreg logged: never loaded
+    assert not refused.passed and "requirements.txt differs from the sealed manifest" in refused.failures[0]
+    rechecked = check_variant("models:/skin-onnx/1", onnx_result, forced.export, downloaded=copy, verdicts=verdicts,
+                              manifest=manifest(copy))  # as if it had been logged so
     assert rechecked.passed and rechecked.reused is None and "onnxruntime batch 4" in rechecked.max_abs
 
     source = client.get_model_version("skin", "1")

@@ -225,3 +225,59 @@ def test_a_hand_registered_or_tampered_earlier_variant_is_never_loaded(tracking,
     assert not marker.exists()
     assert third.status == "failed" and "sitecustomize.py is not in the sealed manifest" in third.failed["tflite-float32"]
     assert _versions(name) == ["2", "3"]  # the tampered version is not loaded, not promoted, not deleted
+
+
+def _queue_export(cfg, name: str, version: str) -> int:
+    from registry_hooks.events import JobKind, JobSpec
+    from registry_hooks.queue import JobQueue
+
+    q = JobQueue(cfg.database_url, max_attempts=cfg.max_attempts)
+    accepted = q.accept(delivery_id=f"d-{name}-{version}", timestamp=int(time.time()),
+                        event="model_version.created", jobs=[JobSpec(JobKind.export, name, version)],
+                        outcome="queued")
+    return accepted.job_ids[0]
+
+
+def test_forged_running_tags_neither_delete_promoted_variants_nor_stall_the_source(tracking, trained, demo_data,
+                                                                                 queue_db):
+    """skin/1 is exported and in production. skin/2 is tagged 'running' by skin/1's own export run (a rollback
+    by run id would delete skin/1's variants); skin/3 by a run left RUNNING that says it started ten years from
+    now (a busy wait by the run's start time would never end). The worker acts on neither."""
+    from registry_hooks.config import HooksConfig
+    from registry_hooks.queue import JobQueue
+    from test_hooks import SECRET, drain
+
+    client = MlflowClient()
+    uri1 = _register_source(trained, demo_data, "hk")
+    first = export_version(uri1, _onnx_options())
+    promote(uri1, "production")
+    assert client.get_registered_model("hk-onnx").aliases == {"candidate": 1, "production": 1}
+    _register_source(trained, demo_data, "hk")
+    _register_source(trained, demo_data, "hk")
+    future = client.create_run(client.create_experiment("future"),
+                               start_time=int((time.time() + 10 * 365 * 86400) * 1000)).info.run_id
+    for version, run_id in (("2", first.run_id), ("3", future)):
+        client.set_model_version_tag("hk", version, "skinreg.export.status", "running")
+        client.set_model_version_tag("hk", version, "skinreg.export.run_id", run_id)
+    cfg = HooksConfig(sources=["hk"], secret=SECRET, database_url=queue_db, formats=["onnx"], latency_runs=2)
+    jobs = [_queue_export(cfg, "hk", v) for v in ("2", "3")]
+    drain(cfg)
+    q = JobQueue(cfg.database_url)
+    assert [(q.get(j).state, q.get(j).outcome) for j in jobs] == [("done", "export passed")] * 2
+    assert _versions("hk-onnx") == ["1", "2", "3"]  # skin/1's variant is still there, and still in production
+    assert client.get_registered_model("hk-onnx").aliases["production"] == 1
+    assert client.get_run(future).info.status == "RUNNING"  # not this job's run: left alone
+
+
+def test_a_plain_variant_of_tag_on_a_source_does_not_stop_its_exports(tracking, trained, demo_data, queue_db):
+    from registry_hooks.config import HooksConfig
+    from registry_hooks.queue import JobQueue
+    from test_hooks import SECRET, drain
+
+    _register_source(trained, demo_data, "src")
+    MlflowClient().set_registered_model_tag("src", "skinreg.variant_of", "someone-else")
+    cfg = HooksConfig(sources=["src"], secret=SECRET, database_url=queue_db, formats=["onnx"], latency_runs=2)
+    job = _queue_export(cfg, "src", "1")
+    drain(cfg)
+    assert JobQueue(cfg.database_url).get(job).outcome == "export passed"
+    assert _versions("src-onnx") == ["1"]
