@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from skinreg.tags import VARIANT_OF
-
 
 class JobKind(str, Enum):
     export = "export"  # export a source version (the pipeline skips it when already done)
@@ -82,11 +80,11 @@ def decide(doc: dict[str, Any], *, sources: list[str], name_pattern: str = "{sou
     name = str(data.get("name", ""))
     if name not in sources:
         return Decision(event, reason=f"{name!r} is not a configured source model")
-    # Loop guard: never act on what skinreg registers itself. Variant versions carry the tag in the
-    # payload; a variant name listed as a source by mistake is caught by its name. The worker checks
-    # the registered model's own `skinreg.variant_of` tag again before it runs anything.
-    if VARIANT_OF in (data.get("tags") or {}) or variant_name_re(
-            [s for s in sources if s != name], name_pattern).match(name):
+    # Loop guard: never act on what skinreg registers itself. Variants are not configured sources; a
+    # variant name listed as a source by mistake is caught by its name. The payload's tags are not read
+    # (anyone may set a plain `skinreg.variant_of` on a source version): the worker checks the model's
+    # sealed variant record before it runs anything.
+    if variant_name_re([s for s in sources if s != name], name_pattern).match(name):
         return Decision(event, reason=f"{name!r} is a skinreg variant")
     version = str(data["version"]) if data.get("version") not in (None, "") else None
     alias = str(data["alias"]) if data.get("alias") else None

@@ -10,9 +10,10 @@ A record that does not verify is ignored and reported: skinreg then acts as if t
 Records:
 - `skinreg.export.record` on a source version: export status, run, settings, variants, failures; bound
   to the model name, version and creation time (a record copied to another version does not verify).
-- `skinreg.lineage` on a variant version: source name and version, export run, settings, gate, consumer
-  check, sha256 of the model file and of every served file (the manifest); bound to the variant model
-  name and the logged model the version was registered from.
+- `skinreg.lineage` on a variant version: source name and version, export run, settings, gate, sha256 of
+  the model file and of every served file (the manifest); bound to the variant model name and the logged
+  model the version was registered from. A variant counts as checked by consumers only when its source's
+  export record lists it (the record lists only variants that passed their gates and consumer checks).
 - `skinreg.variant_of.record` on a variant model: which source it belongs to; bound to the model name.
 
 The signing key: SKINREG_SIGNING_KEY (at least 32 characters), or the file SKINREG_SIGNING_KEY_FILE
@@ -41,10 +42,6 @@ KEY_FILE_ENV = "SKINREG_SIGNING_KEY_FILE"
 MIN_KEY_CHARS = 32
 VERSION = "v1"
 
-EXPORT_RECORD = "skinreg.export.record"
-LINEAGE = "skinreg.lineage"
-VARIANT_OF_RECORD = "skinreg.variant_of.record"
-MANIFEST = "skinreg.manifest"  # a lineage fact: {served file: sha256}
 
 
 def default_key_file() -> Path:
@@ -92,13 +89,14 @@ def _canonical(kind: str, binding: Mapping[str, Any], facts: Mapping[str, Any]) 
 
 
 class Sealer:
-    """Seals and opens records with one key. `unsealed` counts what did not verify (for reports)."""
+    """Seals and opens records with one key. A record carries the key's fingerprint (not secret, not trusted:
+    it only lets a refusal say that two processes use different keys)."""
 
     def __init__(self, key: bytes) -> None:
         if len(key) < MIN_KEY_CHARS:
             raise InputError(f"the signing key is shorter than {MIN_KEY_CHARS} characters")
         self._key = key
-        self.unsealed = 0
+        self.fingerprint = hashlib.sha256(b"skinreg signing key\0" + key).hexdigest()[:12]
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Sealer":
@@ -110,8 +108,8 @@ class Sealer:
     def seal(self, kind: str, binding: Mapping[str, Any], facts: Mapping[str, Any]) -> str:
         """The tag value: the facts (kept as given) and their seal."""
         facts = {k: v for k, v in facts.items() if v is not None}
-        return json.dumps({"facts": facts, "seal": self._mac(kind, binding, facts)}, sort_keys=True,
-                          separators=(",", ":"))
+        return json.dumps({"facts": facts, "seal": self._mac(kind, binding, facts), "key": self.fingerprint},
+                          sort_keys=True, separators=(",", ":"))
 
     def open(self, kind: str, binding: Mapping[str, Any], value: str | None, *, where: str = "") -> dict[str, Any]:
         """The facts of a record that verifies; {} for none, and {} (with a warning) for one that does not."""
@@ -125,13 +123,17 @@ class Sealer:
         except (ValueError, KeyError, TypeError):
             return self._refuse(where, "is not a skinreg record")
         if not hmac.compare_digest(given.encode(), self._mac(kind, binding, facts).encode()):
-            return self._refuse(where, "does not verify with this service's signing key")
+            other = doc.get("key")
+            if isinstance(other, str) and other != self.fingerprint:  # a hint only: it is not part of the seal
+                return self._refuse(where, f"was sealed with another signing key (fingerprint {other[:12]}, this "
+                                           f"process's is {self.fingerprint}: share one key, docs/security.md)")
+            return self._refuse(where, "does not verify with this service's signing key (written by someone "
+                                       "else, or copied from another object)")
         return facts
 
-    def _refuse(self, where: str, why: str) -> dict[str, Any]:
-        self.unsealed += 1
-        log.warning("ignored: the skinreg record on %s %s (written by someone else, copied from another "
-                    "object, or sealed with another key); acting as if it were absent", where or "a version", why)
+    @staticmethod
+    def _refuse(where: str, why: str) -> dict[str, Any]:
+        log.warning("ignored: the skinreg record on %s %s; acting as if it were absent", where or "a version", why)
         return {}
 
 

@@ -41,3 +41,9 @@ PARITY_TOP1_AGREEMENT = PREFIX + "parity_top1_agreement"
 SHA256 = PREFIX + "sha256"
 LATENCY_P90_MS = PREFIX + "latency_p90_ms"
 LATENCY_P50_MS = PREFIX + "latency_p50_ms"
+
+# Sealed records (seal.py): what skinreg acts on. The plain tags above are for people.
+EXPORT_RECORD = PREFIX + "export.record"  # on a source version: the export's facts
+LINEAGE = PREFIX + "lineage"  # on a variant version: where it came from, and its served files
+VARIANT_OF_RECORD = PREFIX + "variant_of.record"  # on a variant model: its source
+MANIFEST = PREFIX + "manifest"  # a lineage fact: {served file: sha256}

@@ -248,11 +248,14 @@ def test_only_configured_sources_act_never_variants_and_duplicates_merge(receive
     first = answer(version_created("skin", "2"))
     dup = answer(version_created("skin", "2"))  # the same work under another delivery id
     assert (first["status"], dup["status"], dup["jobs"]) == ("queued", "duplicate", first["jobs"])
+    # a plain variant_of tag on a source version is anyone's to set: it does not hide the version
+    assert answer(version_created("skin", "3", {"skinreg.variant_of": "other"}))["status"] == "queued"
     removed = answer(body("model_version_alias", "deleted", {"name": "skin", "alias": "production"}))
     assert removed["status"] == "queued"
-    assert sorted((j.key, j.deliveries) for j in queue.jobs()) == [("export:skin:2", 2), ("unalias:skin:production", 1)]
+    assert sorted((j.key, j.deliveries) for j in queue.jobs()) == [("export:skin:2", 2), ("export:skin:3", 1),
+                                                                   ("unalias:skin:production", 1)]
     bad = deliver(url, b"not json")  # signed, but not an MLflow body
-    assert bad.status_code == 400 and len(queue.jobs()) == 2
+    assert bad.status_code == 400 and len(queue.jobs()) == 3
 
 
 # -- end to end: mlflow server -> webhook -> receiver -> queue -> worker -> pipeline ------------------

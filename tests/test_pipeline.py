@@ -20,7 +20,8 @@ from skinreg.errors import CheckpointError, InputError, RegistryError
 from skinreg.mlflow_io import log_source_model
 from skinreg.pipeline import ExportOptions, export_version, promote
 from skinreg.registry import Registry
-from skinreg.seal import MANIFEST, manifest
+from skinreg.seal import manifest
+from skinreg.tags import MANIFEST
 from skinreg.serving import SkinClassifier, pull
 
 runner = CliRunner()
