@@ -4,7 +4,7 @@
   skinreg hooks worker     a worker process (run several, on any hosts, for more throughput)
   skinreg hooks init-db    create the queue's schema in the PostgreSQL database (idempotent)
   skinreg hooks status     jobs and their state
-  skinreg hooks install    create or update the MLflow webhook
+  skinreg hooks install    create or update the MLflow webhook; pin the export experiment
   skinreg reconcile        queue the work the registry says is missing
 
 Every setting also reads SKINREG_HOOKS_<NAME> (see registry_hooks/config.py); options win.
@@ -161,13 +161,23 @@ def register(app: typer.Typer, command: Callable) -> None:
         name: Annotated[str, typer.Option(help="Webhook name (the key that makes install idempotent).")] = "skinreg-hooks",
         event: Annotated[list[str], typer.Option(help="Events (repeatable). Default: the three the hooks act on; "
                                                       "tag events would only add ignored deliveries.")] = [],
+        queue: QueuePath = None,
     ) -> None:
-        """Create the MLflow webhook, or update it (URL, events, secret) if one with this name exists."""
+        """Create the MLflow webhook, or update it (URL, events, secret) if one with this name exists, and pin
+        the export experiment in the queue database (workers write runs only there, by id)."""
+        from .experiment import pin
         from .install import install
+        from .queue import JobQueue
 
-        cfg = _config()
-        res = install(url=url, name=name, events=event or DEFAULT_EVENTS, secret=cfg.require_secret())
+        cfg = _config(database_url=queue)
+        secret = cfg.require_secret()
+        q = JobQueue(cfg.database_url)
+        q.check_ready()
+        pinned = pin(q)
+        res = install(url=url, name=name, events=event or DEFAULT_EVENTS, secret=secret)
         typer.echo(f"{res.action} webhook {res.webhook_id} ({name}) -> {url}: {', '.join(res.events)}")
+        typer.echo(f"pinned export experiment {pinned.experiment_id} ({pinned.name!r}, artifacts at "
+                   f"{pinned.artifact_location}) in {q.where}")
 
     @command("reconcile")
     def reconcile_cmd(

@@ -7,6 +7,15 @@ waits, `lock` (the source model's name) serialises the jobs of one source, retri
 a retry strategy, workers send heartbeats, and LISTEN/NOTIFY wakes a worker when a job is deferred.
 This module only maps skinreg's jobs onto it and reads its tables back for `hooks status` and
 `GET /jobs`.
+
+Waiting never holds a source's lock. procrastinate does not start a job while an earlier job with the
+same lock is `todo`, due or not (procrastinate_fetch_job_v2), so a job waiting out a retry backoff
+would hold back every later job of its source, an operator's alias change included. A job that waits
+(RetryLater with a delay) is therefore retried under a lock of its own (waiting_lock), and takes its
+source's lock back when it starts (take_source_lock): the unique index procrastinate keeps on the
+locks of `doing` jobs makes that atomic, and a job that finds its source busy goes back to the queue
+under the source's lock, due at once, in its old place. All reading and writing of procrastinate's own
+tables and functions is in this module; it was checked against procrastinate PROCRASTINATE_CHECKED.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ STATE_OF = {"todo": PENDING, "doing": RUNNING, "succeeded": DONE, "failed": DEAD
             "aborted": "aborted", "aborting": RUNNING}
 STATUSES_OF = {PENDING: ("todo",), RUNNING: ("doing", "aborting"), DONE: ("succeeded",), DEAD: ("failed",),
                "cancelled": ("cancelled",), "aborted": ("aborted",)}
+PROCRASTINATE_CHECKED = "3.10.0"  # the procrastinate whose schema the SQL here was checked against
 DELIVERY_KEEP_S = 86400  # deliveries older than max(this, 2 x tolerance) are pruned: stale ones are refused anyway
 
 OWN_TABLES = f"""
@@ -58,6 +68,15 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.deliveries (
     event       TEXT NOT NULL,
     outcome     TEXT NOT NULL,
     job_ids     TEXT NOT NULL
+);
+-- The experiment export runs go into, pinned by `skinreg hooks install` (registry_hooks/experiment.py)
+CREATE TABLE IF NOT EXISTS {SCHEMA}.export_experiment (
+    one               BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (one),
+    experiment_id     TEXT NOT NULL,
+    artifact_location TEXT NOT NULL,
+    tracking          TEXT NOT NULL,
+    name              TEXT NOT NULL,
+    pinned_at         DOUBLE PRECISION NOT NULL
 );
 -- Requests the receiver refused (bad or missing signature, stale, too large, malformed): one counter per
 -- reason, so a flood of forged requests costs constant space. The receiver counts them in memory and adds
@@ -131,6 +150,11 @@ class Refusals:
 
 _REFUSALS: dict[str, Refusals] = {}
 _REFUSALS_LOCK = threading.Lock()
+
+
+def waiting_lock(source: str, job_id: int) -> str:
+    """The lock a job waits under while its retry is not due: its own, so it holds back no other job."""
+    return f"waiting:{job_id}:{source}"
 
 
 def refusals_for(url: str) -> Refusals:
@@ -392,6 +416,51 @@ class JobQueue:
         return row is not None and row["status"] == "doing" and \
             (worker_id is None or row["worker_id"] in (None, worker_id))
 
+    def take_source_lock(self, job_id: int, source: str) -> bool:
+        """A started job takes its source's lock back (it waited under waiting_lock). False when another job
+        of the source is running: procrastinate's unique index on the locks of 'doing' jobs refuses it."""
+        import psycopg
+
+        try:
+            with self._db() as db:
+                db.execute("UPDATE procrastinate_jobs SET lock = %s WHERE id = %s AND status = 'doing' "
+                           "AND lock IS DISTINCT FROM %s", (source, job_id, source))
+        except psycopg.errors.UniqueViolation:
+            return False
+        return True
+
+    def newer_export(self, job: "Job") -> str | None:
+        """The newest version of the job's source, above the job's own, whose export is waiting or running,
+        or was queued after this job and has finished: this job's export is superseded by it. None if none."""
+        if not (job.spec.version or "").isdigit():
+            return None
+        with self._db() as db:
+            rows = db.execute("SELECT args->'spec'->>'version' AS version FROM procrastinate_jobs "
+                              "WHERE task_name = %(task)s AND id <> %(id)s AND args->'spec'->>'kind' = 'export' "
+                              "AND args->'spec'->>'name' = %(name)s AND (status IN ('todo', 'doing') "
+                              "OR (status = 'succeeded' AND id > %(id)s))",
+                              {"task": TASK, "id": job.id, "name": job.spec.name}).fetchall()
+        newer = [int(r["version"]) for r in rows if (r["version"] or "").isdigit()
+                 and int(r["version"]) > int(job.spec.version or 0)]
+        return str(max(newer)) if newer else None
+
+    # -- the pinned export experiment (registry_hooks/experiment.py) ----------------------------------
+    def export_experiment(self) -> dict | None:
+        with self._db() as db:
+            if db.execute("SELECT to_regclass(%s) AS t", (f"{SCHEMA}.export_experiment",)).fetchone()["t"] is None:
+                return None
+            row = db.execute("SELECT experiment_id, artifact_location, tracking, name FROM export_experiment").fetchone()
+        return dict(row) if row else None
+
+    def set_export_experiment(self, experiment_id: str, artifact_location: str, tracking: str, name: str) -> None:
+        with self._db() as db:
+            db.execute(OWN_TABLES)  # a queue made before the table: the pin is kept all the same
+            db.execute("INSERT INTO export_experiment (experiment_id, artifact_location, tracking, name, pinned_at) "
+                       "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (one) DO UPDATE SET experiment_id = excluded.experiment_id, "
+                       "artifact_location = excluded.artifact_location, tracking = excluded.tracking, "
+                       "name = excluded.name, pinned_at = excluded.pinned_at",
+                       (experiment_id, artifact_location, tracking, name, time.time()))
+
     # -- reading -------------------------------------------------------------------------------
     @staticmethod
     def _job(row: dict) -> Job:
@@ -537,7 +606,7 @@ def init_db(database_url: str) -> list[str]:
             had_alive = before is not None and _has_alive_at(db)
             db.execute(OWN_TABLES)
             if before is None:
-                done.append("created skinreg's tables (job_info, deliveries, refusals)")
+                done.append("created skinreg's tables (job_info, deliveries, refusals, export_experiment)")
             elif not had_alive:
                 done.append("added job_info.alive_at (a job's own heartbeat)")
     return done

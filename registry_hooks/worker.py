@@ -20,7 +20,8 @@ from skinreg.registry import Registry, VersionRef
 
 from .config import Executor, HooksConfig
 from .events import JobKind
-from .queue import Job, JobQueue
+from .experiment import Pin, for_export
+from .queue import Job, JobQueue, waiting_lock
 from skinreg.tags import (
     EXPORT_FAILED, EXPORT_REASON, EXPORT_RUN, EXPORT_RUN_ID, EXPORT_STATUS, EXPORT_VARIANTS,
 )
@@ -81,9 +82,20 @@ class JobExecutor(Protocol):
     # job's half-done export is known to be dead). False for `mlflow run`, which may outlive us.
     local: bool
 
+    # The pinned export experiment (registry_hooks/experiment.py), set by the worker before it exports or
+    # promotes: runs go into it by id, never into an experiment found by name.
+    pin: Pin | None
+
     def export(self, ref: VersionRef, on_run: Callable[[str], None], cfg: HooksConfig) -> ExportOutcome: ...
 
     def promote(self, ref: VersionRef, alias: str) -> list[str]: ...
+
+
+def _pin_env(pin: Pin | None) -> dict[str, str]:
+    """The environment of a `skinreg` child that makes it export into the pinned experiment (read by its CLI)."""
+    from skinreg.pipeline import ExperimentPin
+
+    return {} if pin is None else ExperimentPin(pin.experiment_id, pin.artifact_location).env()
 
 
 # -- executors ---------------------------------------------------------------------------------
@@ -94,6 +106,7 @@ class InProcessExecutor:
 
     def __init__(self, cfg: HooksConfig, registry: Registry) -> None:
         self.cfg, self.registry = cfg, registry
+        self.pin: Pin | None = None
 
     def export(self, ref: VersionRef, on_run: Callable[[str], None], cfg: HooksConfig) -> ExportOutcome:
         import mlflow
@@ -109,7 +122,12 @@ class InProcessExecutor:
                 seen.append(run.info.run_id)
                 on_run(run.info.run_id)
 
-        res = export_version(ref.uri, cfg.export_options(), registry=self.registry, progress=progress)
+        from skinreg.pipeline import ExperimentPin
+
+        opts = cfg.export_options()
+        if self.pin is not None:
+            opts = replace(opts, experiment_pin=ExperimentPin(self.pin.experiment_id, self.pin.artifact_location))
+        res = export_version(ref.uri, opts, registry=self.registry, progress=progress)
         return ExportOutcome(status=res.status, run_id=res.run_id)
 
     def promote(self, ref: VersionRef, alias: str) -> list[str]:
@@ -128,7 +146,7 @@ _DIE_WITH_PARENT = (
 )
 
 
-def _run_child(cmd: list[str], *, what: str) -> subprocess.CompletedProcess:
+def _run_child(cmd: list[str], *, what: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     wrapped = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *cmd] if sys.platform == "linux" else cmd
     log.info("%s: %s", what, " ".join(cmd))
     # The worker's own interpreter first on PATH: `mlflow run --env-manager local` runs `python ...`
@@ -139,7 +157,7 @@ def _run_child(cmd: list[str], *, what: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME",
                                                             "MLFLOW_RUN_ID")}
     return subprocess.run(wrapped, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env={**env, "PATH": path, "MLFLOW_DISABLE_TELEMETRY": "true"})
+                          env={**env, **(extra_env or {}), "PATH": path, "MLFLOW_DISABLE_TELEMETRY": "true"})
 
 
 def _export_flags(cfg: HooksConfig) -> list[str]:
@@ -155,6 +173,7 @@ class _ChildExecutor:
 
     def __init__(self, cfg: HooksConfig, registry: Registry) -> None:
         self.cfg, self.registry = cfg, registry
+        self.pin: Pin | None = None
 
     def _export_cmd(self, ref: VersionRef, cfg: HooksConfig) -> list[str]:
         raise NotImplementedError
@@ -163,7 +182,7 @@ class _ChildExecutor:
         raise NotImplementedError
 
     def export(self, ref: VersionRef, on_run: Callable[[str], None], cfg: HooksConfig) -> ExportOutcome:
-        proc = _run_child(self._export_cmd(ref, cfg), what=f"export {ref.uri}")
+        proc = _run_child(self._export_cmd(ref, cfg), what=f"export {ref.uri}", extra_env=_pin_env(self.pin))
         after = self.registry.get(ref.name, ref.version)
         status = after.facts.get(EXPORT_STATUS)
         run_id = after.facts.get(EXPORT_RUN_ID)
@@ -179,7 +198,7 @@ class _ChildExecutor:
                           f"{_tail(proc.stderr)}")
 
     def promote(self, ref: VersionRef, alias: str) -> list[str]:
-        proc = _run_child(self._promote_cmd(ref, alias), what=f"promote {ref.uri} {alias}")
+        proc = _run_child(self._promote_cmd(ref, alias), what=f"promote {ref.uri} {alias}", extra_env=_pin_env(self.pin))
         if proc.returncode != 0:
             raise ExportError(f"promote {ref.uri} {alias} exited {proc.returncode}: {_tail(proc.stderr)}")
         return [line.split("-> ", 1)[1] for line in proc.stdout.splitlines() if "-> " in line]
@@ -210,8 +229,10 @@ class MlflowRunExecutor(_ChildExecutor):
 
     def _mlflow_run(self, entry: str, params: dict[str, str]) -> list[str]:
         mlflow_bin = Path(sys.executable).with_name("mlflow")
-        cmd = [str(mlflow_bin) if mlflow_bin.exists() else "mlflow", "run", self.cfg.project_uri, "-e", entry,
-               "--experiment-name", "skinreg-exports"]
+        from .experiment import DEFAULT_EXPERIMENT
+
+        where = ["--experiment-id", self.pin.experiment_id] if self.pin else ["--experiment-name", DEFAULT_EXPERIMENT]
+        cmd = [str(mlflow_bin) if mlflow_bin.exists() else "mlflow", "run", self.cfg.project_uri, "-e", entry, *where]
         if self.cfg.backend == "local":
             cmd += ["--env-manager", "local"]
         else:
@@ -254,12 +275,17 @@ def _retry_policy(queue_outage_retry_s: float = 10.0) -> Any:
 
     class Policy(BaseRetryStrategy):
         def get_retry_decision(self, *, exception: BaseException, job: Any) -> Any:
+            # A job that waits does so under a lock of its own (queue.waiting_lock): it holds back no other
+            # job of its source. One due at once keeps its source's lock, and its place in the queue.
+            source = str(((job.task_kwargs or {}).get("spec") or {}).get("name") or job.lock or "")
             if isinstance(exception, RetryLater):
-                return RetryDecision(retry_in={"seconds": max(exception.delay_s, 0.0)})
+                delay = max(exception.delay_s, 0.0)
+                return RetryDecision(retry_in={"seconds": delay},
+                                     lock=waiting_lock(source, job.id) if delay > 0 else source or None)
             if isinstance(exception, psycopg.OperationalError):
                 log.warning("job %s: the queue's database failed under it (%s); again in %.0fs", job.id,
                             first_line(exception), queue_outage_retry_s)
-                return RetryDecision(retry_in={"seconds": queue_outage_retry_s})
+                return RetryDecision(retry_in={"seconds": queue_outage_retry_s}, lock=waiting_lock(source, job.id))
             return None  # done with it: the job ends as failed ('dead')
 
     return Policy()
@@ -278,6 +304,8 @@ class Worker:
         job = self.queue.get(job_id)
         if job is None:
             raise RuntimeError(f"job {job_id} is not in the queue")
+        if not self.queue.take_source_lock(job_id, job.spec.name):  # it waited under a lock of its own
+            raise RetryLater(0, f"another job of {job.spec.name} is running")
         self.queue.started(job_id, self.name)
         self._execute(job, worker_id)
 
@@ -360,11 +388,28 @@ class Worker:
     def _record_run(self, job: Job) -> Callable[[str], None]:
         return lambda run_id: self.queue.set_run_id(job.id, run_id)
 
+    def _experiment(self) -> None:
+        """Before any run is made: the pinned export experiment, verified (InputError: the job is dead)."""
+        self.executor.pin = for_export(self.queue)
+
     def _export(self, job: Job) -> Outcome:
         ref = self.registry.get(job.spec.name, job.spec.version or "")
         self._recover_interrupted(job, ref)
+        newer = self.queue.newer_export(job)
+        if newer is not None:  # read again: a rollback above may have just marked it 'error'
+            return self._supersede(self.registry.get(ref.name, ref.version), newer)
+        self._experiment()
         res = self.executor.export(ref, self._record_run(job), self.settings_for(ref))
         return Outcome(f"export {res.status}", run_id=res.run_id)
+
+    def _supersede(self, ref: VersionRef, newer: str) -> Outcome:
+        """A newer version of the source is queued for export (a burst of registrations): this one is not
+        exported. A version never exported records it (sealed), so that the reconciler does not queue it
+        again; an alias set on it later exports it (the alias job exports what it follows)."""
+        reason = f"superseded by version {newer}"
+        if ref.facts.get(EXPORT_STATUS) in (None, "error"):
+            self.registry.record_export(ref, {EXPORT_STATUS: "superseded", EXPORT_REASON: reason})
+        return Outcome(reason)
 
     def _alias(self, job: Job) -> Outcome:
         name, version, alias = job.spec.name, job.spec.version or "", job.spec.alias or ""
@@ -378,6 +423,7 @@ class Worker:
         ref = self.registry.get(name, version)
         run_id = ref.facts.get(EXPORT_RUN_ID)
         if ref.facts.get(EXPORT_STATUS) not in ("passed", "failed"):
+            self._experiment()
             res = self.executor.export(ref, self._record_run(job), self.settings_for(ref))  # the alias follows to variants: make them
             ref, run_id = self.registry.get(name, version), res.run_id
         recorded = _json_object(ref.facts.get(EXPORT_VARIANTS))
@@ -388,6 +434,8 @@ class Worker:
         if all(str(self.registry.aliases(nv.split("/", 1)[0]).get(alias)) == nv.split("/", 1)[1]
                for nv in recorded.values()):
             return Outcome(f"{alias} already on " + ", ".join(sorted(recorded.values())), run_id=run_id)
+        if self.cfg.executor is not Executor.inprocess:  # a child run: in the pinned experiment too
+            self._experiment()
         moved = self.executor.promote(ref, alias)
         return Outcome(f"{alias} -> " + ", ".join(moved), run_id=run_id)
 
@@ -411,8 +459,10 @@ class Worker:
           the run nor the tags could be closed —, a finished/killed run, or older than stale_running_s);
         - this job was interrupted after the pipeline had started writing its result: the result is
           checked for completeness (every variant the run registered is recorded, with its alias).
-        A dead export is rolled back like the pipeline would have: the run's variant versions are
-        deleted, the run is marked KILLED and the source version 'error', then it is exported again."""
+        A dead export is rolled back (`_roll_back`): the source version is marked 'error' and exported
+        again; the run's variant versions are deleted and the run marked KILLED only when the run is this
+        job's own (the queue recorded it), and a version holding an alias is never deleted. The status and
+        run come from the source's sealed export record; plain tags never lead here."""
         status = ref.facts.get(EXPORT_STATUS)
         run_id = ref.facts.get(EXPORT_RUN_ID)
         # Ours, hence dead: a run of an earlier attempt of this very job with a local executor (killed, or

@@ -224,9 +224,10 @@ def export_version_cmd(
 ) -> None:
     """Export a registered PyTorch version: log validated variants with metrics, register them, alias `candidate`."""
     from .errors import GateError
-    from .pipeline import ExportOptions, export_version
+    from .pipeline import ExperimentPin, ExportOptions, export_version
 
     opts = ExportOptions(**vars(settings), run_registry_code=run_registry_code, arch=arch, num_classes=num_classes,
+                         experiment_pin=ExperimentPin.from_env(),  # set by a hooks worker for its children
                          input_size=input_size, labels=labels.split(",") if labels else None,
                          name_pattern=name_pattern, candidate_alias=candidate_alias or None, force=force,
                          cache=cache)
@@ -278,6 +279,26 @@ def predict_cmd(
     clf = SkinClassifier.from_uri(uri)
     for path, p in zip(images, clf.predict_batch(images)):
         typer.echo(f"{path}: {p.label} ({p.class_id}) confidence {p.confidence:.3f}")
+
+
+@command("serve")
+def serve_cmd(
+    model: Annotated[str, typer.Option(help="The ONNX variant to serve, e.g. models:/skin-classifier-onnx@production "
+                                       "(an alias is followed; models:/NAME/VERSION is pinned).")],
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8080,
+    poll_s: Annotated[float, typer.Option(help="Seconds between two reads of where the alias points.")] = 5.0,
+    max_batch: Annotated[int, typer.Option(help="Images run together in one ONNX Runtime call at most.")] = 8,
+    max_wait_ms: Annotated[float, typer.Option(help="How long a batch waits for more requests to join it.")] = 2.0,
+    threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads.")] = 1,
+    token: Annotated[Optional[str], typer.Option(envvar="SKINREG_SERVE_TOKEN", help=(
+        "Require `Authorization: Bearer TOKEN` (health probes excepted)."))] = None,
+) -> None:
+    """Serve an ONNX variant over HTTP (images, KServe V2, Prometheus metrics), following its alias."""
+    from .serve import ServeSettings, run
+
+    run(ServeSettings(model=model, host=host, port=port, poll_s=poll_s, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                      threads=threads, token=token))
 
 
 @command("demo")

@@ -226,6 +226,12 @@ def check_variant(uri: str, v: "VariantResult", result: "ExportResult", *, tags:
         except Exception as exc:
             check.failures.append(f"{v.file.variant}: cannot download {uri}: {first_line(exc)}")
             return check
+        check.served_sha256 = file_sha256(served)
+        if check.served_sha256 != check.validated_sha256:
+            check.failures.append(f"{v.file.variant}: the registry serves a file whose sha256 "
+                                  f"{check.served_sha256[:12]}… differs from the validated file's "
+                                  f"{check.validated_sha256[:12]}…")
+            return check
         if manifest is None:
             check.failures.append(f"{v.file.variant}: no sealed manifest of what {uri} serves; not loaded")
             return check
@@ -234,11 +240,6 @@ def check_variant(uri: str, v: "VariantResult", result: "ExportResult", *, tags:
             check.failures.append(f"{v.file.variant}: {uri} serves files skinreg did not log "
                                   f"({'; '.join(differences[:3])}); not loaded")
             return check
-        check.served_sha256 = file_sha256(served)
-        if check.served_sha256 != check.validated_sha256:
-            check.failures.append(f"{v.file.variant}: the registry serves a file whose sha256 "
-                                  f"{check.served_sha256[:12]}… differs from the validated file's "
-                                  f"{check.validated_sha256[:12]}…")
         try:
             check.dynamic_batch, check.input_shape = file_facts(served, v.file.format)
         except Exception as exc:

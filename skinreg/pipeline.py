@@ -22,7 +22,7 @@ from .export import ExportRequest, ExportResult
 from .export_cache import run_cached
 from .measure import Stages
 from .registry import STAGE_FOR_ALIAS, Registry, VersionRef, each_at_once, ok
-from .seal import MANIFEST
+from .tags import MANIFEST
 from .settings import ExportSettings
 from .tags import (
     ACCURACY, ACCURACY_DROP, ARCH, CONSUMER_CHECK, CONVERTER, CONVERTER_VERSION, DYNAMIC_BATCH, EXPORT_CACHE,
@@ -54,6 +54,7 @@ class ExportOptions(ExportSettings):
     labels: list[str] | None = None
     name_pattern: str = DEFAULT_PATTERN
     experiment: str = DEFAULT_EXPERIMENT
+    experiment_pin: "ExperimentPin | None" = None  # the hooks' pinned experiment (runs go there by id)
     candidate_alias: str | None = CANDIDATE
     force: bool = False
     cache: bool = True  # reuse a stored export of the same source files and settings (export_cache)
@@ -68,7 +69,7 @@ class ExportOptions(ExportSettings):
         """The idempotence key: the settings as given (folders or URIs), the calibration images' content and,
         for data given by URI, the content fetched from it (data_digests: context -> sha256)."""
         keep = {k: v for k, v in asdict(self).items()
-                if k not in ("latency_runs", "threads", "force", "experiment", "cache")}
+                if k not in ("latency_runs", "threads", "force", "experiment", "experiment_pin", "cache")}
         keep.update(calibration_sha=calibration_sha, skinreg=__version__)
         if data_digests:  # only then: keys of exports from local folders stay what they were
             keep.update(data_digests=data_digests)
@@ -152,7 +153,7 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
     # what logging a variant reads of the environment, built while the source is fetched (mlflow_io)
     warm = threading.Thread(target=warm_requirements_map, name="skinreg-mlflow-requirements", daemon=True)
     warm.start()
-    with run_context(f"export {ref.name} v{ref.version}", opts.experiment) as run:
+    with run_context(f"export {ref.name} v{ref.version}", opts.experiment, opts.experiment_pin) as run:
         run_id = run.info.run_id
         mlflow.set_tags({SOURCE: ref.uri, SOURCE_NAME: ref.name, SOURCE_VERSION: ref.version,
                          SETTINGS: settings})
@@ -262,8 +263,6 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                              INPUT_SHAPE: json.dumps(check.input_shape)}  # facts it lacks
                     facts = {k: v for k, v in facts.items() if mv.tags.get(k) != v}
                     reg.set_version_tags(mv.name, mv.version, facts)
-                    if mv.facts.get(CONSUMER_CHECK) != "passed":  # what promotion and reuse will rely on
-                        mv = reg.record_lineage(mv, {CONSUMER_CHECK: "passed"})
                     reg.set_description(mv.name, mv.version, consumer_description(
                         check, rows[variant], source_uri=ref.uri, run_id=run_id))
                     return replace(mv, tags={**mv.tags, **facts})
@@ -372,16 +371,91 @@ def _lineage(ref: VersionRef, v: Any, run_id: str, settings: str, manifest: dict
             SETTINGS: settings, SHA256: v.file.sha256, GATE: v.verdict.status, MANIFEST: manifest}
 
 
-def run_context(name: str, experiment: str):
+# The experiment a hooks worker pinned (registry_hooks/experiment.py), handed to its `skinreg` children in
+# these variables (read by the CLI only): runs go into that experiment by id, and only while it is active
+# with that very artifact location.
+PINNED_EXPERIMENT_ID = "SKINREG_EXPORT_EXPERIMENT_ID"
+PINNED_EXPERIMENT_LOCATION = "SKINREG_EXPORT_EXPERIMENT_LOCATION"
+PIN_FIX = "run `skinreg hooks install` again to pin the export experiment"
+
+
+@dataclass(frozen=True)
+class ExperimentPin:
+    experiment_id: str
+    artifact_location: str
+
+    @classmethod
+    def from_env(cls, env: Any = None) -> "ExperimentPin | None":
+        env = os.environ if env is None else env
+        return cls(env[PINNED_EXPERIMENT_ID], env.get(PINNED_EXPERIMENT_LOCATION, "")) \
+            if env.get(PINNED_EXPERIMENT_ID) else None
+
+    def env(self) -> dict[str, str]:
+        return {PINNED_EXPERIMENT_ID: self.experiment_id, PINNED_EXPERIMENT_LOCATION: self.artifact_location}
+
+
+def is_local_path(uri: str) -> bool:
+    """Whether an artifact location is a path on the machine that writes to it (no scheme, file:, C:)."""
+    from urllib.parse import urlsplit
+
+    scheme = urlsplit(uri).scheme
+    return scheme in ("", "file") or len(scheme) == 1
+
+
+def _checked_experiment(experiment_id: str, pin: ExperimentPin | None) -> Any:
+    """The experiment runs will be written to, refused (InputError, one line) when it is not the pinned one
+    (deleted, or another artifact location), or when its artifacts would go to a local
+    path while the tracking server is remote: files meant for the server would land on this machine, at a
+    path whoever may create experiments chose."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from urllib.parse import urlsplit
+
+    from .errors import InputError
+
+    pinned_id = pin.experiment_id if pin else None
+    try:
+        exp = MlflowClient().get_experiment(experiment_id)
+    except MlflowException as exc:
+        if pinned_id:
+            raise InputError(f"the pinned export experiment {experiment_id} cannot be read "
+                             f"({first_line(exc)}): {PIN_FIX}") from None
+        raise
+    if pinned_id:
+        location = pin.artifact_location
+        if exp.experiment_id != pinned_id or exp.lifecycle_stage != "active" or exp.artifact_location != location:
+            raise InputError(f"the pinned export experiment {pinned_id} changed (now {exp.name!r}, "
+                             f"{exp.lifecycle_stage}, artifacts at {exp.artifact_location}; pinned at {location}): "
+                             f"{PIN_FIX}")
+    tracking = mlflow.get_tracking_uri()
+    if urlsplit(tracking).scheme in ("http", "https") and is_local_path(exp.artifact_location or ""):
+        raise InputError(f"experiment {exp.name!r} ({exp.experiment_id}) keeps its artifacts at the local path "
+                         f"{exp.artifact_location} while the tracking server ({urlsplit(tracking).hostname}) is "
+                         "remote: refusing to write runs there; use an experiment whose artifacts the server "
+                         "stores (created without --artifact-location), e.g. rename this one away")
+    return exp
+
+
+def run_context(name: str, experiment: str, pin: ExperimentPin | None = None):
     """The `mlflow run` entry point's own run when there is one (MLFLOW_RUN_ID), a child run inside an
-    active run (the `main` entry point), else a new run in `experiment`."""
+    active run (the `main` entry point), else a new run in `experiment` (by name), or in the experiment a
+    hooks worker pinned (`pin`, by id). The experiment is checked first (_checked_experiment)."""
     import mlflow
 
     if mlflow.active_run():
+        _checked_experiment(mlflow.active_run().info.experiment_id, pin)
         return mlflow.start_run(run_name=name, nested=True)
     if os.environ.get("MLFLOW_RUN_ID"):
+        from mlflow import MlflowClient
+
+        _checked_experiment(MlflowClient().get_run(os.environ["MLFLOW_RUN_ID"]).info.experiment_id, pin)
         return mlflow.start_run()
-    mlflow.set_experiment(experiment)
+    if pin is not None:
+        exp = _checked_experiment(pin.experiment_id, pin)
+        return mlflow.start_run(experiment_id=exp.experiment_id, run_name=name)
+    exp = mlflow.set_experiment(experiment)
+    _checked_experiment(exp.experiment_id, None)
     return mlflow.start_run(run_name=name)
 
 
@@ -488,6 +562,8 @@ def promote(model_uri: str, alias: str, *, stages: bool = False, registry: Regis
 
 
 def _not_promotable(vref: VersionRef, source: VersionRef) -> str | None:
+    """Why a variant listed by the source's sealed export record (which lists only variants that passed their
+    gates and consumer checks) must not be promoted: its own sealed lineage must name that very source."""
     f = vref.facts
     if not f:
         return "it has no sealed skinreg lineage (not made by this service)"
@@ -495,8 +571,6 @@ def _not_promotable(vref: VersionRef, source: VersionRef) -> str | None:
         return f"its sealed lineage names models:/{f.get(SOURCE_NAME)}/{f.get(SOURCE_VERSION)}, not {source.uri}"
     if f.get(GATE) != "passed":
         return f"gate {f.get(GATE)}"
-    if f.get(CONSUMER_CHECK) != "passed":
-        return "its consumer check has not passed"
     return None
 
 

@@ -115,17 +115,21 @@ def _add_versions(name: str, count: int) -> list[str]:
 
 
 def _exported_once(cluster: Cluster, name: str, versions: list[str]) -> None:
-    """Registry state: each version exported exactly once (one variant version each, none left over)."""
+    """Registry state: the newest version exported exactly once; each older one exported once or superseded
+    by a newer one (a burst coalesces to its newest version); one variant version per export, none left over."""
     client = MlflowClient()
     variants = client.search_model_versions(f"name='{name}-onnx'")
+    newest = max(versions, key=int)
     recorded = []
     for v in versions:
         tags = client.get_model_version(name, v).tags
+        if v != newest and tags.get("skinreg.export.status") == "superseded":
+            continue
         assert tags.get("skinreg.export.status") == "passed", (name, v, tags)
         recorded.append(json.loads(tags["skinreg.export.variants"])["onnx"])
     assert sorted(recorded) == sorted(f"{name}-onnx/{mv.version}" for mv in variants), (recorded, variants)
     runs = [mv.tags["skinreg.export_run"] for mv in variants]
-    assert len(set(runs)) == len(runs) == len(versions)
+    assert len(set(runs)) == len(runs) == len(recorded) >= 1
 
 
 def _no_overlap(cluster: Cluster) -> None:
@@ -187,7 +191,7 @@ def test_a_burst_with_duplicates_and_a_killed_worker_exports_every_version_exact
     client = MlflowClient()
     train_run = client.get_model_version("cl-a", "1").run_id
     for name in SOURCES:
-        export_run = client.get_model_version(name, "2").tags["skinreg.export.run_id"]
+        export_run = client.get_model_version(name, versions[name][-1]).tags["skinreg.export.run_id"]
         inputs = {d.tags[0].value if d.tags else "": json.loads(d.dataset.source)
                   for d in client.get_run(export_run).inputs.dataset_inputs}
         if name == "cl-a":
@@ -197,7 +201,7 @@ def test_a_burst_with_duplicates_and_a_killed_worker_exports_every_version_exact
             assert inputs == {}, inputs
     with capsys.disabled():
         print(f"\ncluster burst: 12 registrations + 6 duplicates, {WORKERS} workers (one SIGKILLed mid-export): "
-              f"all exported once in {elapsed:.1f}s")
+              f"every version exported once or superseded by a newer one, in {elapsed:.1f}s")
     # Back for the next test, and up before it restarts PostgreSQL: a worker that cannot reach the queue as
     # it starts exits with a one-line error (a supervisor restarts it); one that is running rides it out.
     restarted, started_line = cluster.workers[victim], f"worker {victim}: executor"
