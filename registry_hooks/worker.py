@@ -481,7 +481,8 @@ class Worker:
                 raise Busy(f"{ref.uri} is being exported by run {run_id}")
         elif not (ours and status in ("passed", "failed")) or self._export_complete(ref, run_id or ""):
             return
-        self._roll_back(ref, run_id, ours=bool(run_id) and job.run_id == run_id)
+        # the queue records this job's run and its interrupted predecessor's: what it may delete
+        self._roll_back(ref, run_id, ours=bool(run_id) and run_id in (job.run_id, job.previous_run_id))
 
     def _run_versions(self, source: str, run_id: str) -> list[VersionRef]:
         from skinreg.pipeline import variant_models
@@ -500,7 +501,8 @@ class Worker:
 
     def _roll_back(self, ref: VersionRef, run_id: str | None, *, ours: bool) -> None:
         """Mark a dead export's source version 'error'. Its variant versions are deleted only when the run is
-        this job's own (recorded in the queue, which no registry user writes) and no alias points at them;
+        this job's own or its interrupted predecessor's (recorded in the queue, which no registry user writes)
+        and no alias points at them;
         another run's leftovers stay (an export with the same settings reuses them after its checks)."""
         removed = []
         if run_id and ours:

@@ -1,0 +1,316 @@
+"""`skinreg serve` on the real thing: a real `mlflow server`, two ONNX variant versions exported and sealed by
+skinreg's own pipeline, the server as a long-lived `skinreg serve` process, real HTTP clients (tritonclient's
+V2 client included). Waits are deadlines on what can be observed, never fixed sleeps."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import requests
+from mlflow import MlflowClient
+from PIL import Image
+
+from servers import free_port, mlflow_server, wait_http
+from skinreg.mlflow_io import log_source_model
+from skinreg.pipeline import ExportOptions, export_version, promote
+
+pytestmark = pytest.mark.server
+
+POLL_S = 0.5
+MARGIN_S = 20.0  # download, manifest check, load and warm-up of a new version on a busy 2-core machine
+KEY = "serve-tests-signing-key-0123456789abcdef"
+VENV_BIN = Path(sys.executable).parent
+
+
+def _until(condition, *, timeout: float, what: str, every: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise TimeoutError(f"{what} did not happen within {timeout}s")
+
+
+def _png(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def _jpeg(path: Path) -> bytes:
+    buf = io.BytesIO()
+    Image.open(path).convert("RGB").save(buf, "JPEG", quality=92)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def registry(trained, demo_data, tmp_path_factory):
+    """A real `mlflow server` holding skin/1 and skin/2, each exported to ONNX by skinreg (skin-onnx/1, /2)."""
+    work = tmp_path_factory.mktemp("serve-registry")
+    procs: list[subprocess.Popen] = []
+    with pytest.MonkeyPatch.context() as mp, mlflow_server(f"sqlite:///{work}/server.db", work, procs=procs) as url:
+        mp.setenv("SKINREG_SIGNING_KEY", KEY)
+        mp.setenv("MLFLOW_TRACKING_URI", url)
+        mp.setenv("SKINREG_EXPORT_CACHE", str(work / "export-cache"))
+        mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
+        mlflow.set_tracking_uri(url)
+        mlflow.set_registry_uri(url)
+        for _ in range(2):
+            with mlflow.start_run():
+                example = trained.loaded.spec.preprocessing.batch(sorted((demo_data / "val").rglob("*.png"))[:2])
+                info = log_source_model(trained.loaded, registered_name="skin", example=example)
+            res = export_version(f"models:/skin/{info.registered_model_version}",
+                                 ExportOptions(formats=["onnx"], latency_runs=2))
+            assert res.status == "passed", res.report
+        promote("models:/skin/1", "production")
+        yield {"url": url, "work": work, "proc": procs[0]}
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+
+
+@pytest.fixture(scope="module")
+def server(registry):
+    """`skinreg serve --model models:/skin-onnx@production`, polling every POLL_S."""
+    port = free_port()
+    log_path = registry["work"] / "serve.log"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registry["url"], "SKINREG_SIGNING_KEY": KEY,
+           "MLFLOW_DISABLE_TELEMETRY": "true"}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([str(VENV_BIN / "skinreg"), "serve", "--model", "models:/skin-onnx@production",
+                                 "--port", str(port), "--poll-s", str(POLL_S), "--token", "t" * 24], env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_http(f"{url}/v2/health/live", timeout=120, proc=proc)
+            yield {"url": url, "proc": proc, "log": log_path, "headers": {"Authorization": "Bearer " + "t" * 24}}
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def test_serve_imports_neither_torch_nor_tensorflow():
+    code = ("import sys, skinreg.serve.app, skinreg.serve.follower, skinreg.cli; "
+            "print(sorted(m for m in ('torch', 'tensorflow', 'onnx2tf', 'litert_torch', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_cli_defaults_are_the_settings_defaults():
+    import inspect
+
+    from skinreg.cli import serve_cmd
+    from skinreg.serve import ServeSettings
+
+    fields = ServeSettings.__dataclass_fields__
+    for name, param in inspect.signature(serve_cmd).parameters.items():
+        if name != "model":
+            assert param.default == fields[name].default, name
+
+
+def test_predict_jpeg_png_and_multipart_match_the_registered_variant(server, demo_data):
+    from skinreg.serving import SkinClassifier
+
+    images = sorted((demo_data / "val").rglob("*.png"))[::12][:3]
+    reference = SkinClassifier.from_uri("models:/skin-onnx/1")
+    h = server["headers"]
+    for encode, ctype in ((_png, "image/png"), (_jpeg, "image/jpeg")):
+        data = encode(images[0])
+        r = requests.post(server["url"] + "/predict", data=data, headers={**h, "Content-Type": ctype}, timeout=30)
+        assert r.status_code == 200, r.text
+        got = r.json()
+        want = reference.predict(Image.open(io.BytesIO(data)))
+        assert got["label"] == want.label and got["class_id"] == want.class_id
+        assert abs(got["confidence"] - want.confidence) < 1e-5
+        assert np.abs(np.array(got["logits"]) - np.array(want.logits)).max() < 1e-4
+        assert got["model"]["name"] == "skin-onnx" and got["model"]["version"] == "1"
+        assert len(got["model"]["sha256"]) == 64
+    files = [("file", (p.name, _png(p), "image/png")) for p in images]
+    r = requests.post(server["url"] + "/predict", files=files, headers=h, timeout=30)
+    assert r.status_code == 200, r.text
+    assert [a["class_id"] for a in r.json()] == [p.class_id for p in reference.predict_batch(images)]
+
+
+def test_tritonclient_reads_readiness_metadata_and_infers(server, demo_data):
+    import tritonclient.http as httpclient
+
+    from skinreg.serving import SkinClassifier
+
+    client = httpclient.InferenceServerClient(server["url"].removeprefix("http://"))
+    headers = server["headers"]  # copied for each infer: tritonclient adds its binary header to the dict it is given
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("skin-onnx", headers=headers)
+    meta = client.get_model_metadata("skin-onnx", headers=headers)
+    assert meta["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 3, 64, 64]}]
+    assert meta["outputs"][0]["name"] == "logits" and meta["outputs"][0]["datatype"] == "FP32"
+    reference = SkinClassifier.from_uri("models:/skin-onnx/1")
+    images = sorted((demo_data / "val").rglob("*.png"))[:3]
+    x = reference.preprocessing.batch(images)
+    for binary in (True, False):
+        inp = httpclient.InferInput("image", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, binary_data=binary)
+        out = httpclient.InferRequestedOutput("logits", binary_data=binary)
+        result = client.infer("skin-onnx", [inp], outputs=[out], headers=dict(headers))
+        assert np.abs(result.as_numpy("logits") - reference.logits(images)).max() < 1e-4
+    result = client.infer("skin-onnx", [inp], headers=dict(headers))  # no outputs named: all of them, binary
+    assert result.as_numpy("logits").shape == (3, 4)
+
+
+def test_the_page_answers_without_a_token_and_names_the_classes_and_version(server):
+    r = requests.get(server["url"] + "/", timeout=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "skin-onnx version" in r.text and '"melanoma"' in r.text and 'fetch("predict"' in r.text
+
+
+def _bomb() -> bytes:
+    """A PNG whose header says 20000 x 20000 (400 M pixels) in a few hundred bytes."""
+    buf = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("case", ["not_an_image", "truncated", "bomb", "empty", "too_large", "content_type",
+                                  "v2_shape", "v2_datatype", "v2_not_json", "no_token", "unknown_model"])
+def test_bad_input_is_a_4xx_with_one_line(server, demo_data, case):
+    url, h = server["url"], server["headers"]
+    png = _png(sorted((demo_data / "val").rglob("*.png"))[0])
+    v2 = url + "/v2/models/skin-onnx/infer"
+    good = {"name": "image", "datatype": "FP32", "shape": [1, 3, 64, 64], "data": [0.0] * (3 * 64 * 64)}
+    post = {
+        "not_an_image": lambda: requests.post(url + "/predict", data=b"hello, not an image",
+                                              headers={**h, "Content-Type": "image/png"}),
+        "truncated": lambda: requests.post(url + "/predict", data=png[: len(png) // 2],
+                                           headers={**h, "Content-Type": "image/png"}),
+        "bomb": lambda: requests.post(url + "/predict", data=_bomb(), headers={**h, "Content-Type": "image/png"}),
+        "empty": lambda: requests.post(url + "/predict", data=b"", headers={**h, "Content-Type": "image/png"}),
+        "too_large": lambda: requests.post(url + "/predict", data=b"\0" * (11 * 1024 * 1024),
+                                           headers={**h, "Content-Type": "image/png"}),
+        "content_type": lambda: requests.post(url + "/predict", data=png, headers={**h, "Content-Type": "text/plain"}),
+        "v2_shape": lambda: requests.post(v2, json={"inputs": [{**good, "shape": [1, 3, 32, 32]}]}, headers=h),
+        "v2_datatype": lambda: requests.post(v2, json={"inputs": [{**good, "datatype": "INT64"}]}, headers=h),
+        "v2_not_json": lambda: requests.post(v2, data=b"{not json", headers=h),
+        "no_token": lambda: requests.post(url + "/predict", data=png, headers={"Content-Type": "image/png"}),
+        "unknown_model": lambda: requests.get(url + "/v2/models/other", headers=h),
+    }[case]
+    r = post()
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    message = r.json()["error"]
+    assert message and "\n" not in message
+    # the server still answers, and the refusal is counted by its reason
+    ok = requests.post(url + "/predict", data=png, headers={**h, "Content-Type": "image/png"}, timeout=30)
+    assert ok.status_code == 200
+    metrics = requests.get(url + "/metrics", headers=h, timeout=10).text
+    assert "skinreg_serve_failures_total{" in metrics
+
+
+def _metric(server, name: str) -> float:
+    text = requests.get(server["url"] + "/metrics", headers=server["headers"], timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and not line.startswith("#"))
+
+
+class Load:
+    """Concurrency-8 loopback load on /predict until stopped (bounded by a deadline): every answer's send and
+    receive times and the version that answered, every failure."""
+
+    def __init__(self, server, body: bytes, *, concurrency: int = 8, limit_s: float = 120) -> None:
+        self.server, self.body, self.limit_s = server, body, limit_s
+        self.answers: list[tuple[float, float, str]] = []
+        self.failures: list[str] = []
+        self.stop = threading.Event()
+        self.pool = ThreadPoolExecutor(concurrency)
+        self.futures = [self.pool.submit(self._client) for _ in range(concurrency)]
+
+    def _client(self) -> None:
+        session = requests.Session()
+        deadline = time.monotonic() + self.limit_s
+        headers = {**self.server["headers"], "Content-Type": "image/png"}
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            sent = time.monotonic()
+            try:
+                r = session.post(self.server["url"] + "/predict", data=self.body, headers=headers, timeout=30)
+                if r.status_code != 200:
+                    self.failures.append(f"{r.status_code} {r.text}")
+                    continue
+                self.answers.append((sent, time.monotonic(), r.json()["model"]["version"]))
+            except requests.RequestException as exc:
+                self.failures.append(repr(exc))
+
+    def first(self, version: str) -> tuple[float, float, str] | None:
+        return next((a for a in sorted(self.answers, key=lambda a: a[1]) if a[2] == version), None)
+
+    def finish(self) -> None:
+        self.stop.set()
+        for f in self.futures:
+            f.result()
+        self.pool.shutdown()
+
+
+def test_follows_the_alias_under_load_and_refuses_what_is_not_sealed(server, registry, demo_data, tmp_path):
+    body = _png(sorted((demo_data / "val").rglob("*.png"))[0])
+    load = Load(server, body)
+    try:
+        _until(lambda: len(load.answers) >= 20, timeout=60, what="20 answers from version 1")
+        # production moves from v1 to v2 (skinreg's own promotion)
+        moved = time.monotonic()
+        promote("models:/skin/2", "production")
+        first_v2 = _until(lambda: load.first("2"), timeout=POLL_S + MARGIN_S, what="a version 2 answer")
+        _until(lambda: len([a for a in load.answers if a[2] == "2"]) >= 20, timeout=60, what="20 version 2 answers")
+        assert first_v2[1] - moved <= POLL_S + MARGIN_S
+        late_v1 = [a for a in load.answers if a[2] == "1" and a[0] > first_v2[1]]
+        assert not late_v1, f"{len(late_v1)} requests sent after the first v2 answer were answered by v1"
+        assert _metric(server, "skinreg_serve_reloads_total") == 1
+        assert _metric(server, 'skinreg_serve_model_version') == 2
+
+        # a hand-registered v3: v2's files copied, registered with plain MLflow, skinreg's tags forged (the
+        # sealed lineage copied from v2 too), set as production by hand -> refused, v2 keeps serving
+        client = MlflowClient()
+        copy = Path(mlflow.artifacts.download_artifacts("models:/skin-onnx/2", dst_path=str(tmp_path / "copy")))
+        v2 = client.get_model_version("skin-onnx", "2")
+        with mlflow.start_run() as run:
+            mlflow.log_artifacts(str(copy), "model")
+        v3 = client.create_model_version("skin-onnx", f"{run.info.artifact_uri}/model", run_id=run.info.run_id,
+                                         tags={k: v for k, v in v2.tags.items() if k.startswith("skinreg.")})
+        assert v3.version == "3"
+        client.set_registered_model_alias("skin-onnx", "production", "3")
+        _until(lambda: _metric(server, "skinreg_serve_refused_reloads_total") >= 1, timeout=POLL_S + MARGIN_S,
+               what="the refusal of version 3")
+        ready = requests.get(server["url"] + "/v2/health/ready", timeout=10).json()
+        assert ready["ready"] and ready["model"]["version"] == "2" and "3" in ready["refused"]
+        seen = len(load.answers)
+        _until(lambda: len(load.answers) >= seen + 20, timeout=60, what="20 more answers")
+        assert {a[2] for a in load.answers[seen:]} == {"2"}
+
+        # the alias deleted: v2 keeps serving, and readiness says why it is not following
+        client.delete_registered_model_alias("skin-onnx", "production")
+        _until(lambda: requests.get(server["url"] + "/v2/health/ready", timeout=10).json()["registry"] != "ok",
+               timeout=POLL_S + MARGIN_S, what="readiness reporting the deleted alias")
+
+        # the registry stopped mid-load: v2 keeps serving, no failure
+        proc = registry["proc"]
+        os.killpg(proc.pid, 9)
+        proc.wait(timeout=30)
+        seen = len(load.answers)
+        _until(lambda: len(load.answers) >= seen + 40, timeout=60, what="40 answers with the registry down")
+        ready = requests.get(server["url"] + "/v2/health/ready", timeout=10)
+        assert ready.status_code == 200 and ready.json()["model"]["version"] == "2"
+    finally:
+        load.finish()
+    assert not load.failures, load.failures[:5]
+    log = server["log"].read_text()
+    assert "refused models:/skin-onnx/3" in log and "Traceback" not in log
+    print(f"{len(load.answers)} answers at concurrency 8; v2 first answered "
+          f"{first_v2[1] - moved:.2f} s after the alias moved (poll {POLL_S} s)")
