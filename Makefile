@@ -9,7 +9,7 @@ STAMP := $(VENV)/.skinreg-setup
 export MLFLOW_DISABLE_TELEMETRY := true
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: setup demo hooks-demo test postgres benchmark benchmark-hooks clean
+.PHONY: setup demo hooks-demo test postgres chromium benchmark benchmark-hooks clean
 
 setup: $(STAMP)
 
@@ -36,7 +36,12 @@ postgres:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
 	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql)
 
-test: setup postgres
+# Chromium and its driver from Debian's packages: the test that opens `skinreg serve`'s page in a browser.
+chromium:
+	@test -x /usr/bin/chromium || \
+	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver)
+
+test: setup postgres chromium
 	$(PY) -m pytest -q
 
 benchmark: setup

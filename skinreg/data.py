@@ -134,8 +134,8 @@ def open_image(path: Path | str, *, max_pixels: int | None = None):  # -> PIL.Im
                              ) from None
         raise
     except Image.DecompressionBombError as exc:
-        raise InputError(f"{path}: {first_line(exc)}; over the {cap}-pixel cap on one image: downscale it or "
-                         f"remove it from the folder") from None
+        raise InputError(f"{path}: more pixels than Pillow opens at all (a decompression bomb), over the {cap}-pixel "
+                         "cap on one image; downscale it or remove it from the folder") from None
     width, height = im.size
     if width * height > cap:
         im.close()

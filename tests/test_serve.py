@@ -1,6 +1,7 @@
 """`skinreg serve` on the real thing: a real `mlflow server`, two ONNX variant versions exported and sealed by
 skinreg's own pipeline, the server as a long-lived `skinreg serve` process, real HTTP clients (tritonclient's
-V2 client included). Waits are deadlines on what can be observed, never fixed sleeps."""
+V2 client included) and Debian's headless Chromium on the page. Waits are deadlines on what can be observed,
+never fixed sleeps."""
 
 from __future__ import annotations
 
@@ -173,6 +174,70 @@ def test_the_page_answers_without_a_token_and_names_the_classes_and_version(serv
     r = requests.get(server["url"] + "/", timeout=10)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert "skin-onnx version" in r.text and '"melanoma"' in r.text and 'fetch("predict"' in r.text
+
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+@pytest.fixture()
+def chromium(tmp_path):
+    """Debian's headless Chromium driven by its chromedriver (`make chromium`), with a fresh profile."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    assert CHROMIUM.exists() and CHROMEDRIVER.exists(), "Chromium is not installed: run `make chromium`"
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run", f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1000,1000"):
+        options.add_argument(flag)
+    service = Service(executable_path=str(CHROMEDRIVER), log_output=str(tmp_path / "chromedriver.log"))
+    driver = webdriver.Chrome(service=service, options=options)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_the_page_in_chromium_shows_the_label_a_bar_per_class_and_the_version(server, demo_data, chromium, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    image = sorted((demo_data / "val").rglob("*.png"))[0]
+    want = requests.post(server["url"] + "/predict", data=_png(image),
+                         headers={**server["headers"], "Content-Type": "image/png"}, timeout=30)
+    assert want.status_code == 200, want.text
+    want = want.json()
+
+    chromium.get(server["url"] + "/")
+    # the server was started with --token: the page sends what is typed in its token field
+    chromium.find_element(By.ID, "token").send_keys(server["headers"]["Authorization"].removeprefix("Bearer "))
+    chromium.find_element(By.ID, "file").send_keys(str(image))
+
+    def shown(driver):
+        error = driver.find_element(By.ID, "error").text
+        if error:
+            raise AssertionError(f"the page shows an error: {error}")
+        rows = driver.find_elements(By.CSS_SELECTOR, "#bars .row")
+        return rows if driver.find_element(By.ID, "result").is_displayed() and rows else None
+
+    rows = WebDriverWait(chromium, 60, poll_frequency=0.1).until(shown, "the label and bars did not appear")
+    label = chromium.find_element(By.ID, "label").text
+    assert label.rsplit(" (", 1)[0] == want["label"], (label, want["label"])
+    assert len(rows) == len(want["logits"]) == 4
+    assert [r.find_element(By.CLASS_NAME, "name").text for r in rows][want["class_id"]] == want["label"]
+    widths = [r.find_element(By.CLASS_NAME, "bar").size["width"] for r in rows]
+    assert widths[want["class_id"]] == max(widths) > 0, widths
+    version = f'{want["model"]["name"]} version {want["model"]["version"]}'
+    assert chromium.find_element(By.ID, "version").text == version
+    assert chromium.find_element(By.ID, "served").text == version
+
+    shot = tmp_path / "page.png"
+    assert chromium.save_screenshot(str(shot))
+    data = shot.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and Image.open(io.BytesIO(data)).size[0] > 0
 
 
 def _bomb() -> bytes:
