@@ -7,8 +7,9 @@ path of their choice.
 `skinreg hooks install` pins the experiment named skinreg.pipeline.DEFAULT_EXPERIMENT (creating it
 when missing); installing again pins it anew. A queue that was never pinned is pinned by the first
 export a worker runs, with the same checks. Before every export and promote the worker checks that the
-pinned experiment still exists, is active, keeps the same artifact location, and is on the same
-tracking server; otherwise the job fails permanently with a line that says to run install again.
+pinned experiment still exists, is active and keeps the same artifact location (the tracking URI may
+differ: a proxy, another host name); otherwise the job fails permanently with a line that says to run
+install again.
 """
 
 from __future__ import annotations
@@ -115,15 +116,16 @@ def pinned(queue: JobQueue) -> Pin | None:
 
 
 def verify(p: Pin) -> None:
-    """The pinned experiment is still what it was: same tracking server, exists, active, same artifact
-    location (and that location still acceptable). InputError otherwise: the job fails permanently."""
+    """The pinned experiment is still what it was: exists, active, same artifact location (and that location
+    still acceptable). InputError otherwise: the job fails permanently. The tracking URI itself may differ
+    (workers may reach one server by other names, or through a proxy): the artifact location decides."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient()
     tracking = _tracking_uri()
     if tracking != p.tracking:
-        raise InputError(f"the export experiment was pinned on {p.tracking}, this worker uses {tracking}: {PIN_FIX}")
+        log.debug("export experiment pinned through %s, used through %s", p.tracking, tracking)
     try:
         exp = client.get_experiment(p.experiment_id)
     except MlflowException as exc:

@@ -156,6 +156,7 @@ DOWNLOAD_ONLY = frozenset({"registered_model_meta"})
 def manifest_differences(folder: Path, expected: Mapping[str, str]) -> list[str]:
     """How the files under `folder` differ from a sealed manifest: missing, extra or changed files."""
     found = {k: v for k, v in manifest(folder).items() if k not in DOWNLOAD_ONLY}
+    expected = {k: v for k, v in expected.items() if k not in DOWNLOAD_ONLY}
     out = [f"{k} is missing" for k in sorted(set(expected) - set(found))]
     out += [f"{k} is not in the sealed manifest" for k in sorted(set(found) - set(expected))]
     out += [f"{k} differs from the sealed manifest" for k in sorted(set(found) & set(expected))

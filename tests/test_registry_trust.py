@@ -6,6 +6,7 @@ before/after is asserted). docs/security.md has the threat model."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from skinreg.pt2_archive import ArchiveError, read_state_dict
 from skinreg.registry import Registry
 
 runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
 
 
@@ -72,12 +74,8 @@ def _with_guard_payload(pt2: Path, marker: Path) -> None:
     torch.export.save(ep, str(pt2))
 
 
-def test_a_pt2_guard_payload_never_runs_and_mlflows_default_pt2_exports_with_a_dynamic_batch(tracking, trained,
-                                                                                            tmp_path):
-    """The version is logged as MLflow does by default (pt2, a batch-1 input example, no skinreg metadata),
-    with a guard expression that runs code when the program is loaded and called. skinreg reads the weights
-    only: the payload never runs, the architecture is recognized from the weights, the ONNX variant takes
-    any batch."""
+def _guard_folder(trained, tmp_path: Path) -> tuple[Path, Path]:
+    """An MLflow-default pt2 model folder whose program creates `marker` when it is loaded and called."""
     marker = tmp_path / "PWNED"
     folder = tmp_path / "default"
     mlflow.pytorch.save_model(trained.loaded.model, str(folder), input_example=np.zeros((1, 3, SIZE, SIZE), np.float32))
@@ -87,6 +85,16 @@ def test_a_pt2_guard_payload_never_runs_and_mlflows_default_pt2_exports_with_a_d
                    capture_output=True)
     assert marker.exists(), "the payload is live: loading the program runs it"
     marker.unlink()
+    return folder, marker
+
+
+def test_a_pt2_guard_payload_never_runs_and_mlflows_default_pt2_exports_with_a_dynamic_batch(tracking, trained,
+                                                                                            tmp_path):
+    """The version is logged as MLflow does by default (pt2, a batch-1 input example, no skinreg metadata),
+    with a guard expression that runs code when the program is loaded and called. skinreg reads the weights
+    only: the payload never runs, the architecture is recognized from the weights, the ONNX variant takes
+    any batch."""
+    folder, marker = _guard_folder(trained, tmp_path)
     uri = _register_folder(folder, "plain")
     res = runner.invoke(app, ["export-version", "--model-uri", uri, "--format", "onnx", "--latency-runs", "2"])
     assert res.exit_code == 0, res.output + res.stderr
@@ -98,6 +106,29 @@ def test_a_pt2_guard_payload_never_runs_and_mlflows_default_pt2_exports_with_a_d
     logits = next(iter(out.values())) if isinstance(out, dict) else out
     assert np.asarray(logits).shape == (3, trained.loaded.spec.num_classes)
     assert not marker.exists()
+
+
+def test_a_pt2_guard_payload_never_runs_through_mlflow_run_or_the_hooks_worker(tracking, trained, tmp_path,
+                                                                               queue_db):
+    from registry_hooks.config import HooksConfig
+    from registry_hooks.queue import JobQueue
+    from test_hooks import SECRET, drain
+
+    folder, marker = _guard_folder(trained, tmp_path)
+    uri = _register_folder(folder, "guarded")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    out = subprocess.run([str(Path(sys.executable).with_name("mlflow")), "run", str(ROOT), "-e", "export",
+                          "--env-manager", "local", "-P", f"model_uri={uri}", "-P", "formats=onnx",
+                          "-P", "latency_runs=2"], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert not marker.exists(), "the payload ran under `mlflow run`"
+    _register_folder(folder, "guarded")  # guarded/2, for the hooks
+    cfg = HooksConfig(sources=["guarded"], secret=SECRET, database_url=queue_db, formats=["onnx"], latency_runs=2)
+    job = _queue_export(cfg, "guarded", "2")
+    drain(cfg)
+    assert JobQueue(cfg.database_url).get(job).outcome == "export passed"
+    assert not marker.exists(), "the payload ran in the hooks worker"
+    assert _versions("guarded-onnx") == ["1", "2"]
 
 
 def test_an_unrecognized_architecture_is_refused_with_the_opt_in_named(tracking, tmp_path):
@@ -240,9 +271,9 @@ def _queue_export(cfg, name: str, version: str) -> int:
 
 def test_forged_running_tags_neither_delete_promoted_variants_nor_stall_the_source(tracking, trained, demo_data,
                                                                                  queue_db):
-    """skin/1 is exported and in production. skin/2 is tagged 'running' by skin/1's own export run (a rollback
-    by run id would delete skin/1's variants); skin/3 by a run left RUNNING that says it started ten years from
-    now (a busy wait by the run's start time would never end). The worker acts on neither."""
+    """hk/1 is exported and in production. hk/2 is tagged 'running' by hk/1's own export run (a rollback by run
+    id would delete hk/1's variants); hk/3 by a run left RUNNING that says it started ten years from now (a
+    busy wait by the run's start time would never end). The worker acts on neither."""
     from registry_hooks.config import HooksConfig
     from registry_hooks.queue import JobQueue
     from test_hooks import SECRET, drain
@@ -262,9 +293,10 @@ def test_forged_running_tags_neither_delete_promoted_variants_nor_stall_the_sour
     cfg = HooksConfig(sources=["hk"], secret=SECRET, database_url=queue_db, formats=["onnx"], latency_runs=2)
     jobs = [_queue_export(cfg, "hk", v) for v in ("2", "3")]
     drain(cfg)
-    q = JobQueue(cfg.database_url)
-    assert [(q.get(j).state, q.get(j).outcome) for j in jobs] == [("done", "export passed")] * 2
-    assert _versions("hk-onnx") == ["1", "2", "3"]  # skin/1's variant is still there, and still in production
+    q = JobQueue(cfg.database_url)  # hk/2's job looked at its forged run first, then yielded to the newer hk/3
+    assert [(q.get(j).state, q.get(j).outcome) for j in jobs] == [("done", "superseded by version 3"),
+                                                                  ("done", "export passed")]
+    assert _versions("hk-onnx") == ["1", "2"]  # hk/1's variant is still there, and still in production
     assert client.get_registered_model("hk-onnx").aliases["production"] == 1
     assert client.get_run(future).info.status == "RUNNING"  # not this job's run: left alone
 
