@@ -9,7 +9,7 @@ STAMP := $(VENV)/.skinreg-setup
 export MLFLOW_DISABLE_TELEMETRY := true
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: setup demo hooks-demo test postgres chromium benchmark benchmark-hooks clean
+.PHONY: setup demo hooks-demo test test-fast postgres chromium benchmark benchmark-hooks clean
 
 setup: $(STAMP)
 
@@ -41,8 +41,13 @@ chromium:
 	@test -x /usr/bin/chromium || \
 	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver)
 
+# Everything (what CI runs). The slowest 15 tests are listed at the end.
 test: setup postgres chromium
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
+
+# The edit loop: no long-lived servers, no TF / onnx2tf / litert-torch conversion.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not server" --durations=10
 
 benchmark: setup
 	$(VENV)/bin/skinreg benchmark

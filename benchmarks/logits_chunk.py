@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from skinreg import runtime
-from skinreg.exporters.onnx_export import export_onnx
-from skinreg.models import ModelSpec, build_model
-from skinreg.preprocess import Preprocessing
+from skinreg.check import runtime
+from skinreg.convert.onnx import export_onnx
+from skinreg.models.architectures import ModelSpec, build_model
+from skinreg.data.preprocess import Preprocessing
 
 arch = sys.argv[1] if len(sys.argv) > 1 else "efficientnet_b0"
 rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 3

@@ -22,12 +22,12 @@ import numpy as np
 import torch  # noqa: F401  (torch before TensorFlow: see tflite_export._import_tensorflow_safely)
 
 from skinreg.enums import Precision
-from skinreg.exporters.int8_recipes import INT8_RECIPES
-from skinreg.exporters.onnx_export import export_onnx
-from skinreg.exporters.tflite_export import export_tflite, saved_model_from_onnx
-from skinreg.models import ModelSpec, build_model
-from skinreg.preprocess import Preprocessing
-from skinreg.runtime import OnnxRunner, TFLiteRunner
+from skinreg.convert.int8_recipes import INT8_RECIPES
+from skinreg.convert.onnx import export_onnx
+from skinreg.convert.tflite import export_tflite, saved_model_from_onnx
+from skinreg.models.architectures import ModelSpec, build_model
+from skinreg.data.preprocess import Preprocessing
+from skinreg.check.runtime import OnnxRunner, TFLiteRunner
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--onnx", type=Path)
@@ -48,14 +48,14 @@ with tempfile.TemporaryDirectory() as tmp:
         onnx_path = export_onnx(build_model("efficientnet_b0", 4).eval(), ModelSpec("efficientnet_b0", 4, pre), tmp,
                                 stem="m").path
     if args.images:
-        from skinreg.data import list_images
+        from skinreg.data.images import list_images
 
         x = pre.batch(list_images(args.images).paths[:64])
     else:
         x = np.random.default_rng(0).normal(size=(16, 3, args.size, args.size)).astype(np.float32)
     cal = None
     if args.int8:
-        from skinreg.data import list_images
+        from skinreg.data.images import list_images
 
         cal = pre.batch(list_images(args.calibration).paths) if args.calibration else x
     spec = ModelSpec("efficientnet_b0", 4, pre)  # only the preprocessing is read by the converters

@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch  # noqa: F401  (torch before TensorFlow: see tflite_export._import_tensorflow_safely)
 
-from skinreg.exporters.onnx_export import export_onnx
-from skinreg.exporters.tflite_export import convert, saved_model_from_onnx
+from skinreg.convert.onnx import export_onnx
+from skinreg.convert.tflite import convert, saved_model_from_onnx
 from skinreg.enums import Precision
-from skinreg.models import LoadedModel, ModelSpec, build_model
-from skinreg.preprocess import Preprocessing
-from skinreg.runtime import OnnxRunner, TFLiteRunner
+from skinreg.models.architectures import ModelSpec, build_model
+from skinreg.data.preprocess import Preprocessing
+from skinreg.check.runtime import OnnxRunner, TFLiteRunner
 
 arch = next((a for a in sys.argv[1:] if not a.startswith("--")), "efficientnet_b0")
 torch.manual_seed(0)

@@ -20,7 +20,6 @@ import argparse
 import io
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -125,12 +124,12 @@ def main() -> None:
     from PIL import Image
 
     from servers import free_port
-    from skinreg.data import generate_demo_data
-    from skinreg.mlflow_io import log_source_model
-    from skinreg.pipeline import ExportOptions, export_version
+    from skinreg.data.images import generate_demo_data
+    from skinreg.registry.tracking import log_source_model
+    from skinreg.registry.pipeline import ExportOptions, export_version
     from skinreg.serve.settings import ServeSettings
-    from skinreg.serving import SkinClassifier
-    from skinreg.train import train
+    from skinreg.registry.classifier import SkinClassifier
+    from skinreg.models.train import train
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="skinreg-serve-bench-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
 """TF int8 calibration, side by side on the same float model and images: the TF Lite converter's own
-calibrator vs skinreg.exporters.tf_ranges (interleaved rounds). Prints the median seconds of each, the
+calibrator vs skinreg.convert.tf_ranges (interleaved rounds). Prints the median seconds of each, the
 largest difference between the recorded ranges (relative to each range's width), how many ranges the
 in-place quirk widens (and by how much they would differ without reproducing it), and the top-1
 agreement of each int8 file with the float32 one on the images.
@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from skinreg.enums import Precision
-from skinreg.exporters import tf_ranges, tflite_export
-from skinreg.exporters.onnx_export import export_onnx
-from skinreg.models import LoadedModel, ModelSpec, build_model, load_checkpoint
-from skinreg.preprocess import Preprocessing
+from skinreg.convert import tf_ranges
+from skinreg.convert import tflite as tflite_export
+from skinreg.convert.onnx import export_onnx
+from skinreg.models.architectures import LoadedModel, ModelSpec, build_model, load_checkpoint
+from skinreg.data.preprocess import Preprocessing
 
 parser = argparse.ArgumentParser()
 parser.add_argument("checkpoint", nargs="?")

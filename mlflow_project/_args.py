@@ -3,7 +3,7 @@ This turns `--key value` pairs into skinreg CLI flags and runs the skinreg comma
 
 import sys
 
-from skinreg.cli import app
+from skinreg.cli.main import app
 
 TRUE = {"true", "1", "yes"}
 # The `export` entry point's parameters as `skinreg export-version` options (tests/test_settings.py).

@@ -27,10 +27,10 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .config import HooksConfig
-from .events import PayloadError, decide, parse
-from .queue import JobQueue
-from .signature import HEADER_ID, HEADER_SIGNATURE, SignatureError, verify
+from registry_hooks.config import HooksConfig
+from registry_hooks.events import PayloadError, decide, parse
+from registry_hooks.queue import JobQueue
+from registry_hooks.signature import HEADER_ID, HEADER_SIGNATURE, SignatureError, verify
 
 log = logging.getLogger(__name__)
 
@@ -247,11 +247,11 @@ def create_app(cfg: HooksConfig, *, queue: JobQueue | None = None, run_worker: b
         threads = [threading.Thread(target=refusals_forever, name="hooks-refusals", daemon=True)]
         await run_in_threadpool(q.check_ready)
         if run_worker:
-            from .runner import worker_thread
+            from registry_hooks.runner import worker_thread
 
             threads.append(worker_thread(cfg, stop))
         if run_reconciler and cfg.reconcile_interval_s > 0:
-            from .reconcile import reconcile_forever
+            from registry_hooks.reconcile import reconcile_forever
 
             threads.append(threading.Thread(target=reconcile_forever, args=(cfg, q, stop), name="hooks-reconciler",
                                             daemon=True))

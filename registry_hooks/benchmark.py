@@ -1,4 +1,4 @@
-"""Queue benchmark (issue #11): throughput of a burst of registrations with 1 worker vs 2 workers, measured
+"""Queue benchmark: throughput of a burst of registrations with 1 worker vs 2 workers, measured
 in one run on the same cluster, and the delay from a registration to its job's start.
 
 One throwaway PostgreSQL cluster holds MLflow's tables and the queue; `mlflow server` sends webhooks to the
@@ -22,9 +22,9 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable
 
-from .demo import Demo, _bin, _http_ok
-from .localpg import free_port, pg_cluster
-from .queue import SCHEMA, JobQueue, conninfo
+from registry_hooks.demo import Demo, _bin, _http_ok
+from registry_hooks.localpg import free_port, pg_cluster
+from registry_hooks.queue import SCHEMA, JobQueue, conninfo
 
 
 def _events(url: str, since_job: int) -> dict[int, dict[str, float]]:
@@ -44,10 +44,10 @@ def run_benchmark(workdir: Path, *, burst: int = 12, probes: int = 5, server_wor
     import mlflow
     from mlflow import MlflowClient
 
-    from skinreg.data import generate_demo_data
-    from skinreg.datasets import log_training_data
-    from skinreg.mlflow_io import log_source_model
-    from skinreg.train import train
+    from skinreg.data.images import generate_demo_data
+    from skinreg.data.sources import log_training_data
+    from skinreg.registry.tracking import log_source_model
+    from skinreg.models.train import train
 
     workdir.mkdir(parents=True, exist_ok=True)
     demo = Demo(workdir, epochs=0, say=say)
@@ -162,8 +162,8 @@ def run_benchmark(workdir: Path, *, burst: int = 12, probes: int = 5, server_wor
         mlflow.set_registry_uri(None)
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     say("")
-    say(f"| measure | value | target |")
-    say(f"|---|---|---|")
+    say("| measure | value | target |")
+    say("|---|---|---|")
     say(f"| burst of {burst} registrations (3 sources), 1 worker | {results['one_worker_s']:.1f} s "
         f"(a job {results['1-worker_job_s']:.2f} s) | |")
     say(f"| same burst, 2 workers | {results['two_workers_s']:.1f} s (a job {results['2-workers_job_s']:.2f} s) | |")

@@ -1,4 +1,4 @@
-"""CLI commands of registry_hooks, mounted into `skinreg` by skinreg.cli (module-level imports: typer only).
+"""CLI commands of registry_hooks, mounted into `skinreg` by skinreg.cli.main (module-level imports: typer only).
 
   skinreg hooks serve      the receiver (+ a worker thread and the periodic reconciler by default)
   skinreg hooks worker     a worker process (run several, on any hosts, for more throughput)
@@ -12,7 +12,6 @@ Every setting also reads SKINREG_HOOKS_<NAME> (see registry_hooks/config.py); op
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Callable, Optional
 
 import typer
@@ -39,7 +38,7 @@ def _no_pickle() -> None:
 
 
 def _config(**overrides):
-    from .config import Executor, from_env
+    from registry_hooks.config import Executor, from_env
 
     if overrides.get("executor"):
         try:
@@ -78,7 +77,7 @@ def register(app: typer.Typer, command: Callable) -> None:
     ) -> None:
         """Receive MLflow registry webhooks (POST /webhook); GET /jobs and GET /health for operators."""
         _no_pickle()
-        from .app import serve
+        from registry_hooks.app import serve
 
         cfg = _config(sources=source, database_url=queue, reconcile_interval_s=reconcile_interval,
                       tolerance_s=tolerance, executor=executor, formats=format, latency_runs=latency_runs)
@@ -102,8 +101,8 @@ def register(app: typer.Typer, command: Callable) -> None:
         _no_pickle()
         import asyncio
 
-        from .queue import JobQueue
-        from .runner import work
+        from registry_hooks.queue import JobQueue
+        from registry_hooks.runner import work
 
         cfg = _config(sources=source, database_url=queue, executor=executor, formats=format, latency_runs=latency_runs)
         # procrastinate's worker: SIGTERM/SIGINT finish the current job, then exit (a SIGKILL leaves it
@@ -124,7 +123,7 @@ def register(app: typer.Typer, command: Callable) -> None:
         import json
         import time
 
-        from .queue import JobQueue
+        from registry_hooks.queue import JobQueue
 
         cfg = _config(database_url=queue)
         q = JobQueue(cfg.database_url, max_attempts=cfg.max_attempts)
@@ -149,7 +148,7 @@ def register(app: typer.Typer, command: Callable) -> None:
     def init_db_cmd(queue: QueuePath = None) -> None:
         """Create the job queue's schema (procrastinate's tables and skinreg's) in the PostgreSQL database;
         running it again changes nothing."""
-        from .queue import SCHEMA, init_db, redact
+        from registry_hooks.queue import SCHEMA, init_db, redact
 
         cfg = _config(database_url=queue)
         done = init_db(cfg.database_url)
@@ -165,9 +164,9 @@ def register(app: typer.Typer, command: Callable) -> None:
     ) -> None:
         """Create the MLflow webhook, or update it (URL, events, secret) if one with this name exists, and pin
         the export experiment in the queue database (workers write runs only there, by id)."""
-        from .experiment import pin
-        from .install import install
-        from .queue import JobQueue
+        from registry_hooks.experiment import pin
+        from registry_hooks.install import install
+        from registry_hooks.queue import JobQueue
 
         cfg = _config(database_url=queue)
         secret = cfg.require_secret()
@@ -187,8 +186,8 @@ def register(app: typer.Typer, command: Callable) -> None:
     ) -> None:
         """Queue the exports and alias moves the registry is missing (recovers deliveries lost while the
         receiver was down); a running worker then does them."""
-        from .queue import JobQueue
-        from .reconcile import reconcile
+        from registry_hooks.queue import JobQueue
+        from registry_hooks.reconcile import reconcile
 
         cfg = _config(sources=source, database_url=queue)
         if not cfg.sources:

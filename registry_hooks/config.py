@@ -6,11 +6,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from pathlib import Path
 from typing import Any, Mapping
 
 from skinreg.errors import InputError
-from skinreg.settings import ExportSettings, from_strings
+from skinreg.export.settings import ExportSettings, from_strings
 
 ENV_SECRET = "SKINREG_WEBHOOK_SECRET"
 ENV_PREFIX = "SKINREG_HOOKS_"
@@ -19,14 +18,14 @@ ENV_PREFIX = "SKINREG_HOOKS_"
 class Executor(str, Enum):
     """Where a job's pipeline work runs (see README.md, "Scaling")."""
 
-    inprocess = "inprocess"  # skinreg.pipeline called in the worker process
+    inprocess = "inprocess"  # skinreg.registry.pipeline called in the worker process
     subprocess = "subprocess"  # `skinreg export-version` / `skinreg promote` child processes
     mlflow_run = "mlflow-run"  # `mlflow run <project> -e export|promote [--backend ...]`
 
 
 @dataclass
 class HooksConfig(ExportSettings):
-    """The export settings (every field of skinreg.settings.ExportSettings, as SKINREG_HOOKS_<FIELD>: the
+    """The export settings (every field of skinreg.export.settings.ExportSettings, as SKINREG_HOOKS_<FIELD>: the
     hooks can set everything `skinreg export-version` can) and the service's own settings."""
 
     # -- receiver ------------------------------------------------------------------------------
@@ -55,7 +54,7 @@ class HooksConfig(ExportSettings):
     poll_s: float = 2.0  # fallback polling interval; LISTEN/NOTIFY wakes a worker as soon as a job is deferred
     stale_running_s: float = 7200.0  # an export marked 'running' this long, by a run we do not own, is dead
     dead_requeue_s: float = 21600.0  # the reconciler queues a dead job's work again after this long; 0: never
-    # -- export settings passed to skinreg.pipeline.ExportOptions --------------------------------
+    # -- export settings passed to skinreg.registry.pipeline.ExportOptions --------------------------------
     # calibration_dir / eval_dir left unset: use the images the source version's training run logged
     # (`skinreg train --log-data`: runs:/RUN/data/calibration and data/val), when it has them
     source_run_data: bool = True
@@ -70,7 +69,7 @@ class HooksConfig(ExportSettings):
 
     def export_options(self) -> Any:
         """The pipeline's own ExportOptions (imported lazily: it pulls in the exporters)."""
-        from skinreg.pipeline import ExportOptions
+        from skinreg.registry.pipeline import ExportOptions
 
         return ExportOptions(**vars(self.settings()), name_pattern=self.name_pattern,
                              candidate_alias=self.candidate_alias or None)

@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 
 import requests
 
-from .localpg import free_port, pg_cluster
+from registry_hooks.localpg import free_port, pg_cluster
 
 SOURCE = "skin-classifier"
 VARIANTS = ("onnx", "tflite-float32", "tflite-float16", "tflite-int8")

@@ -4,7 +4,7 @@ recorded by id, with its artifact location and the tracking server it lives on, 
 rename experiments could otherwise hand them an experiment of that name whose artifact location is a
 path of their choice.
 
-`skinreg hooks install` pins the experiment named skinreg.pipeline.DEFAULT_EXPERIMENT (creating it
+`skinreg hooks install` pins the experiment named skinreg.registry.pipeline.DEFAULT_EXPERIMENT (creating it
 when missing); installing again pins it anew. A queue that was never pinned is pinned by the first
 export a worker runs, with the same checks. Before every export and promote the worker checks that the
 pinned experiment still exists, is active and keeps the same artifact location (the tracking URI may
@@ -22,16 +22,16 @@ from urllib.parse import unquote, urlsplit
 
 from skinreg.errors import InputError, first_line
 
-from .queue import JobQueue, redact
+from registry_hooks.queue import JobQueue, redact
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EXPERIMENT = "skinreg-exports"  # skinreg.pipeline.DEFAULT_EXPERIMENT (not imported: it pulls in the exporters)
-PIN_FIX = "run `skinreg hooks install` again to pin the export experiment"  # skinreg.pipeline.PIN_FIX
+DEFAULT_EXPERIMENT = "skinreg-exports"  # skinreg.registry.pipeline.DEFAULT_EXPERIMENT (not imported: it pulls in the exporters)
+PIN_FIX = "run `skinreg hooks install` again to pin the export experiment"  # skinreg.registry.pipeline.PIN_FIX
 
 
 def is_local_path(uri: str) -> bool:
-    from skinreg.pipeline import is_local_path as local
+    from skinreg.registry.pipeline import is_local_path as local
 
     return local(uri)
 

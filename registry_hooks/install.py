@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from skinreg.errors import InputError
 
-from .config import ENV_SECRET
-from skinreg.registry import Registry
+from registry_hooks.config import ENV_SECRET
+from skinreg.registry.client import Registry
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 from skinreg.errors import InputError
 
-from .events import JobKind, JobSpec
+from registry_hooks.events import JobKind, JobSpec
 
 log = logging.getLogger(__name__)
 

@@ -33,12 +33,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from skinreg.errors import SkinregError, first_line
-from skinreg.registry import Registry, VersionRef
+from skinreg.registry.client import Registry, VersionRef
 
-from .config import HooksConfig
-from .events import JobKind, JobSpec
-from .queue import DEAD, JobQueue
-from skinreg.tags import EXPORT_REASON, EXPORT_RUN_ID, EXPORT_STATUS, EXPORT_VARIANTS
+from registry_hooks.config import HooksConfig
+from registry_hooks.events import JobKind, JobSpec
+from registry_hooks.queue import DEAD, JobQueue
+from skinreg.registry.tags import EXPORT_REASON, EXPORT_RUN_ID, EXPORT_STATUS, EXPORT_VARIANTS
 
 log = logging.getLogger(__name__)
 

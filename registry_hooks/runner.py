@@ -20,9 +20,9 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from .config import HooksConfig
-from .queue import TASK, JobQueue, make_app
-from .worker import Worker, _retry_policy
+from registry_hooks.config import HooksConfig
+from registry_hooks.queue import TASK, JobQueue, make_app
+from registry_hooks.worker import Worker, _retry_policy
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +50,11 @@ def heartbeat_while(queue: JobQueue, worker_id: int | None, job_id: int, interva
 
     procrastinate's heartbeat goes through the worker's async connection pool. After a PostgreSQL
     restart that pool reconnects with a backoff (up to ~20 s measured), and in the meantime the worker
-    still fetches jobs: each one looked stalled at once and was taken over, five times in a row in one CI
-    run, until the job was left dead. A job whose process is alive is not stalled. The job's own beat
+    still fetches jobs: each one would look stalled at once and be taken over again and again until
+    the job is left dead. A job whose process is alive is not stalled. The job's own beat
     matters when procrastinate has pruned the worker row (a restarting worker prunes every worker whose
-    heartbeat the outage held up): the job then has no worker and looks stalled for good, and a CI run
-    saw it taken over while it still exported (two jobs of one source overlapping by 9.8 s). This
+    heartbeat the outage held up): the job then has no worker and looks stalled for good, and would be
+    taken over while it still exports (two jobs of one source overlapping). This
     thread stops with the job, so a SIGKILLed worker still goes stale within stalled_s."""
     if worker_id is None:
         yield

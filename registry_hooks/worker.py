@@ -1,6 +1,6 @@
 """The worker: procrastinate hands it a job, it decides what the job needs, and has an executor run the
 pipeline (in process, as a `skinreg` child process, or through `mlflow run`). It never converts or
-registers anything itself: that is skinreg.pipeline's job."""
+registers anything itself: that is skinreg.registry.pipeline's job."""
 
 from __future__ import annotations
 
@@ -9,21 +9,25 @@ import logging
 import os
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from skinreg.errors import CheckpointError, ExportError, InputError, SkinregError, UnsupportedError, first_line
-from skinreg.registry import Registry, VersionRef
+from skinreg.registry.client import Registry, VersionRef
 
-from .config import Executor, HooksConfig
-from .events import JobKind
-from .experiment import Pin, for_export
-from .queue import Job, JobQueue, waiting_lock
-from skinreg.tags import (
-    EXPORT_FAILED, EXPORT_REASON, EXPORT_RUN, EXPORT_RUN_ID, EXPORT_STATUS, EXPORT_VARIANTS,
+from registry_hooks.config import Executor, HooksConfig
+from registry_hooks.events import JobKind
+from registry_hooks.experiment import Pin, for_export
+from registry_hooks.queue import Job, JobQueue, waiting_lock
+from skinreg.registry.tags import (
+    EXPORT_FAILED,
+    EXPORT_REASON,
+    EXPORT_RUN,
+    EXPORT_RUN_ID,
+    EXPORT_STATUS,
+    EXPORT_VARIANTS,
 )
 
 log = logging.getLogger(__name__)
@@ -93,14 +97,14 @@ class JobExecutor(Protocol):
 
 def _pin_env(pin: Pin | None) -> dict[str, str]:
     """The environment of a `skinreg` child that makes it export into the pinned experiment (read by its CLI)."""
-    from skinreg.pipeline import ExperimentPin
+    from skinreg.registry.pipeline import ExperimentPin
 
     return {} if pin is None else ExperimentPin(pin.experiment_id, pin.artifact_location).env()
 
 
 # -- executors ---------------------------------------------------------------------------------
 class InProcessExecutor:
-    """skinreg.pipeline called directly: no start-up cost; the worker's memory holds the model."""
+    """skinreg.registry.pipeline called directly: no start-up cost; the worker's memory holds the model."""
 
     local = True
 
@@ -111,7 +115,7 @@ class InProcessExecutor:
     def export(self, ref: VersionRef, on_run: Callable[[str], None], cfg: HooksConfig) -> ExportOutcome:
         import mlflow
 
-        from skinreg.pipeline import export_version
+        from skinreg.registry.pipeline import export_version
 
         seen: list[str] = []
 
@@ -122,7 +126,7 @@ class InProcessExecutor:
                 seen.append(run.info.run_id)
                 on_run(run.info.run_id)
 
-        from skinreg.pipeline import ExperimentPin
+        from skinreg.registry.pipeline import ExperimentPin
 
         opts = cfg.export_options()
         if self.pin is not None:
@@ -131,7 +135,7 @@ class InProcessExecutor:
         return ExportOutcome(status=res.status, run_id=res.run_id)
 
     def promote(self, ref: VersionRef, alias: str) -> list[str]:
-        from skinreg.pipeline import promote
+        from skinreg.registry.pipeline import promote
 
         return promote(ref.uri, alias, registry=self.registry).moved
 
@@ -229,7 +233,7 @@ class MlflowRunExecutor(_ChildExecutor):
 
     def _mlflow_run(self, entry: str, params: dict[str, str]) -> list[str]:
         mlflow_bin = Path(sys.executable).with_name("mlflow")
-        from .experiment import DEFAULT_EXPERIMENT
+        from registry_hooks.experiment import DEFAULT_EXPERIMENT
 
         where = ["--experiment-id", self.pin.experiment_id] if self.pin else ["--experiment-name", DEFAULT_EXPERIMENT]
         cmd = [str(mlflow_bin) if mlflow_bin.exists() else "mlflow", "run", self.cfg.project_uri, "-e", entry, *where]
@@ -376,7 +380,7 @@ class Worker:
         images its training run logged (`skinreg train --log-data`: runs:/RUN/data/calibration, data/val)."""
         if not self.cfg.source_run_data or (self.cfg.calibration_dir and self.cfg.eval_dir) or not ref.run_id:
             return self.cfg
-        from skinreg.datasets import source_run_data
+        from skinreg.data.sources import source_run_data
 
         calibration, evalset = source_run_data(ref.run_id)
         found = {k: v for k, v in (("calibration_dir", calibration), ("eval_dir", evalset))
@@ -440,7 +444,7 @@ class Worker:
         return Outcome(f"{alias} -> " + ", ".join(moved), run_id=run_id)
 
     def _unalias(self, job: Job) -> Outcome:
-        from skinreg.pipeline import demote
+        from skinreg.registry.pipeline import demote
 
         name, alias = job.spec.name, job.spec.alias or ""
         if alias in self.registry.aliases(name):
@@ -485,7 +489,7 @@ class Worker:
         self._roll_back(ref, run_id, ours=bool(run_id) and run_id in (job.run_id, job.previous_run_id))
 
     def _run_versions(self, source: str, run_id: str) -> list[VersionRef]:
-        from skinreg.pipeline import variant_models
+        from skinreg.registry.pipeline import variant_models
 
         return [v for name in variant_models(source, registry=self.registry) for v in self.registry.versions(name)
                 if v.facts.get(EXPORT_RUN) == run_id]

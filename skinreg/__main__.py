@@ -1,5 +1,5 @@
 """`python -m skinreg`: the CLI (the benchmark runs it this way, as a user runs `skinreg`)."""
 
-from .cli import main
+from skinreg.cli.main import main
 
 main()

@@ -1,6 +1,6 @@
 """Quiet, useful console output for the one-shot commands (`export`, `export-version`, `train`,
-`demo`, `benchmark`). The lines that matter are the progress lines, the report and the URIs. They
-used to drown in chatter written straight to file descriptor 2: TensorFlow's absl start-up lines, the
+`demo`, `benchmark`). The lines that matter are the progress lines, the report and the URIs. Without this they
+drown in chatter written straight to file descriptor 2: TensorFlow's absl start-up lines, the
 TF Lite converter's `fully_quantize` line, the interpreter's XNNPACK notice, MLflow's
 "Downloading artifacts" bars and the pyfunc type-hint UserWarning. That includes output from C++
 and from child processes, which no Python logging setting reaches.
@@ -18,6 +18,7 @@ import re
 import sys
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -33,6 +34,27 @@ CHATTER = re.compile(
     # save_model of each TFLite variant; MLflow's filter_user_warnings_once puts a "once" filter above
     # any "ignore" of ours, from the logging threads, so it reaches fd 2 now and then
     rb"|\S+pyfunc/__init__\.py:\d+: UserWarning: .*An input example was not provided when logging the model)")
+
+
+# Warnings that are chatter for skinreg's users: (message regex, category, module regex).
+KNOWN_WARNINGS = (
+    (r".*Add type hints to the `predict` method", UserWarning, ""),        # mlflow pyfunc, per TFLite variant
+    (r".*An input example was not provided", UserWarning, ""),              # mlflow pyfunc save_model
+    (r"\s*Warning: tf\.lite\.Interpreter is deprecated", UserWarning, ""),  # tf_ranges uses TF's calibrator runtime
+    (r"", Warning, r"torch\.onnx.*"),                                       # the exporters' tracer notes
+    (r".*[Ss]tage", FutureWarning, r"mlflow.*"),                              # model stages, kept for teams on them
+)
+
+
+def silence_known_warnings() -> None:
+    """For entry points only (`skinreg`'s main, which also runs the hooks' worker and `skinreg serve`):
+    process-wide filters, installed once, for the warnings in KNOWN_WARNINGS. Library code never uses
+    warnings.catch_warnings(): it swaps the process-wide filter list, and with variants logged on
+    several threads one thread's exit restores a list another thread changed. `-v` shows them all."""
+    if verbose():
+        return
+    for message, category, module in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
 
 
 def verbose() -> bool:

@@ -16,7 +16,7 @@ SIZE = 64
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
-    from skinreg.data import generate_demo_data
+    from skinreg.data.images import generate_demo_data
 
     return generate_demo_data(tmp_path_factory.mktemp("data"), per_class={"train": 30, "val": 12, "calibration": 10},
                               size=SIZE, seed=0)
@@ -25,14 +25,14 @@ def demo_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained(demo_data):
     """tiny_cnn trained on the synthetic data: clearly above chance, so accuracy drops are measurable."""
-    from skinreg.train import train
+    from skinreg.models.train import train
 
     return train(demo_data, arch="tiny_cnn", input_size=SIZE, epochs=12, batch_size=16, lr=5e-3, seed=0)
 
 
 @pytest.fixture(scope="session")
 def trained_ckpt(trained, tmp_path_factory) -> Path:
-    from skinreg.models import save_checkpoint
+    from skinreg.models.architectures import save_checkpoint
 
     return save_checkpoint(trained.loaded, tmp_path_factory.mktemp("ckpt") / "skin_classifier.pth")
 

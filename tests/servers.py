@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 
 import requests
 
-from registry_hooks.localpg import PgCluster, free_port, pg_cluster  # noqa: F401 (re-exported)
+from registry_hooks.localpg import PgCluster, free_port, pg_cluster  # noqa: F401 (re-exported
 
 # A fixed Fernet key (32 url-safe base64 bytes): webhook secrets stay readable across server restarts
 WEBHOOK_KEY = "c2tpbnJlZy10ZXN0cy1maXhlZC13ZWJob29rLWtleSE="

@@ -8,7 +8,7 @@ import re
 import pytest
 from typer.testing import CliRunner
 
-from skinreg.cli import app
+from skinreg.cli.main import app
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,6 @@ import os
 import subprocess
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import mlflow
@@ -95,8 +94,8 @@ def cluster(tmp_path_factory):
 
 def register_with_data(trained, demo_data, name: str) -> str:
     """v1 of `name` from a run that also logged its calibration and eval images (as `skinreg train --log-data`)."""
-    from skinreg.datasets import log_training_data
-    from skinreg.mlflow_io import log_source_model
+    from skinreg.data.sources import log_training_data
+    from skinreg.registry.tracking import log_source_model
 
     with mlflow.start_run():
         example = trained.loaded.spec.preprocessing.batch(sorted((demo_data / "val").rglob("*.png"))[:2])

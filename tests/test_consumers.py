@@ -18,15 +18,15 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from skinreg.enums import Format, Precision
-from skinreg.export import ExportRequest, run_export
-from skinreg.exporters import file_sha256
-from skinreg.exporters.onnx_export import batch_dim
-from skinreg.models import LoadedModel, ModelSpec, build_model
-from skinreg.pipeline import ExportOptions, export_version
-from skinreg.preprocess import Preprocessing
-from skinreg.runtime import TorchRunner
-from skinreg.serving import SkinClassifier
-from skinreg.validate import DEFAULT_GATES, compare, judge
+from skinreg.export.job import ExportRequest, run_export
+from skinreg.convert.formats import file_sha256
+from skinreg.convert.onnx import batch_dim
+from skinreg.models.architectures import LoadedModel, ModelSpec, build_model
+from skinreg.registry.pipeline import export_version
+from skinreg.data.preprocess import Preprocessing
+from skinreg.check.runtime import TorchRunner
+from skinreg.registry.classifier import SkinClassifier
+from skinreg.check.validate import DEFAULT_GATES, compare, judge
 
 from test_pipeline import VARIANTS, full_options, register
 
@@ -104,7 +104,7 @@ def test_a_served_file_that_differs_from_the_validated_one_is_rolled_back(tracki
     rewrite (what onnxsim did) after logging. The consumer check catches it; nothing of it stays registered."""
     import onnxsim
 
-    import skinreg.consumers as consumers
+    import skinreg.registry.consumer_check as consumers
 
     real_download = consumers.download_variant
 
@@ -164,7 +164,7 @@ def test_nan_or_inf_in_a_variant_fails_its_gate_with_a_message_that_says_so():
 
 
 def test_calibration_record_hashes_contents_not_only_names(tmp_path):
-    from skinreg.data import list_images
+    from skinreg.data.images import list_images
 
     for seed in (0, 1):
         folder = tmp_path / str(seed) / "calib"

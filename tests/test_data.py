@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from skinreg.data import DEMO_CLASSES, generate_demo_data, list_images, read_image_folder
+from skinreg.data.images import DEMO_CLASSES, generate_demo_data, list_images, read_image_folder
 from skinreg.errors import InputError
-from skinreg.preprocess import Preprocessing
+from skinreg.data.preprocess import Preprocessing
 
 
 def test_demo_data_is_deterministic_and_imagefolder_shaped(tmp_path):
@@ -45,7 +45,7 @@ def test_preprocessing_matches_the_seed_snippet_and_round_trips():
     pre = Preprocessing(input_size=8, labels=("a", "b"))
     rgb = (np.arange(16 * 16 * 3) % 255).astype(np.uint8).reshape(16, 16, 3)
     img = Image.fromarray(rgb)
-    # the seed's code: resize, /255, (x - mean) / std, NHWC -> NCHW
+    # the model export guide's code: resize, /255, (x - mean) / std, NHWC -> NCHW
     seed = (np.asarray(img.resize((8, 8)), dtype=np.float32) / 255.0 - np.array([0.485, 0.456, 0.406])) \
         / np.array([0.229, 0.224, 0.225])
     assert np.allclose(pre.to_array(img), seed.transpose(2, 0, 1), atol=1e-5)

@@ -1,4 +1,4 @@
-"""Limits on what an image set may cost to read (skinreg.data.open_image, list_images, read_image_folder,
+"""Limits on what an image set may cost to read (skinreg.data.images.open_image, list_images, read_image_folder,
 Preprocessing.load, datasets.fetch): the format a file's suffix declares, a pixel cap read from the header
 before decoding, a byte cap per set, checked before decoding and, for a URI, before downloading. Every
 refusal is one InputError line naming the file or set and the fix. The hostile files are built on the fly."""
@@ -11,15 +11,14 @@ import time
 import zlib
 from pathlib import Path
 
-import mlflow
 import pytest
 from PIL import Image
 
-from skinreg import data as data_module
-from skinreg.data import list_images, read_image_folder
-from skinreg.datasets import CACHE_ENV, resolve_data
+from skinreg.data import images as data_module
+from skinreg.data.images import list_images, read_image_folder
+from skinreg.data.sources import CACHE_ENV, resolve_data
 from skinreg.errors import InputError
-from skinreg.preprocess import Preprocessing
+from skinreg.data.preprocess import Preprocessing
 
 MAX_IMAGE_PIXELS_ENV = "SKINREG_MAX_IMAGE_PIXELS"
 MAX_SET_BYTES_ENV = "SKINREG_MAX_DATA_BYTES"
@@ -172,7 +171,7 @@ def test_a_uri_over_the_byte_cap_is_refused_before_it_is_downloaded(tracking, tm
                               f"artifact URI, or raise {MAX_SET_BYTES_ENV} (bytes)")
     assert downloads == [] and not any((tmp_path / "cache").glob("*/*"))
     # a store that lists no sizes: the downloaded files are checked before they are hashed or cached
-    monkeypatch.setattr("skinreg.datasets.listed_bytes", lambda *a, **k: None)
+    monkeypatch.setattr("skinreg.data.sources.listed_bytes", lambda *a, **k: None)
     with pytest.raises(InputError, match=rf"^calibration data at {uri} holds {total} B"):
         resolve_data(uri, what="calibration")
     assert len(downloads) == 1 and [p.name for p in (tmp_path / "cache").iterdir()] == []

@@ -1,4 +1,4 @@
-"""Calibration/eval data by MLflow artifact URI (skinreg.datasets): fetched once into a cache keyed by
+"""Calibration/eval data by MLflow artifact URI (skinreg.data.sources): fetched once into a cache keyed by
 content hash, named on the export run as MLflow dataset inputs; `skinreg train --log-data` logs the
 demo's folders so that exports (and the hooks) can use them by runs:/ URI. Real SQLite store, real files."""
 
@@ -12,12 +12,18 @@ import pytest
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from skinreg.cli import app
-from skinreg.datasets import (
-    CACHE_ENV, FETCHED, folder_sha256, log_dataset_inputs, resolve_data, resolve_data_dir, source_run_data,
+from skinreg.cli.main import app
+from skinreg.data.sources import (
+    CACHE_ENV,
+    FETCHED,
+    folder_sha256,
+    log_dataset_inputs,
+    resolve_data,
+    resolve_data_dir,
+    source_run_data,
 )
 from skinreg.errors import InputError
-from skinreg.pipeline import ExportOptions, export_version
+from skinreg.registry.pipeline import ExportOptions, export_version
 
 runner = CliRunner()
 # the test is about the data, not the gates: an int8 file of a 2-epoch model passes whatever it scores

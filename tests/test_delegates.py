@@ -11,16 +11,16 @@ import pytest
 import torch
 import torch.nn as nn
 
-from skinreg.delegates import BUILTIN, DEFAULT, check_delegates
+from skinreg.check.delegates import BUILTIN, DEFAULT, check_delegates
 from skinreg.enums import Format, Precision
 from skinreg.errors import GateError
-from skinreg.export import ExportRequest, run_export
-from skinreg.exporters import tflite_export
-from skinreg.exporters.int8_recipes import INT8_RECIPES
-from skinreg.exporters.onnx_export import export_onnx
-from skinreg.models import LoadedModel, ModelSpec
-from skinreg.preprocess import Preprocessing
-from skinreg.runtime import TFLiteRunner, TorchRunner
+from skinreg.export.job import ExportRequest, run_export
+from skinreg.convert import tflite as tflite_export
+from skinreg.convert.int8_recipes import INT8_RECIPES
+from skinreg.convert.onnx import export_onnx
+from skinreg.models.architectures import LoadedModel, ModelSpec
+from skinreg.data.preprocess import Preprocessing
+from skinreg.check.runtime import TFLiteRunner, TorchRunner
 
 pytestmark = pytest.mark.slow
 SIZE = 32

@@ -16,7 +16,7 @@ from registry_hooks.events import JobKind, JobSpec
 from registry_hooks.experiment import DEFAULT_EXPERIMENT, PIN_FIX, pin, pinned
 from registry_hooks.queue import JobQueue
 from servers import mlflow_server
-from skinreg.cli import app
+from skinreg.cli.main import app
 from skinreg.errors import InputError
 from test_hooks import SECRET, drain, register
 
@@ -36,7 +36,7 @@ def _all_runs() -> list:
 
 
 def test_the_names_the_hooks_use_are_the_pipelines():
-    from skinreg import pipeline
+    from skinreg.registry import pipeline
 
     assert (DEFAULT_EXPERIMENT, PIN_FIX) == (pipeline.DEFAULT_EXPERIMENT, pipeline.PIN_FIX)
 
@@ -97,7 +97,7 @@ def test_an_experiment_outside_the_artifact_root_is_never_pinned(tracking, queue
 
 
 def test_a_remote_server_refuses_an_experiment_with_a_local_artifact_path(tmp_path, monkeypatch, queue_db):
-    from skinreg.pipeline import run_context
+    from skinreg.registry.pipeline import run_context
 
     with mlflow_server(f"sqlite:///{tmp_path}/server.db", tmp_path) as url:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)

@@ -13,9 +13,9 @@ import torch
 from ai_edge_litert.interpreter import Interpreter
 from typer.testing import CliRunner
 
-from skinreg.cli import app
-from skinreg.models import build_model
-from skinreg.preprocess import Preprocessing
+from skinreg.cli.main import app
+from skinreg.models.architectures import build_model
+from skinreg.data.preprocess import Preprocessing
 
 runner = CliRunner()
 
@@ -68,7 +68,7 @@ def test_tflite_keeps_the_mobile_contract(exported, name, demo_data, trained):
     inp, outp = interp.get_input_details()[0], interp.get_output_details()[0]
     assert list(inp["shape"]) == [1, 64, 64, 3] and inp["dtype"] == np.float32
     assert list(outp["shape"]) == [1, 4] and outp["dtype"] == np.float32
-    # the seed's usage code, driven by the JSON beside the file
+    # the model export guide's usage code, driven by the JSON beside the file
     pre = Preprocessing.load_file(out / name.replace(".tflite", ".json"))
     assert pre.layout == "NHWC" and pre.labels == trained.loaded.spec.preprocessing.labels
     img = sorted((demo_data / "val" / "melanoma").glob("*.png"))[0]

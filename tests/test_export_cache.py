@@ -10,7 +10,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from skinreg.cli import app
+from skinreg.cli.main import app
 
 runner = CliRunner()
 REUSED = "reused the export stored"
@@ -97,10 +97,10 @@ def test_a_stored_result_reads_back_equal_into_another_folder(trained, demo_data
     paths re-rooted in the folder the files are copied to."""
     import numpy as np
 
-    from skinreg import result_codec
+    from skinreg.export import codec as result_codec
     from skinreg.enums import Format, Precision
-    from skinreg.export import ExportRequest, run_export
-    from skinreg.report import markdown, rows
+    from skinreg.export.job import ExportRequest, run_export
+    from skinreg.export.report import markdown, rows
 
     result = run_export(ExportRequest(loaded=trained.loaded, out_dir=tmp_path / "a", stem="m",
                                       formats=[Format.onnx, Format.tflite], quantize=[Precision.int8],

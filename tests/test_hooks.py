@@ -15,10 +15,9 @@ import sys
 import threading
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import mlflow
 import pytest
@@ -35,11 +34,11 @@ from registry_hooks.queue import JobQueue
 from registry_hooks.reconcile import reconcile
 from registry_hooks.signature import sign
 from registry_hooks.runner import work
-from registry_hooks.worker import RetryLater, Worker
-from skinreg.registry import Registry
+from registry_hooks.worker import Worker
+from skinreg.registry.client import Registry
 from servers import CountingProxy, free_port, mlflow_server, queue_database, wait_http
-from skinreg.cli import app
-from skinreg.mlflow_io import log_source_model
+from skinreg.cli.main import app
+from skinreg.registry.tracking import log_source_model
 
 SECRET = "skinreg-hooks-test-secret"
 AUTH = {"Authorization": f"Bearer {SECRET}"}
@@ -365,8 +364,8 @@ def test_install_is_idempotent(stack):
 
 
 def test_install_proves_the_path_with_mlflows_test_delivery(stack):
-    """`--url http://host:port` without /webhook used to create a webhook whose every delivery failed
-    silently; now MLflow's own test delivery must be verified and acknowledged, or nothing stays."""
+    """`--url http://host:port` without /webhook would create a webhook whose every delivery fails
+    silently: MLflow's own test delivery must be verified and acknowledged, or nothing stays."""
     for url, fix in ((stack.url, "ends in /webhook"), (f"http://127.0.0.1:{free_port()}/webhook", "could not reach")):
         res = subprocess.run([str(SKINREG), "hooks", "install", "--url", url, "--name", "skinreg-wrong"],
                              env=stack.child_env, capture_output=True, text=True, timeout=120)
@@ -640,8 +639,8 @@ def test_a_worker_killed_after_registering_variants_leaves_no_duplicate(stack, t
 
 def test_the_service_keeps_answering_while_its_worker_thread_converts_with_onnx2tf(stack, trained, demo_data,
                                                                                    tmp_path, queue_db):
-    """Receiver + worker thread in one process, started in a directory of its own: onnx2tf used to be wrapped
-    in a process-wide chdir, so during every conversion the receiver answered 500 and /health 503."""
+    """Receiver + worker thread in one process, started in a directory of its own: a process-wide chdir
+    around onnx2tf would make the receiver answer 500 and /health 503 during every conversion."""
     version = register(trained, demo_data, "hk-t")
     port = free_port()
     env = {**stack.child_env, "SKINREG_HOOKS_SOURCES": "hk-t", "SKINREG_HOOKS_DATABASE_URL": queue_db,
@@ -711,7 +710,6 @@ def test_a_run_left_running_by_this_jobs_own_failed_attempt_is_finished_not_wait
     closed ('running'). The next attempt of the same job knows the run was its own: it kills it, cleans
     up and exports, instead of deferring as busy for stale_running_s (2 h)."""
     from registry_hooks.events import JobKind, JobSpec
-    from registry_hooks.worker import Worker
 
     version = register(trained, demo_data, "hk-o")
     client = MlflowClient()
@@ -803,7 +801,7 @@ def test_an_attempt_whose_job_was_taken_over_stops_before_its_next_registry_writ
 def test_a_live_job_whose_worker_row_was_pruned_in_an_outage_is_not_taken_over(queue_db):
     """After a PostgreSQL restart, a restarting worker prunes every worker whose heartbeat the outage held
     up (procrastinate's prune_stalled_workers) and their jobs lose their worker id, so procrastinate calls
-    them stalled for good. A CI run saw such a job taken over while it still exported. A job whose own
+    them stalled for good, and such a job could be taken over while it still exports. A job whose own
     thread beats is alive: not taken over, its fence still holds; once its beats stop, it is taken over.
     A worker that lost the database itself less than stalled_s ago judges nothing."""
     from registry_hooks.queue import TASK, make_app

@@ -62,7 +62,7 @@ def test_the_tflite_exporter_imports_tensorflow_safely_in_a_fresh_process():
     import subprocess
     import sys
 
-    code = ("from skinreg.exporters.tflite_export import _import_tensorflow_safely; _import_tensorflow_safely(); "
+    code = ("from skinreg.convert.tflite import _import_tensorflow_safely; _import_tensorflow_safely(); "
             "import onnx2tf, tensorflow, torchvision; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

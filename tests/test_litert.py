@@ -10,11 +10,11 @@ import pytest
 from ai_edge_litert.interpreter import Interpreter
 from typer.testing import CliRunner
 
-from skinreg.cli import app
-from skinreg.exporters.int8_recipes import INT8_RECIPES
-from skinreg.models import load_checkpoint
-from skinreg.preprocess import Preprocessing
-from skinreg.runtime import TFLiteRunner, TorchRunner
+from skinreg.cli.main import app
+from skinreg.convert.int8_recipes import INT8_RECIPES
+from skinreg.models.architectures import load_checkpoint
+from skinreg.data.preprocess import Preprocessing
+from skinreg.check.runtime import TFLiteRunner, TorchRunner
 
 runner = CliRunner()
 pytestmark = pytest.mark.slow
@@ -130,7 +130,7 @@ def test_auto_strategy_ranks_every_recipe_of_both_backends(trained_ckpt, demo_da
 def test_int8_conversion_leaves_the_pytorch_model_unchanged(trained_ckpt, demo_data, tmp_path):
     """PT2E folds BatchNorm into convolutions of the exported graph: the PyTorch model that the
     variants are validated against must not change underneath."""
-    from skinreg.exporters.litert_export import convert_int8
+    from skinreg.convert.litert import convert_int8
 
     loaded = load_checkpoint(trained_ckpt)
     x = Preprocessing(input_size=64).batch(sorted((demo_data / "val").rglob("*.png"))[:8])
@@ -183,8 +183,8 @@ def test_auto_in_two_processes_makes_the_same_files_as_in_one(trained_ckpt, demo
 
 def test_tf_recipes_calibrate_once_and_quantize_as_before(trained_ckpt, demo_data, tmp_path, monkeypatch):
     from skinreg.enums import Precision
-    from skinreg.exporters import tflite_export
-    from skinreg.exporters.onnx_export import export_onnx
+    from skinreg.convert import tflite as tflite_export
+    from skinreg.convert.onnx import export_onnx
 
     loaded = load_checkpoint(trained_ckpt)
     saved = tflite_export.saved_model_from_onnx(export_onnx(loaded.model, loaded.spec, tmp_path, stem="m").path,
@@ -225,7 +225,7 @@ def test_a_failing_or_dying_second_process_turns_its_recipes_into_conversion_fai
     """What the second int8 process cannot convert comes back as a one-line reason per recipe (never a hang,
     never a traceback): a bad SavedModel fails its TF recipes; a child that dies before converting anything
     (its model file unreadable) fails every recipe it was given, with the exit code and its last log line."""
-    from skinreg.exporters import int8_lanes
+    from skinreg.convert import int8_lanes
 
     loaded = load_checkpoint(trained_ckpt)
     calib = Preprocessing(input_size=64).batch(sorted((demo_data / "calibration").rglob("*.png"))[:10])

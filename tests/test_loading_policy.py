@@ -20,7 +20,7 @@ import yaml
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from skinreg.cli import app
+from skinreg.cli.main import app
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()

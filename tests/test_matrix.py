@@ -22,7 +22,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from servers import free_port
-from skinreg.cli import app
+from skinreg.cli.main import app
 from test_pipeline import register
 
 runner = CliRunner()
@@ -119,7 +119,7 @@ def registry_with_sources(tracking, trained, demo_data):
         import onnx
 
         onnx_path = Path("by_hand.onnx")
-        from skinreg.exporters.onnx_export import export_onnx
+        from skinreg.convert.onnx import export_onnx
 
         export_onnx(trained.loaded.model, trained.loaded.spec, Path("."), stem="by_hand")
         mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model", registered_model_name="skin-onnx-by-hand")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from skinreg.errors import CheckpointError, InputError
-from skinreg.models import ARCHS, build_model, load_checkpoint, save_checkpoint
+from skinreg.models.architectures import ARCHS, build_model, load_checkpoint, save_checkpoint
 
 
 @pytest.mark.parametrize("arch", ["efficientnet_b0", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large"])

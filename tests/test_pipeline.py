@@ -15,14 +15,14 @@ import torch
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from skinreg.cli import app
-from skinreg.errors import CheckpointError, InputError, RegistryError
-from skinreg.mlflow_io import log_source_model
-from skinreg.pipeline import ExportOptions, export_version, promote
-from skinreg.registry import Registry
-from skinreg.seal import manifest
-from skinreg.tags import MANIFEST
-from skinreg.serving import SkinClassifier, pull
+from skinreg.cli.main import app
+from skinreg.errors import InputError, RegistryError
+from skinreg.registry.tracking import log_source_model
+from skinreg.registry.pipeline import ExportOptions, export_version, promote
+from skinreg.registry.client import Registry
+from skinreg.registry.seal import manifest
+from skinreg.registry.tags import MANIFEST
+from skinreg.registry.classifier import SkinClassifier, pull
 
 runner = CliRunner()
 VARIANTS = ("onnx", "tflite-float32", "tflite-float16", "tflite-int8")
@@ -123,7 +123,7 @@ def test_force_and_a_new_version_of_the_same_files_reuse_the_export_cache(export
     assert [m for m in said if m.startswith("consumer check of models:/skin-onnx/1: the served files are byte")]
     assert "that verdict reused" in forced.report
     # one served byte changed (not even the model file): every path runs again
-    from skinreg.consumers import Verdicts, check_variant, download_variant
+    from skinreg.registry.consumer_check import Verdicts, check_variant, download_variant
 
     onnx_result = next(v for v in forced.export.variants if v.file.variant == "onnx")
     copy = download_variant("models:/skin-onnx/1", tmp_path / "served")
@@ -258,7 +258,7 @@ def test_pickle_needs_opt_in_and_raw_pth_artifact_works(tracking, trained, train
 def test_bad_inputs_each_have_a_one_line_message(tracking, trained, demo_data):
     register(trained, demo_data)
     with mlflow.start_run():
-        info = mlflow.onnx.log_model(__import__("onnx").helper.make_model(__import__("onnx").helper.make_graph(
+        mlflow.onnx.log_model(__import__("onnx").helper.make_model(__import__("onnx").helper.make_graph(
             [], "g", [], [])), name="m", registered_model_name="not-torch")
     cases = [
         (["--model-uri", "models:/nope/1"], "registered model 'nope' not found"),
@@ -344,8 +344,8 @@ def test_a_rollback_that_meets_a_dead_server_keeps_the_first_error(tmp_path, mon
     """The rollback tries every step and never replaces the export's own error with its own."""
     from servers import free_port
 
-    from skinreg.pipeline import _roll_back
-    from skinreg.registry import Registry, VersionRef
+    from skinreg.registry.pipeline import _roll_back
+    from skinreg.registry.client import Registry, VersionRef
 
     url = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")

@@ -18,8 +18,8 @@ from registry_hooks.queue import JobQueue
 from registry_hooks.reconcile import reconcile
 from registry_hooks.runner import work
 from skinreg.errors import RegistryError
-from skinreg.registry import Registry
-from skinreg.tags import EXPORT_RUN_ID, EXPORT_STATUS, EXPORT_VARIANTS, GATE, SOURCE_VERSION, VARIANT_OF
+from skinreg.registry.client import Registry
+from skinreg.registry.tags import EXPORT_RUN_ID, EXPORT_STATUS, EXPORT_VARIANTS, GATE, SOURCE_VERSION, VARIANT_OF
 
 SECRET = "skinreg-hooks-test-secret"
 
@@ -143,7 +143,7 @@ TRICKY = ["evil'name", 'dq"name', "x' AND name = 'y", "x' OR name='y", "'", "tra
 
 @pytest.mark.parametrize("parser", [SearchModelUtils, SearchModelVersionUtils])
 def test_quoted_names_parse_back_to_themselves_in_mlflow_search_filters(parser):
-    from skinreg.registry import _quoted
+    from skinreg.registry.client import _quoted
 
     for name in TRICKY:
         assert parser.parse_search_filter(f"name = {_quoted(name)}") == [

@@ -23,12 +23,11 @@ from mlflow import MlflowClient
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from typer.testing import CliRunner
 
-from skinreg.cli import app
+from skinreg.cli.main import app
 from skinreg.errors import RegistryError
-from skinreg.mlflow_io import log_source_model
-from skinreg.pipeline import ExportOptions, export_version, promote
-from skinreg.pt2_archive import ArchiveError, read_state_dict
-from skinreg.registry import Registry
+from skinreg.registry.tracking import log_source_model
+from skinreg.registry.pipeline import ExportOptions, export_version, promote
+from skinreg.models.pt2 import ArchiveError, read_state_dict
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,8 +15,8 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from servers import ADMIN, CountingProxy, mlflow_server
-from skinreg.cli import app
-from skinreg.pipeline import export_version, promote
+from skinreg.cli.main import app
+from skinreg.registry.pipeline import export_version, promote
 from test_pipeline import VARIANTS, full_options, register
 
 EDITOR = ("editor", "skinreg-editor-password-1")
@@ -96,7 +96,7 @@ def test_a_read_only_user_is_refused_in_one_line_and_no_alias_moves(auth_server,
     res = CliRunner().invoke(app, ["promote", "--model-uri", uri, "--alias", "production"])
     assert res.exit_code == 5
     lines = res.stderr.strip().splitlines()
-    assert lines == [f"error: alias 'production' on guarded-onnx/1: permission denied (HTTP 403) for MLflow user "
+    assert lines == ["error: alias 'production' on guarded-onnx/1: permission denied (HTTP 403) for MLflow user "
                      "'reader'; it needs EDIT on that model (README: Remote servers)"], res.stderr
     _as(monkeypatch, proxy.url, EDITOR)
     assert {k: str(v) for k, v in MlflowClient().get_registered_model("guarded-onnx").aliases.items()} == \

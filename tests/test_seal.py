@@ -8,12 +8,12 @@ import sys
 import pytest
 
 from skinreg.errors import InputError
-from skinreg.seal import KEY_ENV, KEY_FILE_ENV, Sealer, load_key
+from skinreg.registry.seal import KEY_ENV, KEY_FILE_ENV, Sealer, load_key
 
 
 def test_processes_starting_at_once_agree_on_one_default_key(tmp_path):
     """Eight processes that each need the default key file, none there yet: one key, never an empty read."""
-    code = "from skinreg.seal import load_key; print(load_key({}).decode())"
+    code = "from skinreg.registry.seal import load_key; print(load_key({}).decode())"
     env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(8)]

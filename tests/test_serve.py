@@ -6,7 +6,6 @@ never fixed sleeps."""
 from __future__ import annotations
 
 import io
-import json
 import os
 import subprocess
 import sys
@@ -23,8 +22,8 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from servers import free_port, mlflow_server, wait_http
-from skinreg.mlflow_io import log_source_model
-from skinreg.pipeline import ExportOptions, export_version, promote
+from skinreg.registry.tracking import log_source_model
+from skinreg.registry.pipeline import ExportOptions, export_version, promote
 
 pytestmark = pytest.mark.server
 
@@ -103,7 +102,7 @@ def server(registry):
 
 
 def test_serve_imports_neither_torch_nor_tensorflow():
-    code = ("import sys, skinreg.serve.app, skinreg.serve.follower, skinreg.cli; "
+    code = ("import sys, skinreg.serve.app, skinreg.serve.follower, skinreg.cli.main; "
             "print(sorted(m for m in ('torch', 'tensorflow', 'onnx2tf', 'litert_torch', 'torchvision') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -113,7 +112,7 @@ def test_serve_imports_neither_torch_nor_tensorflow():
 def test_cli_defaults_are_the_settings_defaults():
     import inspect
 
-    from skinreg.cli import serve_cmd
+    from skinreg.cli.main import serve_cmd
     from skinreg.serve import ServeSettings
 
     fields = ServeSettings.__dataclass_fields__
@@ -123,7 +122,7 @@ def test_cli_defaults_are_the_settings_defaults():
 
 
 def test_predict_jpeg_png_and_multipart_match_the_registered_variant(server, demo_data):
-    from skinreg.serving import SkinClassifier
+    from skinreg.registry.classifier import SkinClassifier
 
     images = sorted((demo_data / "val").rglob("*.png"))[::12][:3]
     reference = SkinClassifier.from_uri("models:/skin-onnx/1")
@@ -148,7 +147,7 @@ def test_predict_jpeg_png_and_multipart_match_the_registered_variant(server, dem
 def test_tritonclient_reads_readiness_metadata_and_infers(server, demo_data):
     import tritonclient.http as httpclient
 
-    from skinreg.serving import SkinClassifier
+    from skinreg.registry.classifier import SkinClassifier
 
     client = httpclient.InferenceServerClient(server["url"].removeprefix("http://"))
     headers = server["headers"]  # copied for each infer: tritonclient adds its binary header to the dict it is given

@@ -10,9 +10,9 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from servers import mlflow_server, postgres
-from skinreg.cli import app
-from skinreg.mlflow_io import log_source_model
-from skinreg.serving import SkinClassifier
+from skinreg.cli.main import app
+from skinreg.registry.tracking import log_source_model
+from skinreg.registry.classifier import SkinClassifier
 
 runner = CliRunner()
 

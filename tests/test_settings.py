@@ -1,4 +1,4 @@
-"""The export settings are declared once (skinreg.settings.ExportSettings). Every field must be
+"""The export settings are declared once (skinreg.export.settings.ExportSettings). Every field must be
 settable from every entry point: `skinreg export`, `skinreg export-version`, the MLproject `export`
 entry point (as MLflow fills its command line) and the hooks' environment, and the value must arrive
 unchanged. The test enumerates the fields: a new field that some entry point cannot set fails here."""
@@ -16,9 +16,9 @@ import yaml
 
 from registry_hooks.config import ENV_PREFIX, HooksConfig, from_env
 from registry_hooks.worker import _export_flags
-from skinreg.cli import app
+from skinreg.cli.main import app
 from skinreg.errors import InputError
-from skinreg.settings import ExportSettings, settings_from_options
+from skinreg.export.settings import ExportSettings, settings_from_options
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = [f.name for f in fields(ExportSettings)]

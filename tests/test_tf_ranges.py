@@ -11,10 +11,11 @@ import torch
 import torch.nn as nn
 
 from skinreg.enums import Precision
-from skinreg.exporters import tf_ranges, tflite_export
-from skinreg.exporters.onnx_export import export_onnx
-from skinreg.models import ModelSpec
-from skinreg.preprocess import Preprocessing
+from skinreg.convert import tf_ranges
+from skinreg.convert import tflite as tflite_export
+from skinreg.convert.onnx import export_onnx
+from skinreg.models.architectures import ModelSpec
+from skinreg.data.preprocess import Preprocessing
 
 pytestmark = pytest.mark.slow
 SIZE = 32

@@ -13,19 +13,19 @@ Only onnxruntime, numpy, pillow, MLflow's client, FastAPI/uvicorn and prometheus
 here (the `serve` extra): never torch, TensorFlow or a converter.
 """
 
-from .settings import ServeSettings
+from skinreg.serve.settings import ServeSettings
 
 __all__ = ["ServeSettings", "create_app", "run"]
 
 
 def create_app(settings: ServeSettings):  # -> fastapi.FastAPI
-    from .app import create_app as _create
+    from skinreg.serve.app import create_app as _create
 
     return _create(settings)
 
 
 def run(settings: ServeSettings) -> None:
     """Load the model (refusing to start on one that fails its checks), then serve until stopped."""
-    from .app import run as _run
+    from skinreg.serve.app import run as _run
 
     _run(settings)

@@ -17,12 +17,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from .. import __version__
-from ..data import max_image_pixels
-from .follower import Follower
-from .metrics import Metrics
-from .model import BadInput, Batcher, ServedModel
-from .settings import ServeSettings
+from skinreg import __version__
+from skinreg.data.images import max_image_pixels
+from skinreg.serve.follower import Follower
+from skinreg.serve.metrics import Metrics
+from skinreg.serve.model import BadInput, Batcher, ServedModel
+from skinreg.serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 
@@ -334,7 +334,7 @@ def create_app(settings: ServeSettings, *, follower: Follower | None = None, met
         app.add_api_route(prefix + "/ready", model_ready, methods=["GET"])
         app.add_api_route(prefix + "/infer", infer, methods=["POST"])
 
-    from .page import HTML as page
+    from skinreg.serve.page import HTML as page
 
     @app.get("/")
     async def index() -> HTMLResponse:

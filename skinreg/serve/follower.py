@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError, RegistryError, SkinregError, first_line
-from ..registry import Registry, VersionRef
-from ..seal import manifest_differences
-from ..tags import EXPORT_VARIANTS, GATE, MANIFEST, SHA256, SOURCE_NAME, SOURCE_VERSION
-from .metrics import Metrics
-from .model import ServedModel
-from .settings import ServeSettings
+from skinreg.errors import InputError, RegistryError, SkinregError, first_line
+from skinreg.registry.client import Registry, VersionRef
+from skinreg.registry.seal import manifest_differences
+from skinreg.registry.tags import EXPORT_VARIANTS, GATE, MANIFEST, SHA256, SOURCE_NAME, SOURCE_VERSION
+from skinreg.serve.metrics import Metrics
+from skinreg.serve.model import ServedModel
+from skinreg.serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 

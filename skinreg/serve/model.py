@@ -16,9 +16,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import InputError, first_line
-from ..preprocess import Preprocessing
-from ..runtime import softmax
+from skinreg.errors import InputError, first_line
+from skinreg.data.preprocess import Preprocessing
+from skinreg.check.runtime import softmax
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The `skinreg` command line (`main`) and `skinreg benchmark` (`benchmark`)."""

@@ -1,0 +1,1 @@
+"""Converters: PyTorch to ONNX (`onnx`), ONNX to TFLite through onnx2tf and the TF Lite converter (`tflite`), PyTorch to TFLite through litert-torch (`litert`), the int8 recipes (`int8_recipes`, `int8_lanes`, `tf_ranges`). `formats` is the one table of what can be exported and by which backend."""

@@ -1,0 +1,1 @@
+"""Images and the data around them: image sets and the synthetic demo data (`images`), calibration and eval data from folders or MLflow URIs (`sources`), and the preprocessing written into every artifact (`preprocess`)."""

@@ -1,0 +1,1 @@
+"""Everything that reads or writes the MLflow registry and tracking: the client (`client`), source loading and variant logging (`tracking`), tag keys (`tags`), sealed facts (`seal`), the TFLite pyfunc flavor (`tflite_pyfunc`), the export-version pipeline (`pipeline`) and the consumer check (`consumer_check`)."""

@@ -1,0 +1,632 @@
+"""Registry pipeline: a registered PyTorch version -> validated variants, logged, registered with
+lineage, and promoted. Orchestration only: exporting is `export.run_export`, registry access is
+`registry.Registry`, MLflow logging of files is `logging_mlflow`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from skinreg import __version__
+from skinreg.data.sources import DataDir, data_digests, log_dataset_inputs, resolve_settings
+from skinreg.enums import Format
+from skinreg.errors import GateError, RegistryError, first_line
+from skinreg.export.job import ExportRequest, ExportResult
+from skinreg.export.cache import run_cached
+from skinreg.check.measure import Stages
+from skinreg.registry.client import STAGE_FOR_ALIAS, Registry, VersionRef, each_at_once, ok
+from skinreg.registry.tags import MANIFEST
+from skinreg.export.settings import ExportSettings
+from skinreg.registry.tags import (
+    ACCURACY,
+    ACCURACY_DROP,
+    ARCH,
+    CONSUMER_CHECK,
+    CONVERTER,
+    CONVERTER_VERSION,
+    DYNAMIC_BATCH,
+    EXPORT_CACHE,
+    EXPORT_FAILED,
+    EXPORT_REASON,
+    EXPORT_RUN,
+    EXPORT_RUN_ID,
+    EXPORT_SETTINGS,
+    EXPORT_STATUS,
+    EXPORT_VARIANTS,
+    FAILURE,
+    FORMAT,
+    GATE,
+    INPUT_SHAPE,
+    INPUT_SIZE,
+    INT8_RECIPE,
+    LABELS,
+    LATENCY_P50_MS,
+    LATENCY_P90_MS,
+    PARITY_MAX_ABS,
+    PARITY_TOP1_AGREEMENT,
+    PRECISION,
+    PREFIX,
+    SETTINGS,
+    SHA256,
+    SIZE_BYTES,
+    SOURCE,
+    SOURCE_NAME,
+    SOURCE_RUN,
+    SOURCE_VERSION,
+    STATUS,
+    VAL_ACCURACY,
+    VARIANT,
+    VARIANT_OF,
+)
+
+if TYPE_CHECKING:
+    from skinreg.registry.tracking import SourceHints
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+DEFAULT_PATTERN = "{source}-{variant}"
+DEFAULT_EXPERIMENT = "skinreg-exports"
+CANDIDATE = "candidate"
+
+
+@dataclass
+class ExportOptions(ExportSettings):
+    """The export settings (skinreg.export.settings.ExportSettings, declared once) plus what a registry-driven
+    export needs: how to read the source version and where the variants go."""
+
+    run_registry_code: bool = False
+    # For versions that carry no skinreg spec (registered by hand): fill what is missing.
+    arch: str | None = None
+    num_classes: int | None = None
+    input_size: int | None = None
+    labels: list[str] | None = None
+    name_pattern: str = DEFAULT_PATTERN
+    experiment: str = DEFAULT_EXPERIMENT
+    experiment_pin: "ExperimentPin | None" = None  # the hooks' pinned experiment (runs go there by id)
+    candidate_alias: str | None = CANDIDATE
+    force: bool = False
+    cache: bool = True  # reuse a stored export of the same source files and settings (export_cache)
+
+    def source_hints(self) -> "SourceHints":
+        from skinreg.registry.tracking import SourceHints
+
+        return SourceHints(run_registry_code=self.run_registry_code, arch=self.arch, num_classes=self.num_classes,
+                           input_size=self.input_size, labels=self.labels)
+
+    def settings_hash(self, calibration_sha: str | None, data_digests: dict[str, str] | None = None) -> str:
+        """The idempotence key: the settings as given (folders or URIs), the calibration images' content and,
+        for data given by URI, the content fetched from it (data_digests: context -> sha256)."""
+        keep = {k: v for k, v in asdict(self).items()
+                if k not in ("latency_runs", "threads", "force", "experiment", "experiment_pin", "cache")}
+        keep.update(calibration_sha=calibration_sha, skinreg=__version__)
+        if data_digests:  # only then: keys of exports from local folders stay what they were
+            keep.update(data_digests=data_digests)
+        return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class PipelineResult:
+    source: VersionRef
+    run_id: str | None
+    status: str  # passed | failed | skipped
+    variants: dict[str, VersionRef] = field(default_factory=dict)  # registered, passing
+    failed: dict[str, str] = field(default_factory=dict)  # variant -> reason
+    export: ExportResult | None = None
+    report: str = ""  # the markdown table (the files themselves live in the run's artifacts)
+
+
+@dataclass
+class PromoteResult:
+    alias: str
+    moved: list[str]
+    refused: dict[str, str]
+
+
+def variant_model_name(source: str, variant: str, pattern: str = DEFAULT_PATTERN) -> str:
+    return pattern.format(source=source, variant=variant)
+
+
+def _calibration_sha(opts: ExportOptions) -> str | None:
+    """Of the calibration images (opts with local folders: see datasets.resolve_settings)."""
+    if not opts.calibration_dir:
+        return None
+    from skinreg.data.images import list_images
+
+    return list_images(opts.calibration_dir).content_sha256()
+
+
+def _json_fact(ref: VersionRef, key: str) -> dict[str, str]:
+    """A JSON object among a version's verified facts ({} when absent or not an object of strings)."""
+    try:
+        value = json.loads(ref.facts.get(key) or "{}")
+    except ValueError:
+        return {}
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
+
+
+def _recorded_variants(ref: VersionRef) -> dict[str, str]:
+    return _json_fact(ref, EXPORT_VARIANTS)
+
+
+def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | None = None,
+                   progress: Progress = lambda msg: None) -> PipelineResult:
+    import mlflow
+
+    from skinreg.registry.consumer_check import check_variant, download_variant, file_facts
+    from skinreg.registry.consumer_check import description as consumer_description
+    from skinreg.registry.tracking import (
+        fetch_source,
+        link_variant_outputs,
+        load_fetched,
+        log_export_run,
+        log_variant,
+        warm_requirements_map,
+    )
+    from skinreg.export.report import rows as report_rows
+    from skinreg.export.report import write_report
+
+    reg = registry or Registry()
+    ref = reg.resolve(model_uri)
+    if ref.facts.get(VARIANT_OF):
+        raise RegistryError(f"{ref.uri} is a variant made by skinreg (of {ref.facts[VARIANT_OF]}); "
+                            "export its source version instead")
+    local, data = resolve_settings(opts)  # URIs fetched (once, into the content-hash cache) before anything else
+    for what, d in data.items():
+        if d.is_uri:
+            progress(f"{what} data: {d.source} (sha256 {d.digest[:12]}, cached in {d.path})")
+    settings = opts.settings_hash(_calibration_sha(local), data_digests(data))
+    recorded = _recorded_variants(ref)
+    if (not opts.force and ref.facts.get(EXPORT_SETTINGS) == settings
+            and ref.facts.get(EXPORT_STATUS) in ("passed", "failed") and recorded):
+        existing = {v: reg.get(*nv.split("/", 1)) for v, nv in recorded.items()}
+        progress(f"{ref.uri} was already exported with these settings (run {ref.facts.get(EXPORT_RUN_ID)}); "
+                 "nothing to do (--force to redo)")
+        return PipelineResult(source=ref, run_id=ref.facts.get(EXPORT_RUN_ID), status="skipped",
+                              variants=existing, failed=_json_fact(ref, EXPORT_FAILED))
+
+    # what logging a variant reads of the environment, built while the source is fetched (mlflow_io)
+    warm = threading.Thread(target=warm_requirements_map, name="skinreg-mlflow-requirements", daemon=True)
+    warm.start()
+    with run_context(f"export {ref.name} v{ref.version}", opts.experiment, opts.experiment_pin) as run:
+        run_id = run.info.run_id
+        mlflow.set_tags({SOURCE: ref.uri, SOURCE_NAME: ref.name, SOURCE_VERSION: ref.version,
+                         SETTINGS: settings})
+        log_dataset_inputs(**data)  # which data calibrated and judged the variants, on the run page
+        before = dict(ref.facts)  # what the last export recorded, verified
+        ref = reg.record_export(ref, {EXPORT_STATUS: "running", EXPORT_RUN_ID: run_id})
+        registered: list[VersionRef] = []
+        io = Stages()
+        try:
+            with tempfile.TemporaryDirectory(prefix="skinreg-src-") as tmp:
+                progress(f"downloading {ref.uri}")
+                hints = opts.source_hints()
+                with io("registry: download source"):
+                    fetched = fetch_source(ref, hints, Path(tmp))
+                out_dir, stem = Path(tmp) / "out", ref.name.replace("/", "_")
+
+                def request() -> ExportRequest:  # only on a cache miss: a hit never loads the model
+                    progress(f"loading {ref.uri}")
+                    with io("load source model"):
+                        loaded, dynamic_batch, notes = load_fetched(ref, fetched, hints)
+                    return ExportRequest(loaded=loaded, out_dir=out_dir, stem=stem, dynamic_batch=dynamic_batch,
+                                         notes=notes, **local.request_kwargs())
+
+                try:
+                    result = run_cached(request, out_dir, _export_cache(opts, local, data, fetched, stem),
+                                        progress=progress)
+                except GateError as exc:
+                    result = exc.result
+                failed = {v.file.variant: "; ".join(v.verdict.failures) for v in result.variants if not v.passed}
+                passing = [v for v in result.variants if v.passed]
+                # Registry I/O runs a request per variant at a time, in threads (REGISTRY_THREADS): against a
+                # remote server every request is a round trip plus the server's work (basic-auth: a password
+                # hash each), and nothing here waits on another variant.
+                if passing:
+                    progress(f"logging {', '.join(v.file.variant for v in passing)}")
+                with io("registry: log variants"):  # all first: registration starts once every file is logged
+                    warm.join()
+                    logged = each_at_once(lambda v: log_variant(v, result, run), passing)
+                    model_ids = {v.file.variant: ok(out)[1] for v, out in zip(passing, logged)}
+                    manifests = {v.file.variant: ok(out)[2] for v, out in zip(passing, logged)}
+                    for v, out in zip(passing, logged):
+                        v.model_uri = out[0]
+                    link_variant_outputs(model_ids)
+                # Only an earlier export of this source can have left a version to reuse: one that was
+                # interrupted (running), rolled back (error: a delete may have failed), or one with these
+                # very settings (--force). A first export skips the search, a request per variant.
+                may_reuse = opts.force or before.get(EXPORT_STATUS) in ("running", "error") \
+                    or before.get(EXPORT_SETTINGS) == settings
+                versions: dict[str, VersionRef] = {}
+                new: list[tuple[Any, str, dict[str, Any]]] = []
+                for v in passing:
+                    name = variant_model_name(ref.name, v.file.variant, opts.name_pattern)
+                    earlier = _earlier_version(reg, name, ref, settings, v.file.sha256) if may_reuse else None
+                    if earlier is not None:  # an earlier run (interrupted, or --force) registered this very file
+                        progress(f"{name}: reusing version {earlier.version} (the same file, from an earlier export "
+                                 "of this version with these settings)")
+                        versions[v.file.variant] = earlier
+                        manifests[v.file.variant] = earlier.facts[MANIFEST]  # what it served when it was sealed
+                        continue
+                    dynamic, shape = file_facts(v.file.path, v.file.format)  # the file the consumer check re-reads
+                    new.append((v, name, {**_variant_tags(ref, v, run_id, settings, data.get("calibration")),
+                                          DYNAMIC_BATCH: str(dynamic).lower(), INPUT_SHAPE: json.dumps(shape)}))
+                if new:
+                    progress(f"registering {', '.join(name for _, name, _ in new)}")
+
+                def register(item: tuple[Any, str, dict[str, Any]]) -> VersionRef:
+                    v, name, tags = item
+                    return reg.register(name, v.model_uri, tags=tags, run_id=run_id,
+                                        model_id=model_ids[v.file.variant], model_tags={VARIANT_OF: ref.name},
+                                        lineage=_lineage(ref, v, run_id, settings, manifests[v.file.variant]))
+
+                with io("registry: register"):
+                    made = each_at_once(register, new)
+                registered += [mv for mv in made if not isinstance(mv, BaseException)]  # rolled back on error
+                versions.update({v.file.variant: ok(mv) for (v, _, _), mv in zip(new, made)})
+                verdicts = _consumer_verdicts(opts)
+                with tempfile.TemporaryDirectory(prefix="skinreg-served-") as served:
+                    if versions:
+                        progress(f"downloading {', '.join(mv.uri for mv in versions.values())} as consumers do")
+                    with io("registry: download variants"):
+                        fetched = each_at_once(lambda mv: download_variant(mv.uri, Path(served) / mv.name),
+                                               list(versions.values()))
+                        downloads = dict(zip(versions, fetched))
+                    for v in passing:  # what the registry serves, loaded as each consumer loads it
+                        mv = versions[v.file.variant]
+                        progress(f"consumer check of {mv.uri} (pyfunc, SkinClassifier, "
+                                 f"{'onnxruntime' if v.file.format is Format.onnx else 'ai_edge_litert'})")
+                        with io("consumer check"):
+                            check = result.consumer_checks[v.file.variant] = check_variant(
+                                mv.uri, v, result, tags=mv.tags, downloaded=downloads[v.file.variant],
+                                verdicts=verdicts, manifest=manifests[v.file.variant])
+                        if check.reused:
+                            progress(f"consumer check of {mv.uri}: {check.reuse_note()}")
+                        if not check.passed:  # rolled back like any failed variant: no version, no alias
+                            failed[v.file.variant] = "consumer check failed: " + "; ".join(check.failures)
+                            if any(r is mv for r in registered):  # only a version this run registered
+                                reg.delete_version(mv.name, mv.version)
+                            del versions[v.file.variant]
+                            registered = [r for r in registered if r is not mv]
+                rows = {r["variant"]: r for r in report_rows(result)}
+
+                def describe(item: tuple[str, VersionRef]) -> VersionRef:
+                    variant, mv = item
+                    check = result.consumer_checks[variant]
+                    facts = {CONSUMER_CHECK: check.summary()[:5000],  # and, on a version reused from
+                             DYNAMIC_BATCH: str(check.dynamic_batch).lower(),  # an older skinreg, the
+                             INPUT_SHAPE: json.dumps(check.input_shape)}  # facts it lacks
+                    facts = {k: v for k, v in facts.items() if mv.tags.get(k) != v}
+                    reg.set_version_tags(mv.name, mv.version, facts)
+                    reg.set_description(mv.name, mv.version, consumer_description(
+                        check, rows[variant], source_uri=ref.uri, run_id=run_id))
+                    return replace(mv, tags={**mv.tags, **facts})
+
+                with io("registry: version tags and descriptions"):
+                    described = each_at_once(describe, list(versions.items()))
+                    versions = {variant: ok(mv) for variant, mv in zip(versions, described)}
+                _time_split(result, io.seconds)
+                result.report_json, result.report_md = write_report(result, result.gates)
+                report_text = result.report_md.read_text()
+                variants = dict(versions)
+                status = "failed" if failed else "passed"
+                run_tags = {STATUS: status, **({FAILURE: "; ".join(failed.values())[:5000]} if failed else {}),
+                            **({EXPORT_CACHE: f"{result.reused['key']} (stored {result.reused['created']})"}
+                               if result.reused else {})}
+                outcome = {
+                    EXPORT_STATUS: status, EXPORT_SETTINGS: settings,
+                    EXPORT_VARIANTS: json.dumps({k: f"{v.name}/{v.version}" for k, v in variants.items()}),
+                    EXPORT_FAILED: json.dumps({k: reason[:300] for k, reason in failed.items()}),
+                    EXPORT_REASON: "; ".join(failed.values())[:1000] if failed else "all variants passed their "
+                                                                                          "gates and consumer checks",
+                }
+                # a tag per request: the ones that already say this (a re-export) are not written again, and
+                # an empty failure list is what an absent tag means to every reader
+                with io("registry: run results and source tags"):  # the run's and the source's, side by side
+                    for out in each_at_once(lambda write: write(), [
+                            lambda: log_export_run(result, run=run, source=ref, model_ids=model_ids,
+                                                   tags=run_tags),
+                            lambda: reg.record_export(ref, outcome)]):
+                        ok(out)
+                if opts.candidate_alias:
+                    for out in each_at_once(lambda v: reg.set_alias(v.name, opts.candidate_alias, v.version),
+                                            list(variants.values())):
+                        ok(out)
+        except BaseException as exc:
+            _roll_back(reg, registered, ref, first_line(exc))
+            raise  # the first error, whatever the rollback met
+    return PipelineResult(source=reg.get(ref.name, ref.version), run_id=run_id, status=status,
+                          variants=variants, failed=failed, export=result, report=report_text)
+
+
+def _roll_back(reg: Registry, registered: list[VersionRef], ref: VersionRef, reason: str) -> None:
+    """Undo an export that failed: its versions (so no alias can point at them), then the reason on the run
+    and the source version. Each step is tried even when an earlier one fails (the server may be the
+    reason), and none of their errors replaces the export's own: they are logged."""
+    import mlflow
+
+    steps = [(f"deleting {mv.name}/{mv.version}", lambda mv=mv: reg.delete_version(mv.name, mv.version))
+             for mv in registered]  # never leave a half-registered export behind
+    steps += [("tagging the run", lambda: mlflow.set_tags({STATUS: "failed", FAILURE: reason[:5000]})),
+              (f"tagging {ref.uri}", lambda: reg.record_export(ref, {
+                  EXPORT_STATUS: "error", EXPORT_REASON: reason[:2000]}))]
+    for what, step in steps:
+        try:
+            step()
+        except Exception as exc:  # noqa: BLE001 - reported, and the export's own error is raised after
+            log.error("rollback step failed (%s): %s; the export failed with: %s", what, first_line(exc), reason)
+
+
+def _time_split(result: ExportResult, io: dict[str, float]) -> None:
+    """Add the pipeline's stages to the export's, and the two totals a user compares: the export work
+    (conversion, validation, timing) and the registry I/O (downloads, uploads, registrations, tags)."""
+    result.stage_seconds.update(io)
+    result.stage_seconds["export"] = result.wall_s
+    result.stage_seconds["registry I/O"] = sum(v for k, v in io.items() if k.startswith("registry:"))
+
+
+def _export_cache(opts: ExportOptions, local: ExportOptions, data: dict[str, DataDir], fetched: Any,
+                  stem: str) -> Any:
+    """The export cache entry for this source (everything `fetch_source` downloaded and listed, which with
+    the loading hints and skinreg's own code decides what loading gives), the export settings and the data;
+    None when turned off (--no-cache, SKINREG_EXPORT_CACHE=off)."""
+    from skinreg.export.cache import ExportCache, cache_root, export_key
+
+    root = cache_root() if opts.cache else None
+    if root is None:
+        return None
+    key, inputs = export_key(fetched.digest(), asdict(opts.source_hints()), local, data, stem)
+    return ExportCache(root, key, inputs)
+
+
+def _consumer_verdicts(opts: ExportOptions) -> Any:
+    """Where passing consumer checks are remembered (beside the export cache); None when it is off."""
+    from skinreg.registry.consumer_check import Verdicts
+    from skinreg.export.cache import cache_root
+
+    root = cache_root() if opts.cache else None
+    return Verdicts(root) if root is not None else None
+
+
+def _earlier_version(reg: Registry, name: str, ref: VersionRef, settings: str, sha256: str) -> VersionRef | None:
+    """A version of variant model `name` whose sealed lineage says it was made from the same source version
+    with the same settings and holds the same file (sha256), with a manifest of what it serves (checked
+    before anything loads it): anything else was not validated by skinreg for this and is not reused."""
+    for v in reg.versions(name):
+        f = v.facts
+        if f.get(SOURCE_VERSION) == ref.version and f.get(SETTINGS) == settings and f.get(SOURCE_NAME) == ref.name \
+                and f.get(SHA256) == sha256 and isinstance(f.get(MANIFEST), dict):
+            return v
+    return None
+
+
+def _lineage(ref: VersionRef, v: Any, run_id: str, settings: str, manifest: dict[str, str]) -> dict[str, Any]:
+    """The facts sealed into a variant version at registration (seal.py); the consumer check adds its own."""
+    return {VARIANT_OF: ref.name, SOURCE_NAME: ref.name, SOURCE_VERSION: ref.version, EXPORT_RUN: run_id,
+            SETTINGS: settings, SHA256: v.file.sha256, GATE: v.verdict.status, MANIFEST: manifest}
+
+
+# The experiment a hooks worker pinned (registry_hooks/experiment.py), handed to its `skinreg` children in
+# these variables (read by the CLI only): runs go into that experiment by id, and only while it is active
+# with that very artifact location.
+PINNED_EXPERIMENT_ID = "SKINREG_EXPORT_EXPERIMENT_ID"
+PINNED_EXPERIMENT_LOCATION = "SKINREG_EXPORT_EXPERIMENT_LOCATION"
+PIN_FIX = "run `skinreg hooks install` again to pin the export experiment"
+
+
+@dataclass(frozen=True)
+class ExperimentPin:
+    experiment_id: str
+    artifact_location: str
+
+    @classmethod
+    def from_env(cls, env: Any = None) -> "ExperimentPin | None":
+        env = os.environ if env is None else env
+        return cls(env[PINNED_EXPERIMENT_ID], env.get(PINNED_EXPERIMENT_LOCATION, "")) \
+            if env.get(PINNED_EXPERIMENT_ID) else None
+
+    def env(self) -> dict[str, str]:
+        return {PINNED_EXPERIMENT_ID: self.experiment_id, PINNED_EXPERIMENT_LOCATION: self.artifact_location}
+
+
+def is_local_path(uri: str) -> bool:
+    """Whether an artifact location is a path on the machine that writes to it (no scheme, file:, C:)."""
+    from urllib.parse import urlsplit
+
+    scheme = urlsplit(uri).scheme
+    return scheme in ("", "file") or len(scheme) == 1
+
+
+def _checked_experiment(experiment_id: str, pin: ExperimentPin | None) -> Any:
+    """The experiment runs will be written to, refused (InputError, one line) when it is not the pinned one
+    (deleted, or another artifact location), or when its artifacts would go to a local
+    path while the tracking server is remote: files meant for the server would land on this machine, at a
+    path whoever may create experiments chose."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from urllib.parse import urlsplit
+
+    from skinreg.errors import InputError
+
+    pinned_id = pin.experiment_id if pin else None
+    try:
+        exp = MlflowClient().get_experiment(experiment_id)
+    except MlflowException as exc:
+        if pinned_id:
+            raise InputError(f"the pinned export experiment {experiment_id} cannot be read "
+                             f"({first_line(exc)}): {PIN_FIX}") from None
+        raise
+    if pinned_id:
+        location = pin.artifact_location
+        if exp.experiment_id != pinned_id or exp.lifecycle_stage != "active" or exp.artifact_location != location:
+            raise InputError(f"the pinned export experiment {pinned_id} changed (now {exp.name!r}, "
+                             f"{exp.lifecycle_stage}, artifacts at {exp.artifact_location}; pinned at {location}): "
+                             f"{PIN_FIX}")
+    tracking = mlflow.get_tracking_uri()
+    if urlsplit(tracking).scheme in ("http", "https") and is_local_path(exp.artifact_location or ""):
+        raise InputError(f"experiment {exp.name!r} ({exp.experiment_id}) keeps its artifacts at the local path "
+                         f"{exp.artifact_location} while the tracking server ({urlsplit(tracking).hostname}) is "
+                         "remote: refusing to write runs there; use an experiment whose artifacts the server "
+                         "stores (created without --artifact-location), e.g. rename this one away")
+    return exp
+
+
+def run_context(name: str, experiment: str, pin: ExperimentPin | None = None):
+    """The `mlflow run` entry point's own run when there is one (MLFLOW_RUN_ID), a child run inside an
+    active run (the `main` entry point), else a new run in `experiment` (by name), or in the experiment a
+    hooks worker pinned (`pin`, by id). The experiment is checked first (_checked_experiment)."""
+    import mlflow
+
+    if mlflow.active_run():
+        _checked_experiment(mlflow.active_run().info.experiment_id, pin)
+        return mlflow.start_run(run_name=name, nested=True)
+    if os.environ.get("MLFLOW_RUN_ID"):
+        from mlflow import MlflowClient
+
+        _checked_experiment(MlflowClient().get_run(os.environ["MLFLOW_RUN_ID"]).info.experiment_id, pin)
+        return mlflow.start_run()
+    if pin is not None:
+        exp = _checked_experiment(pin.experiment_id, pin)
+        return mlflow.start_run(experiment_id=exp.experiment_id, run_name=name)
+    exp = mlflow.set_experiment(experiment)
+    _checked_experiment(exp.experiment_id, None)
+    return mlflow.start_run(run_name=name)
+
+
+def train_and_register(data_dir: Path, *, name: str = "skin-classifier", arch: str = "tiny_cnn",
+                       input_size: int = 96, epochs: int = 8, seed: int = 0, experiment: str = DEFAULT_EXPERIMENT,
+                       log_data: bool = False, registry: Registry | None = None,
+                       progress: Progress = lambda msg: None) -> VersionRef:
+    """Train on the demo data (generated if missing) and register a PyTorch (pt2) version that records
+    its architecture, labels and preprocessing, with a dynamic batch. log_data: also log data_dir's
+    calibration/ and val/ folders as the run's data/calibration and data/val artifacts (exports can then
+    name them by URI: datasets.source_run_data)."""
+    import mlflow
+
+    from skinreg.data.images import generate_demo_data
+    from skinreg.registry.tracking import log_source_model
+    from skinreg.models.train import train
+
+    reg = registry or Registry()
+    if not (Path(data_dir) / "train").is_dir():
+        progress(f"generating synthetic demo data in {data_dir}")
+        generate_demo_data(Path(data_dir), seed=seed)
+    res = train(Path(data_dir), arch=arch, input_size=input_size, epochs=epochs, seed=seed, progress=progress)
+    progress(f"val accuracy {res.val_accuracy:.1f}% (chance {res.chance:.1f}%); logging and registering {name}")
+    with run_context(f"train {name}", experiment):
+        mlflow.log_params({"train.arch": arch, "train.input_size": input_size, "train.epochs": epochs,
+                           "train.seed": seed, "train.data_dir": str(data_dir)})  # prefixed: see log_export_run
+        mlflow.log_metrics({"val_accuracy": res.val_accuracy, "train_accuracy": res.train_accuracy})
+        example = res.loaded.spec.preprocessing.batch(sorted((Path(data_dir) / "val").rglob("*.png"))[:2])
+        if log_data:  # before registering: the registration's webhook may start an export that reads them
+            from skinreg.data.sources import log_training_data
+
+            progress(f"logging the calibration and eval images of {data_dir} as the run's data/ artifacts")
+            log_training_data(Path(data_dir))
+        info = log_source_model(res.loaded, registered_name=name, example=example)
+    version = str(info.registered_model_version)
+    pre = res.loaded.spec.preprocessing
+    reg.set_version_tags(name, version, {ARCH: arch, INPUT_SIZE: pre.input_size,
+                                         LABELS: ",".join(pre.labels),
+                                         VAL_ACCURACY: f"{res.val_accuracy:.2f}"})
+    return reg.get(name, version)
+
+
+def _variant_tags(ref: VersionRef, v: Any, run_id: str, settings: str,
+                  calibration_data: DataDir | None = None) -> dict[str, Any]:
+    """Tags known before registration. Tags that describe the served file (dynamic_batch, input_shape,
+    consumer_check) are set after the consumer check has read that file back from the registry."""
+    p = v.verdict.parity
+    tags = {
+        VARIANT_OF: ref.name, SOURCE_NAME: ref.name, SOURCE_VERSION: ref.version,
+        SOURCE_RUN: ref.run_id or "", EXPORT_RUN: run_id, SETTINGS: settings,
+        VARIANT: v.file.variant, FORMAT: v.file.format.value, PRECISION: v.file.precision.value,
+        CONVERTER: v.file.converter, CONVERTER_VERSION: v.file.converter_version,
+        SHA256: v.file.sha256, GATE: v.verdict.status,
+        SIZE_BYTES: v.size_bytes, LATENCY_P50_MS: f"{v.latency.p50_ms:.3f}",
+        LATENCY_P90_MS: f"{v.latency.p90_ms:.3f}", PARITY_MAX_ABS: f"{p.max_abs:.3g}",
+        PARITY_TOP1_AGREEMENT: f"{p.top1_agreement:.4f}",
+    }
+    if p.accuracy is not None:
+        tags[ACCURACY] = f"{p.accuracy:.2f}"
+        tags[ACCURACY_DROP] = f"{p.accuracy_drop:.2f}"
+    details = v.file.details
+    if details.get("int8_recipe"):
+        tags[INT8_RECIPE] = details["int8_recipe"]
+    calibration = details.get("calibration") or {}
+    for key in ("count", "file_list_sha256", "content_sha256", "source", "seed"):  # the calibration set, recorded with the variant
+        if calibration.get(key) is not None:
+            tags[f"{PREFIX}calibration.{key}"] = calibration[key]
+    if calibration and calibration_data is not None and calibration_data.is_uri:  # `source`: the cache folder
+        tags[f"{PREFIX}calibration.uri"] = calibration_data.source
+    return tags
+
+
+def promote(model_uri: str, alias: str, *, stages: bool = False, registry: Registry | None = None) -> PromoteResult:
+    """Move `alias` on the source version and on every passing variant made from it."""
+    reg = registry or Registry()
+    ref = reg.resolve(model_uri)
+    if ref.facts.get(VARIANT_OF):
+        raise RegistryError(f"{ref.uri} is a variant; promote its source "
+                            f"(models:/{ref.facts[VARIANT_OF]}/{ref.facts.get(SOURCE_VERSION)})")
+    recorded = _recorded_variants(ref)
+    refused = _json_fact(ref, EXPORT_FAILED)
+    if not recorded:
+        reason = ref.facts.get(EXPORT_REASON, "it was never exported")
+        raise RegistryError(f"nothing to promote: {ref.uri} has no passing variants ({reason}); run "
+                            f"`skinreg export-version --model-uri {ref.uri}` first")
+    moved = []
+    for variant, name_version in recorded.items():
+        name, version = name_version.split("/", 1)
+        vref = reg.get(name, version)
+        why = _not_promotable(vref, ref)
+        if why:  # only variants skinreg made from this very version, gated and checked
+            refused[variant] = why
+            log.warning("not promoting %s: %s", vref.uri, why)
+            continue
+        reg.set_alias(name, alias, version)
+        if stages and alias in STAGE_FOR_ALIAS:
+            reg.transition_stage(name, version, STAGE_FOR_ALIAS[alias])
+        moved.append(f"{name}/{version}")
+    reg.set_alias(ref.name, alias, ref.version)
+    if stages and alias in STAGE_FOR_ALIAS:
+        reg.transition_stage(ref.name, ref.version, STAGE_FOR_ALIAS[alias])
+    moved.append(f"{ref.name}/{ref.version}")
+    return PromoteResult(alias=alias, moved=moved, refused=refused)
+
+
+def _not_promotable(vref: VersionRef, source: VersionRef) -> str | None:
+    """Why a variant listed by the source's sealed export record (which lists only variants that passed their
+    gates and consumer checks) must not be promoted: its own sealed lineage must name that very source."""
+    f = vref.facts
+    if not f:
+        return "it has no sealed skinreg lineage (not made by this service)"
+    if f.get(SOURCE_NAME) != source.name or f.get(SOURCE_VERSION) != source.version:
+        return f"its sealed lineage names models:/{f.get(SOURCE_NAME)}/{f.get(SOURCE_VERSION)}, not {source.uri}"
+    if f.get(GATE) != "passed":
+        return f"gate {f.get(GATE)}"
+    return None
+
+
+def demote(name: str, alias: str, *, registry: Registry | None = None) -> list[str]:
+    """Remove `alias` from every variant of source model `name` (the alias was deleted on the source)."""
+    reg = registry or Registry()
+    removed = []
+    for variant_name in variant_models(name, registry=reg):
+        if alias in reg.aliases(variant_name):
+            reg.delete_alias(variant_name, alias)
+            removed.append(variant_name)
+    return removed
+
+
+def variant_models(source: str, *, registry: Registry | None = None) -> list[str]:
+    reg = registry or Registry()
+    return [m.name for m in reg.registered_models() if reg.variant_of(m) == source]
