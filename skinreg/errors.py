@@ -44,12 +44,6 @@ class RegistryError(SkinregError):
     exit_code = 5
 
 
-class ConsumerCheckError(SkinregError):
-    """A registered variant, loaded back the way its consumers load it, did not reproduce what was validated."""
-
-    exit_code = 4
-
-
 def first_line(exc: BaseException | str) -> str:
     """The first non-empty line of an exception's message, or its type name when it has none."""
     text = exc if isinstance(exc, str) else str(exc)

@@ -31,22 +31,23 @@ def test_benchmark_prints_targets_computed_from_the_measured_report(tmp_path):
     assert targets["ONNX Runtime fp32 latency / PyTorch eager"]["measured"] == pytest.approx(ms["onnx"] / ms["pytorch"])
     agreement = targets["int8 top-1 agreement with PyTorch"]
     assert agreement["measured"] == rows["tflite-int8"]["parity_top1_agreement"]
-    assert agreement["met"] == (agreement["measured"] >= 0.97)
     assert rows["tflite-int8"]["converter"] == "litert-torch"
     assert "| int8 accuracy drop (points, held-out set) |" in res.stdout and "# tiny_cnn" in res.stdout
     # `skinreg export` run twice in a child process: the second reused the first (else `measured` is None)
     [again] = [t for t in summary["models"][0]["targets"] if t["name"].startswith("the same default export again")]
-    assert again["measured"] is not None and again["met"] == (again["measured"] <= 10.0), again
+    first = float(re.search(r"first run (\d+) s", again["name"]).group(1))
+    assert again["measured"] is not None and again["measured"] < first, again  # copied, not converted again
     assert "| the same default export again, files reused from the cache" in res.stdout
     # `skinreg export-version` of a registered version, then --force: the second reused the stored export
     [forced] = [t for t in summary["models"][0]["targets"] if t["name"].startswith("the same registered version again")]
-    assert forced["measured"] is not None and forced["met"] == (forced["measured"] <= 10.0), forced
+    first = float(re.search(r"first run (\d+) s", forced["name"]).group(1))
+    assert forced["measured"] is not None and forced["measured"] < first, forced
     reused = re.search(r", (\d+) consumer verdicts of byte-identical files reused;", forced["name"])
     assert reused and int(reused.group(1)) >= 3, forced["name"]  # ONNX and TFLite fp32/fp16 at least
     # the default export and the asked-for strategy, both timed in this run, with their stage breakdowns
     model = summary["models"][0]
     default = targets["default export: ONNX + TFLite float32/float16/int8"]
-    assert default["measured"] == model["default_export_s"] > 0 and default["limit"] == 60.0
+    assert default["measured"] == model["default_export_s"] > 0
     [vs] = [t for t in model["targets"] if t["name"].startswith("`--int8-strategy litert-per-channel` export")]
     assert vs["measured"] == pytest.approx(model["export_s"] / model["default_export_s"]) and vs["limit"] is None
     assert set(model["stage_seconds"]) == {"default", "litert-per-channel"}

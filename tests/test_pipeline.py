@@ -72,7 +72,11 @@ def test_export_registers_every_variant_with_lineage_metrics_and_candidate(expor
     # each number once, under a name that says whose it is: no unprefixed variant metrics on the run
     prefixes = tuple(f"{v}." for v in VARIANTS) + ("pytorch.", "export_wall_s", "stage.")
     assert all(k.startswith(prefixes) for k in run.data.metrics), sorted(run.data.metrics)
-    assert run.data.params["version.onnx2tf"] == "1.29.24"
+    # every converter and runtime a file depends on is recorded, each at the version installed
+    from importlib.metadata import version as installed
+
+    for tool in ("onnx2tf", "litert-torch", "ai-edge-litert", "tensorflow", "onnxruntime", "torch", "mlflow"):
+        assert run.data.params[f"version.{tool}"] == installed(tool)
     arts = {a.path for a in client.list_artifacts(res.run_id, "report")}
     assert {"report/skin_report.json", "report/skin_report.md", "report/skin_variants.png"} <= arts
     for variant in VARIANTS:  # each LoggedModel carries its own metrics and no other variant's or the run's
@@ -361,3 +365,36 @@ def test_a_rollback_that_meets_a_dead_server_keeps_the_first_error(tmp_path, mon
     failed = [r.getMessage() for r in caplog.records if "rollback step failed" in r.getMessage()]
     assert len(failed) == 3 and all("the export failed with: ExportError: onnx2tf" in m for m in failed)
     assert "deleting skin-onnx/3" in failed[0]
+
+
+def test_an_export_leaves_the_process_wide_warning_filters_alone(tracking, trained, demo_data):
+    """Variants are logged on several threads at once. warnings.catch_warnings() swaps the process-wide filter
+    list, so a library that uses it around its work silences every warning of every thread while it runs
+    (and one thread's exit can restore a list another changed). A watcher thread samples the filters
+    through a whole export: no catch-all "ignore" ever appears, and none is left afterwards."""
+    import threading
+    import warnings
+
+    from skinreg.enums import Format, Precision
+
+    uri = register(trained, demo_data, name="warn")
+    before = list(warnings.filters)
+    seen: list[tuple] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            seen.extend(f for f in list(warnings.filters) if f[0] == "ignore" and f[1] is None and f[2] is Warning)
+            done.wait(0.001)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        res = export_version(uri, ExportOptions(formats=[Format.onnx], quantize=[Precision.float16, Precision.int8],
+                                                calibration_dir=demo_data / "calibration", latency_runs=2))
+    finally:
+        done.set()
+        watcher.join()
+    assert res.status == "passed" and len(res.variants) == 3, res
+    assert not seen, f"a catch-all ignore filter was installed during the export: {seen[:1]}"
+    assert not [f for f in warnings.filters if f not in before and f[0] == "ignore"]

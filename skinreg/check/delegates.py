@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from skinreg._compat.ai_edge_litert import ops_details
 from skinreg.errors import first_line
 
 DEFAULT = "XNNPACK (default delegates)"
@@ -38,7 +39,8 @@ x = np.zeros(inp["shape"], inp["dtype"])
 it.set_tensor(inp["index"], x)
 it.invoke()
 out = it.get_tensor(it.get_output_details()[0]["index"])
-nodes = sum(o["op_name"] == "DELEGATE" for o in it._get_ops_details())
+from skinreg._compat.ai_edge_litert import ops_details
+nodes = sum(o["op_name"] == "DELEGATE" for o in ops_details(it))
 print("SKINREG-OK " + json.dumps({"delegate_nodes": int(nodes), "finite": bool(np.isfinite(out).all())}))
 """
 
@@ -96,7 +98,7 @@ def quantization_findings(path: Path, *, max_scale: float = 1e6, max_ratio: floa
     try:
         it = Interpreter(model_path=str(path), experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
         tensors = {t["index"]: t for t in it.get_tensor_details()}
-        ops = it._get_ops_details()
+        ops = ops_details(it)
     except Exception as exc:  # an unreadable file: the runtime's own error says so elsewhere
         return [f"file cannot be read: {first_line(exc)}"]
 

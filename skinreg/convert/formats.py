@@ -1,7 +1,7 @@
 """Exporters: one table of formats with the precisions each supports.
 
 Every exporter has the same shape: `export(..., spec, out_dir, stem) -> ExportedFile`.
-Unsupported combinations are rejected by `check_request` before any work starts.
+Unsupported combinations are rejected by `plan` before any work starts.
 """
 
 from __future__ import annotations

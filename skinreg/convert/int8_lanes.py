@@ -201,12 +201,12 @@ def launch_calibration(model_content: bytes, samples: list, folder: Path) -> Cal
 
 
 def _calibrate_child(work: Path) -> int:
-    from tensorflow.lite.python.optimize import calibrator
+    from skinreg._compat.tensorflow import calibrator_class
 
     job = json.loads((work / "job.json").read_text())
     with np.load(work / "samples.npz", allow_pickle=False) as data:
         samples = [[data[f"s{i}_{j}"] for j in range(job["inputs"])] for i in range(job["samples"])]
-    cal = calibrator.Calibrator((work / "model.tflite").read_bytes())
+    cal = calibrator_class()((work / "model.tflite").read_bytes())
     # the converter's own call, unwrapped: this process never installs skinreg's memo
     (work / "calibrated.tflite").write_bytes(cal.calibrate(lambda: iter(samples)))
     return 0

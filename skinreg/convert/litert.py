@@ -3,21 +3,21 @@ and int8 through its PT2E quantizer (torchao prepare/convert), with no ONNX or T
 
 The mobile contract is the same as the onnx2tf route: float32 NHWC [1, H, W, 3] in, float32
 [1, num_classes] out. litert-torch 0.10's int8 output has int8 input and output tensors by default;
-`_strict_qdq_mode` keeps the QUANTIZE/DEQUANTIZE ops that PT2E placed at the graph's ends instead,
+`strict_qdq_mode` (skinreg/_compat/litert_torch.py) keeps the QUANTIZE/DEQUANTIZE ops that PT2E placed at the graph's ends instead,
 so the file takes and returns float32 (checked on every file by `_check_contract`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
+from skinreg._compat.litert_torch import strict_qdq_mode
 from skinreg.enums import Precision
 from skinreg.errors import ExportError, first_line
 from skinreg.models.architectures import ModelSpec
@@ -44,47 +44,6 @@ def _import_litert():
     import litert_torch
 
     return litert_torch
-
-
-class _StrictQdqApi:
-    """Forwards to litert-converter's `converter_api_ext`; each ConvertToTFLConfig it hands out has
-    strict_qdq_mode=True."""
-
-    def __init__(self, real: Any) -> None:
-        self._real = real
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real, name)
-
-    def ConvertToTFLConfig(self):  # noqa: N802 (the real name)
-        cfg = self._real.ConvertToTFLConfig()
-        cfg.strict_qdq_mode = True
-        return cfg
-
-
-@contextlib.contextmanager
-def _strict_qdq_mode() -> Iterator[None]:
-    """litert-torch 0.10 converts a PT2E graph with strict_qdq_mode=False, and the converter then folds
-    the input QUANTIZE and output DEQUANTIZE into int8 I/O tensors. No public argument sets the flag
-    on that path (`_litert_converter_flags` is only read by `use_v2`, which rejects quant_config), so it
-    is set here, scoped to one conversion, on a private module attribute. An upgrade that moves it
-    fails loudly here instead of silently producing int8 I/O."""
-    try:
-        from litert_torch._convert import litert_converter as lc
-
-        real = lc.converter_api_ext
-        has_flag = hasattr(real.ConvertToTFLConfig(), "strict_qdq_mode")
-    except (ImportError, AttributeError) as exc:
-        raise ExportError(f"this litert-torch ({_versions()}) has no converter_api_ext.ConvertToTFLConfig: "
-                          "cannot keep float32 I/O for int8; use --int8-strategy tf-per-channel") from exc
-    if not has_flag:
-        raise ExportError(f"this litert-torch ({_versions()}) has no strict_qdq_mode: cannot keep float32 I/O "
-                          "for int8; use --int8-strategy tf-per-channel")
-    lc.converter_api_ext = _StrictQdqApi(real)
-    try:
-        yield
-    finally:
-        lc.converter_api_ext = real
 
 
 def _check_contract(tflite: bytes, size: int, num_classes: int) -> None:
@@ -197,7 +156,7 @@ def convert_int8(model: Any, size: int, num_classes: int, calibration_nchw: np.n
         move_exported_model_to_eval(quantized)  # dropout/batch-norm ops to their eval form, in the graph
         for module in quantized.modules():  # GraphModules refuse .eval(); the flag only silences a warning
             module.training = False
-        with _strict_qdq_mode():
+        with strict_qdq_mode():
             tflite = litert_torch.convert(quantized, example,
                                           quant_config=QuantConfig(pt2e_quantizer=quantizer)).model_content()
     except ExportError:

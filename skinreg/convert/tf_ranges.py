@@ -31,6 +31,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from skinreg._compat import tensorflow as compat_tf
+
 log = logging.getLogger(__name__)
 
 LSTM_INPUTS = 24  # the calibrator logs an LSTM's intermediates with its own kernel: left to it
@@ -44,7 +46,7 @@ class NotHandled(Exception):
 def loggable_tensors(model: Any) -> list[int]:
     """The calibrator's choice (GetLoggableTensorIndices): operator inputs and outputs of type FLOAT32 whose
     buffer is empty (not a constant), of the model's only subgraph."""
-    from tensorflow.lite.python import schema_py_generated as schema
+    schema = compat_tf.schema()
 
     if len(model.subgraphs) != 1:
         raise NotHandled(f"{len(model.subgraphs)} subgraphs")
@@ -128,8 +130,8 @@ def record_ranges(content: bytes, samples: Iterable[Any]) -> bytes:
     arrays, as the converter's representative dataset yields them), as the calibrator's logger keeps them:
     NaN values skipped, the minimum starting at FLT_MAX and the maximum at FLT_MIN (so an all-negative
     tensor's maximum is FLT_MIN). Raises NotHandled for what the converter's own calibrator should do."""
-    from tensorflow.lite.python import schema_py_generated as schema
-    from tensorflow.lite.tools import flatbuffer_utils
+    schema = compat_tf.schema()
+    flatbuffer_utils = compat_tf.flatbuffer_utils()
 
     model = flatbuffer_utils.convert_bytearray_to_object(bytearray(content))
     chosen = loggable_tensors(model)

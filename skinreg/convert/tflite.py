@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from skinreg._compat import tensorflow as compat_tf
+from skinreg._compat import onnx2tf as compat_onnx2tf
 from skinreg.enums import Format, Precision
 from skinreg.errors import ExportError, first_line
 from skinreg.models.architectures import ModelSpec
@@ -57,17 +59,6 @@ def _offline_sample_data(size: int = 128) -> np.ndarray:
     from skinreg.data.images import synthetic_images
 
     return np.stack(synthetic_images(20, size, seed=77)).astype(np.float32) / 255.0
-
-
-def _no_download() -> None:
-    """Point onnx2tf at offline sample data without changing the working directory of the process
-    (a `chdir` would break every relative path of a service that converts in a thread). The name is
-    looked up in onnx2tf's module namespace at call time; replacing it is idempotent and only changes
-    what onnx2tf itself downloads."""
-    import onnx2tf.onnx2tf as impl
-
-    if getattr(impl.download_test_image_data, "__module__", "") != __name__:
-        impl.download_test_image_data = _offline_sample_data
 
 
 def simplify_onnx(path: Path, spec: ModelSpec) -> None:
@@ -160,7 +151,7 @@ def saved_model_from_onnx(onnx_path: Path, spec: ModelSpec, work_dir: Path, *, u
     _import_tensorflow_safely()
     import onnx2tf
 
-    _no_download()
+    compat_onnx2tf.use_sample_data(_offline_sample_data)
     size = spec.preprocessing.input_size
     work_dir = Path(work_dir).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -203,37 +194,34 @@ MIN_SPLIT_SAMPLES = 20  # below this, a second process costs more than it saves
 
 
 def _install_calibration_memo() -> None:
-    """Wrap the TF Lite converter's `Calibrator.calibrate` (once per process): tf_ranges records the ranges
-    (the calibrator's own figures, ~6x faster). Inside `calibration_reused`, a float model already
-    calibrated is not calibrated again. Where tf_ranges does not apply, the converter's calibrator runs,
-    inside `calibration_split` on half of the images in a second process. For a TF build whose Calibrator
-    keeps no `_model_content`, it is the original."""
-    from tensorflow.lite.python.optimize import calibrator
+    """Wrap the TF Lite converter's `Calibrator.calibrate` (once per process; skinreg/_compat/tensorflow.py):
+    tf_ranges records the ranges (the calibrator's own figures, ~6x faster). Inside `calibration_reused`, a
+    float model already calibrated is not calibrated again. Where tf_ranges does not apply, the converter's
+    calibrator runs, inside `calibration_split` on half of the images in a second process. For a TF build
+    whose Calibrator keeps no float model, it is the original."""
 
-    original = calibrator.Calibrator.calibrate
-    if getattr(original, "_skinreg_memo", False):
-        return
+    def make(original: Callable) -> Callable:
+        def calibrate(self, dataset_gen):
+            memo, split, content = _CALIBRATIONS.get(), _SPLIT.get(), compat_tf.model_content(self)
+            if content is None:
+                return original(self, dataset_gen)
+            key = hashlib.sha256(content).hexdigest()
+            if memo is not None and key in memo:
+                return memo[key]
 
-    def calibrate(self, dataset_gen):
-        memo, split, content = _CALIBRATIONS.get(), _SPLIT.get(), getattr(self, "_model_content", None)
-        if not isinstance(content, (bytes, bytearray)):
-            return original(self, dataset_gen)
-        key = hashlib.sha256(content).hexdigest()
-        if memo is not None and key in memo:
-            return memo[key]
+            def own(gen: Callable) -> bytes:  # the converter's calibrator, on two cores inside calibration_split
+                if split is None:
+                    return original(self, gen)
+                return _split_calibrate(original, self, content, gen, split)
 
-        def own(gen: Callable) -> bytes:  # the converter's calibrator, on two cores inside calibration_split
-            if split is None:
-                return original(self, gen)
-            return _split_calibrate(original, self, bytes(content), gen, split)
+            calibrated = tf_ranges.calibrate(content, dataset_gen, own)
+            if memo is not None:
+                memo[key] = calibrated
+            return calibrated
 
-        calibrated = tf_ranges.calibrate(bytes(content), dataset_gen, own)
-        if memo is not None:
-            memo[key] = calibrated
-        return calibrated
+        return calibrate
 
-    calibrate._skinreg_memo = True  # type: ignore[attr-defined]
-    calibrator.Calibrator.calibrate = calibrate
+    compat_tf.wrap_calibrate(make)
 
 
 def _split_calibrate(original: Callable, cal: Any, content: bytes, dataset_gen: Callable, folder: Path) -> bytes:
@@ -257,16 +245,14 @@ def _split_calibrate(original: Callable, cal: Any, content: bytes, dataset_gen: 
         raise
     theirs = child.result()
     if theirs is None:
-        from tensorflow.lite.python.optimize import calibrator
-
         log.warning("the second calibration process failed (%s); calibrating every image here", child.reason())
-        return original(calibrator.Calibrator(content), lambda: iter(samples))
+        return original(compat_tf.calibrator_class()(content), lambda: iter(samples))
     return _merge_ranges(mine, theirs)
 
 
 def _merge_ranges(a: bytes, b: bytes) -> bytes:
     """Model `a` with each tensor's recorded min/max widened to also cover `b`'s (same model, other images)."""
-    from tensorflow.lite.tools import flatbuffer_utils
+    flatbuffer_utils = compat_tf.flatbuffer_utils()
 
     ma, mb = (flatbuffer_utils.convert_bytearray_to_object(bytearray(x)) for x in (a, b))
     for ga, gb in zip(ma.subgraphs, mb.subgraphs, strict=True):
@@ -334,7 +320,7 @@ def convert(saved_model: Path, precision: Precision, *,
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
         conv.representative_dataset = representative
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        conv._experimental_disable_per_channel = not per_channel  # the converter's own (private) switch
+        compat_tf.disable_per_channel(conv, not per_channel)  # the converter's own (private) switch
         # inference_input_type / inference_output_type stay float32: the mobile contract.
     try:
         return conv.convert()

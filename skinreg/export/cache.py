@@ -58,13 +58,14 @@ def _cpu() -> str:
     return platform.processor() or platform.machine()
 
 
-def _versions() -> dict[str, str]:
+def tool_versions() -> dict[str, str]:
+    """The installed version of each package in TOOLCHAIN: part of the cache key, and logged on every export run."""
     out = {}
     for name in TOOLCHAIN:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
-            out[name] = "-"
+            out[name] = "not installed"
     return out
 
 
@@ -81,7 +82,7 @@ def _own_source() -> str:
 def environment() -> dict[str, Any]:
     """What else decides a file's numbers and verdicts besides its inputs: the converters' and runtimes'
     versions, skinreg's own code, Python, and this machine's CPU (kernels and latencies differ by CPU)."""
-    return {"toolchain": _versions(), "skinreg_source": _own_source(), "python": platform.python_version(),
+    return {"toolchain": tool_versions(), "skinreg_source": _own_source(), "python": platform.python_version(),
             "cpu": _cpu(), "cpu_count": os.cpu_count()}
 
 

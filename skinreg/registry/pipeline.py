@@ -1,6 +1,6 @@
 """Registry pipeline: a registered PyTorch version -> validated variants, logged, registered with
 lineage, and promoted. Orchestration only: exporting is `export.run_export`, registry access is
-`registry.Registry`, MLflow logging of files is `logging_mlflow`."""
+`registry.client.Registry`, MLflow logging of files is `registry.tracking`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from skinreg import __version__
+from skinreg._compat import mlflow as compat_mlflow
 from skinreg.data.sources import DataDir, data_digests, log_dataset_inputs, resolve_settings
 from skinreg.enums import Format
 from skinreg.errors import GateError, RegistryError, first_line
@@ -168,7 +169,6 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
         load_fetched,
         log_export_run,
         log_variant,
-        warm_requirements_map,
     )
     from skinreg.export.report import rows as report_rows
     from skinreg.export.report import write_report
@@ -193,7 +193,7 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                               variants=existing, failed=_json_fact(ref, EXPORT_FAILED))
 
     # what logging a variant reads of the environment, built while the source is fetched (mlflow_io)
-    warm = threading.Thread(target=warm_requirements_map, name="skinreg-mlflow-requirements", daemon=True)
+    warm = threading.Thread(target=compat_mlflow.warm_requirements_map, name="skinreg-mlflow-requirements", daemon=True)
     warm.start()
     with run_context(f"export {ref.name} v{ref.version}", opts.experiment, opts.experiment_pin) as run:
         run_id = run.info.run_id

@@ -7,16 +7,19 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from skinreg._compat import mlflow as compat_mlflow
 from skinreg.enums import Format
 from skinreg.errors import RegistryError, first_line
 from skinreg.models.architectures import LoadedModel, ModelSpec, build_model, load_checkpoint
 from skinreg.data.preprocess import Preprocessing
+from skinreg import __version__
+from skinreg.export.cache import tool_versions
 from skinreg.registry.seal import manifest
 
 if TYPE_CHECKING:
@@ -26,17 +29,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SPEC_KEY = "skinreg_spec"  # MLmodel metadata key holding ModelSpec.to_dict()
-TOOLS = ("skinreg", "torch", "torchvision", "onnx", "onnxruntime", "tensorflow", "onnx2tf", "ai-edge-litert", "mlflow")
-
-
-def tool_versions() -> dict[str, str]:
-    out = {}
-    for name in TOOLS:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
 def _pip(*names: str) -> list[str]:
@@ -114,23 +106,14 @@ def _fetch_source(ref: "VersionRef", opts: SourceHints, dst: Path) -> tuple[Path
     from mlflow.models import Model
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-    client = MlflowClient()
-    try:  # the registry client itself: MlflowClient's first asks whether the model is a prompt (a request)
-        registry = client._get_registry_client()
-    except AttributeError:  # pragma: no cover - depends on the MLflow version
-        registry = client
+    registry = compat_mlflow.registry_client(MlflowClient())
     repo = get_artifact_repository(registry.get_model_version_download_uri(ref.name, ref.version))
     dst.mkdir(parents=True, exist_ok=True)
     listing = {Path(f.path).name: f for f in repo.list_artifacts()}
     top = set(listing)
 
     def fetch(path: str) -> None:  # a file known to be one (listed): download_artifacts would list it again
-        download = getattr(repo, "_download_file", None)
-        if download is None:  # pragma: no cover - an MLflow upgrade renamed it
-            repo.download_artifacts(path, str(dst))
-        else:
-            (dst / path).parent.mkdir(parents=True, exist_ok=True)
-            download(path, str(dst / path))
+        compat_mlflow.download_file(repo, path, dst)
 
     if "MLmodel" in listing and not listing["MLmodel"].is_dir and not opts.run_registry_code:
         fetch("MLmodel")
@@ -304,20 +287,6 @@ def variant_metrics(v: "VariantResult") -> dict[str, float]:
     return out
 
 
-def warm_requirements_map() -> None:
-    """Build, once per process, the module -> package map MLflow's save_model reads to compare a model's
-    pip requirements with the environment. It walks every installed distribution's file list (seconds in
-    a venv with torch and TensorFlow), and variants logged from several threads at once would each build
-    it (its cache is a module global, filled when the first finishes). Private to MLflow 3.x: an upgrade
-    that renames it only loses the warm-up."""
-    try:
-        from mlflow.utils import requirements_utils
-
-        requirements_utils._init_packages_to_modules_map()
-    except Exception as exc:  # noqa: BLE001 - an optimisation only
-        log.debug("MLflow requirements map not pre-built: %s", first_line(exc))
-
-
 def log_variant(v: "VariantResult", result: "ExportResult", run: Any) -> tuple[str, str, dict[str, str]]:
     """Log one variant as an MLflow LoggedModel of the active run, with no metrics yet (`log_export_run`
     writes every number once, each variant's linked to its own LoggedModel only).
@@ -429,7 +398,7 @@ def log_export_run(result: "ExportResult", *, run: Any, source: "VersionRef", mo
     client, run_id = MlflowClient(), run.info.run_id
     # Prefixed: `mlflow run -e export` already logs its own parameters (arch, input_size, ...) on this
     # run, and MLflow refuses to change a param's value.
-    params = {**{f"version.{k}": v for k, v in tool_versions().items()},
+    params = {"version.skinreg": __version__, **{f"version.{k}": v for k, v in tool_versions().items()},
               "model.source_uri": source.uri, "model.arch": result.spec.arch,
               "model.input_size": result.spec.preprocessing.input_size,
               "model.num_classes": result.spec.num_classes, "validation.source": result.validation["source"],
