@@ -16,7 +16,7 @@ ENV_PREFIX = "SKINREG_HOOKS_"
 
 
 class Executor(str, Enum):
-    """Where a job's pipeline work runs (see README.md, "Scaling")."""
+    """Where a job's pipeline work runs (docs/hooks.md, "Executors")."""
 
     inprocess = "inprocess"  # skinreg.registry.pipeline called in the worker process
     subprocess = "subprocess"  # `skinreg export-version` / `skinreg promote` child processes

@@ -352,7 +352,7 @@ class Worker:
 
     def _fence(self, job: Job, worker_id: int | None) -> None:
         """Before every registry write of an attempt: does this worker still run the job? (in-process
-        executor; the children of the other executors are not fenced, see README)"""
+        executor; the children of the other executors are not fenced, see docs/hooks.md, Executors)"""
         if not self.queue.holds(job.id, worker_id):
             raise LeaseLost(f"job {job.id} was taken over by another worker (its heartbeats stopped)")
 

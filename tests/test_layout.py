@@ -13,7 +13,6 @@ MAX_BODY = 60
 # Functions still over MAX_BODY lines of body, with their length today: the list only shrinks (split one
 # and remove its line); a new long function, or a listed one that grows, fails.
 LONG = {
-    "skinreg/registry/pipeline.py:export_version": 186,
     "registry_hooks/app.py:create_app": 148,
     "registry_hooks/cli.py:register": 146,
     "registry_hooks/benchmark.py:run_benchmark": 135,

@@ -97,7 +97,7 @@ def test_a_read_only_user_is_refused_in_one_line_and_no_alias_moves(auth_server,
     assert res.exit_code == 5
     lines = res.stderr.strip().splitlines()
     assert lines == ["error: alias 'production' on guarded-onnx/1: permission denied (HTTP 403) for MLflow user "
-                     "'reader'; it needs EDIT on that model (README: Remote servers)"], res.stderr
+                     "'reader'; it needs EDIT on that model (docs/remote.md)"], res.stderr
     _as(monkeypatch, proxy.url, EDITOR)
     assert {k: str(v) for k, v in MlflowClient().get_registered_model("guarded-onnx").aliases.items()} == \
         {k: str(v) for k, v in before.items()} == {"candidate": "1"}

@@ -143,7 +143,7 @@ def saved_model_from_onnx(onnx_path: Path, spec: ModelSpec, work_dir: Path, *, u
     own copy in `work_dir`; the file at `onnx_path` is only read. Its onnxsim pass is off: it ran
     whichever `onnxsim` was first on PATH, so the result depended on whether a venv was activated, and
     measured on EfficientNet-B0 it changed neither the TFLite file's size nor its outputs while adding
-    conversion time (benchmarks/onnxsim_pass.py; numbers in the README). `use_onnxsim=True` runs
+    conversion time (benchmarks/onnxsim_pass.py; docs/decisions/converters-work-on-copies.md). `use_onnxsim=True` runs
     onnxsim in-process on the copy instead, for models that need it. `zero_pad_maxpools`: see
     zero_pad_relu_maxpools (off only to reproduce the ResNet int8 failure in tests). `own_save`: see
     _write_saved_model (off: onnx2tf saves, and spends most of its time on .tflite files nobody reads)."""

@@ -138,7 +138,7 @@ def _mlflow_errors(what: str) -> Iterator[None]:
         if "403" in msg or "Permission denied" in msg or "PERMISSION_DENIED" in code:
             user = os.environ.get("MLFLOW_TRACKING_USERNAME", "(no MLFLOW_TRACKING_USERNAME)")
             raise RegistryError(f"{what}: permission denied (HTTP 403) for MLflow user {user!r}; it needs EDIT on "
-                                "that model (README: Remote servers)") from None
+                                "that model (docs/remote.md)") from None
         if "401" in msg and "Unauthorized" in msg or "UNAUTHENTICATED" in code:
             raise RegistryError(f"{what}: the MLflow server refused the credentials (HTTP 401); check "
                                 "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") from None

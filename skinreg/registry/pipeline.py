@@ -159,20 +159,10 @@ def _recorded_variants(ref: VersionRef) -> dict[str, str]:
 
 def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | None = None,
                    progress: Progress = lambda msg: None) -> PipelineResult:
-    import mlflow
-
-    from skinreg.registry.consumer_check import check_variant, download_variant, file_facts
-    from skinreg.registry.consumer_check import description as consumer_description
-    from skinreg.registry.tracking import (
-        fetch_source,
-        link_variant_outputs,
-        load_fetched,
-        log_export_run,
-        log_variant,
-    )
-    from skinreg.export.report import rows as report_rows
-    from skinreg.export.report import write_report
-
+    """A registered PyTorch version -> validated variants, logged, registered with sealed lineage, checked
+    as their consumers load them, recorded on the run and the source version, and aliased `candidate`.
+    The stages (fetch and export -> log -> register -> consumer check -> describe -> record -> alias) run
+    in that order over one `_VersionExport`; any error rolls back what this export registered."""
     reg = registry or Registry()
     ref = reg.resolve(model_uri)
     if ref.facts.get(VARIANT_OF):
@@ -183,167 +173,234 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
         if d.is_uri:
             progress(f"{what} data: {d.source} (sha256 {d.digest[:12]}, cached in {d.path})")
     settings = opts.settings_hash(_calibration_sha(local), data_digests(data))
-    recorded = _recorded_variants(ref)
-    if (not opts.force and ref.facts.get(EXPORT_SETTINGS) == settings
-            and ref.facts.get(EXPORT_STATUS) in ("passed", "failed") and recorded):
-        existing = {v: reg.get(*nv.split("/", 1)) for v, nv in recorded.items()}
-        progress(f"{ref.uri} was already exported with these settings (run {ref.facts.get(EXPORT_RUN_ID)}); "
-                 "nothing to do (--force to redo)")
-        return PipelineResult(source=ref, run_id=ref.facts.get(EXPORT_RUN_ID), status="skipped",
-                              variants=existing, failed=_json_fact(ref, EXPORT_FAILED))
-
-    # what logging a variant reads of the environment, built while the source is fetched (mlflow_io)
-    warm = threading.Thread(target=compat_mlflow.warm_requirements_map, name="skinreg-mlflow-requirements", daemon=True)
+    skipped = _already_exported(reg, ref, opts, settings, progress)
+    if skipped is not None:
+        return skipped
+    # what logging a variant reads of the environment, built while the source is fetched
+    warm = threading.Thread(target=compat_mlflow.warm_requirements_map, name="skinreg-mlflow-requirements",
+                            daemon=True)
     warm.start()
     with run_context(f"export {ref.name} v{ref.version}", opts.experiment, opts.experiment_pin) as run:
-        run_id = run.info.run_id
-        mlflow.set_tags({SOURCE: ref.uri, SOURCE_NAME: ref.name, SOURCE_VERSION: ref.version,
-                         SETTINGS: settings})
-        log_dataset_inputs(**data)  # which data calibrated and judged the variants, on the run page
-        before = dict(ref.facts)  # what the last export recorded, verified
-        ref = reg.record_export(ref, {EXPORT_STATUS: "running", EXPORT_RUN_ID: run_id})
-        registered: list[VersionRef] = []
-        io = Stages()
+        job = _VersionExport(reg, ref, opts, local, data, settings, run, progress)
         try:
             with tempfile.TemporaryDirectory(prefix="skinreg-src-") as tmp:
-                progress(f"downloading {ref.uri}")
-                hints = opts.source_hints()
-                with io("registry: download source"):
-                    fetched = fetch_source(ref, hints, Path(tmp))
-                out_dir, stem = Path(tmp) / "out", ref.name.replace("/", "_")
-
-                def request() -> ExportRequest:  # only on a cache miss: a hit never loads the model
-                    progress(f"loading {ref.uri}")
-                    with io("load source model"):
-                        loaded, dynamic_batch, notes = load_fetched(ref, fetched, hints)
-                    return ExportRequest(loaded=loaded, out_dir=out_dir, stem=stem, dynamic_batch=dynamic_batch,
-                                         notes=notes, **local.request_kwargs())
-
-                try:
-                    result = run_cached(request, out_dir, _export_cache(opts, local, data, fetched, stem),
-                                        progress=progress)
-                except GateError as exc:
-                    result = exc.result
-                failed = {v.file.variant: "; ".join(v.verdict.failures) for v in result.variants if not v.passed}
-                passing = [v for v in result.variants if v.passed]
-                # Registry I/O runs a request per variant at a time, in threads (REGISTRY_THREADS): against a
-                # remote server every request is a round trip plus the server's work (basic-auth: a password
-                # hash each), and nothing here waits on another variant.
-                if passing:
-                    progress(f"logging {', '.join(v.file.variant for v in passing)}")
-                with io("registry: log variants"):  # all first: registration starts once every file is logged
-                    warm.join()
-                    logged = each_at_once(lambda v: log_variant(v, result, run), passing)
-                    model_ids = {v.file.variant: ok(out)[1] for v, out in zip(passing, logged)}
-                    manifests = {v.file.variant: ok(out)[2] for v, out in zip(passing, logged)}
-                    for v, out in zip(passing, logged):
-                        v.model_uri = out[0]
-                    link_variant_outputs(model_ids)
-                # Only an earlier export of this source can have left a version to reuse: one that was
-                # interrupted (running), rolled back (error: a delete may have failed), or one with these
-                # very settings (--force). A first export skips the search, a request per variant.
-                may_reuse = opts.force or before.get(EXPORT_STATUS) in ("running", "error") \
-                    or before.get(EXPORT_SETTINGS) == settings
-                versions: dict[str, VersionRef] = {}
-                new: list[tuple[Any, str, dict[str, Any]]] = []
-                for v in passing:
-                    name = variant_model_name(ref.name, v.file.variant, opts.name_pattern)
-                    earlier = _earlier_version(reg, name, ref, settings, v.file.sha256) if may_reuse else None
-                    if earlier is not None:  # an earlier run (interrupted, or --force) registered this very file
-                        progress(f"{name}: reusing version {earlier.version} (the same file, from an earlier export "
-                                 "of this version with these settings)")
-                        versions[v.file.variant] = earlier
-                        manifests[v.file.variant] = earlier.facts[MANIFEST]  # what it served when it was sealed
-                        continue
-                    dynamic, shape = file_facts(v.file.path, v.file.format)  # the file the consumer check re-reads
-                    new.append((v, name, {**_variant_tags(ref, v, run_id, settings, data.get("calibration")),
-                                          DYNAMIC_BATCH: str(dynamic).lower(), INPUT_SHAPE: json.dumps(shape)}))
-                if new:
-                    progress(f"registering {', '.join(name for _, name, _ in new)}")
-
-                def register(item: tuple[Any, str, dict[str, Any]]) -> VersionRef:
-                    v, name, tags = item
-                    return reg.register(name, v.model_uri, tags=tags, run_id=run_id,
-                                        model_id=model_ids[v.file.variant], model_tags={VARIANT_OF: ref.name},
-                                        lineage=_lineage(ref, v, run_id, settings, manifests[v.file.variant]))
-
-                with io("registry: register"):
-                    made = each_at_once(register, new)
-                registered += [mv for mv in made if not isinstance(mv, BaseException)]  # rolled back on error
-                versions.update({v.file.variant: ok(mv) for (v, _, _), mv in zip(new, made)})
-                verdicts = _consumer_verdicts(opts)
+                job.fetch_and_export(Path(tmp))
+                warm.join()
+                job.log_variants()
+                job.register()
                 with tempfile.TemporaryDirectory(prefix="skinreg-served-") as served:
-                    if versions:
-                        progress(f"downloading {', '.join(mv.uri for mv in versions.values())} as consumers do")
-                    with io("registry: download variants"):
-                        fetched = each_at_once(lambda mv: download_variant(mv.uri, Path(served) / mv.name),
-                                               list(versions.values()))
-                        downloads = dict(zip(versions, fetched))
-                    for v in passing:  # what the registry serves, loaded as each consumer loads it
-                        mv = versions[v.file.variant]
-                        progress(f"consumer check of {mv.uri} (pyfunc, SkinClassifier, "
-                                 f"{'onnxruntime' if v.file.format is Format.onnx else 'ai_edge_litert'})")
-                        with io("consumer check"):
-                            check = result.consumer_checks[v.file.variant] = check_variant(
-                                mv.uri, v, result, tags=mv.tags, downloaded=downloads[v.file.variant],
-                                verdicts=verdicts, manifest=manifests[v.file.variant])
-                        if check.reused:
-                            progress(f"consumer check of {mv.uri}: {check.reuse_note()}")
-                        if not check.passed:  # rolled back like any failed variant: no version, no alias
-                            failed[v.file.variant] = "consumer check failed: " + "; ".join(check.failures)
-                            if any(r is mv for r in registered):  # only a version this run registered
-                                reg.delete_version(mv.name, mv.version)
-                            del versions[v.file.variant]
-                            registered = [r for r in registered if r is not mv]
-                rows = {r["variant"]: r for r in report_rows(result)}
-
-                def describe(item: tuple[str, VersionRef]) -> VersionRef:
-                    variant, mv = item
-                    check = result.consumer_checks[variant]
-                    facts = {CONSUMER_CHECK: check.summary()[:5000],  # and, on a version reused from
-                             DYNAMIC_BATCH: str(check.dynamic_batch).lower(),  # an older skinreg, the
-                             INPUT_SHAPE: json.dumps(check.input_shape)}  # facts it lacks
-                    facts = {k: v for k, v in facts.items() if mv.tags.get(k) != v}
-                    reg.set_version_tags(mv.name, mv.version, facts)
-                    reg.set_description(mv.name, mv.version, consumer_description(
-                        check, rows[variant], source_uri=ref.uri, run_id=run_id))
-                    return replace(mv, tags={**mv.tags, **facts})
-
-                with io("registry: version tags and descriptions"):
-                    described = each_at_once(describe, list(versions.items()))
-                    versions = {variant: ok(mv) for variant, mv in zip(versions, described)}
-                _time_split(result, io.seconds)
-                result.report_json, result.report_md = write_report(result, result.gates)
-                report_text = result.report_md.read_text()
-                variants = dict(versions)
-                status = "failed" if failed else "passed"
-                run_tags = {STATUS: status, **({FAILURE: "; ".join(failed.values())[:5000]} if failed else {}),
-                            **({EXPORT_CACHE: f"{result.reused['key']} (stored {result.reused['created']})"}
-                               if result.reused else {})}
-                outcome = {
-                    EXPORT_STATUS: status, EXPORT_SETTINGS: settings,
-                    EXPORT_VARIANTS: json.dumps({k: f"{v.name}/{v.version}" for k, v in variants.items()}),
-                    EXPORT_FAILED: json.dumps({k: reason[:300] for k, reason in failed.items()}),
-                    EXPORT_REASON: "; ".join(failed.values())[:1000] if failed else "all variants passed their "
-                                                                                          "gates and consumer checks",
-                }
-                # a tag per request: the ones that already say this (a re-export) are not written again, and
-                # an empty failure list is what an absent tag means to every reader
-                with io("registry: run results and source tags"):  # the run's and the source's, side by side
-                    for out in each_at_once(lambda write: write(), [
-                            lambda: log_export_run(result, run=run, source=ref, model_ids=model_ids,
-                                                   tags=run_tags),
-                            lambda: reg.record_export(ref, outcome)]):
-                        ok(out)
-                if opts.candidate_alias:
-                    for out in each_at_once(lambda v: reg.set_alias(v.name, opts.candidate_alias, v.version),
-                                            list(variants.values())):
-                        ok(out)
+                    job.consumer_check(Path(served))
+                job.describe()
+                job.record()
+                job.alias()
         except BaseException as exc:
-            _roll_back(reg, registered, ref, first_line(exc))
+            _roll_back(reg, job.registered, job.ref, first_line(exc))
             raise  # the first error, whatever the rollback met
-    return PipelineResult(source=reg.get(ref.name, ref.version), run_id=run_id, status=status,
-                          variants=variants, failed=failed, export=result, report=report_text)
+    return PipelineResult(source=reg.get(job.ref.name, job.ref.version), run_id=job.run_id, status=job.status,
+                          variants=job.versions, failed=job.failed, export=job.result, report=job.report_text)
+
+
+def _already_exported(reg: Registry, ref: VersionRef, opts: ExportOptions, settings: str,
+                      progress: Progress) -> PipelineResult | None:
+    """The source's recorded export, when it was made with these very settings (and not --force)."""
+    recorded = _recorded_variants(ref)
+    if (opts.force or ref.facts.get(EXPORT_SETTINGS) != settings
+            or ref.facts.get(EXPORT_STATUS) not in ("passed", "failed") or not recorded):
+        return None
+    existing = {v: reg.get(*nv.split("/", 1)) for v, nv in recorded.items()}
+    progress(f"{ref.uri} was already exported with these settings (run {ref.facts.get(EXPORT_RUN_ID)}); "
+             "nothing to do (--force to redo)")
+    return PipelineResult(source=ref, run_id=ref.facts.get(EXPORT_RUN_ID), status="skipped",
+                          variants=existing, failed=_json_fact(ref, EXPORT_FAILED))
+
+
+class _VersionExport:
+    """The state of one export-version, all of it declared here; each stage reads what the earlier ones set.
+    Registry I/O runs a request per variant at a time, in threads (`each_at_once`): against a remote server
+    every request is a round trip plus the server's work (basic auth: a password hash each), and nothing
+    waits on another variant."""
+
+    def __init__(self, reg: Registry, ref: VersionRef, opts: ExportOptions, local: ExportOptions,
+                 data: dict[str, DataDir], settings: str, run: Any, progress: Progress) -> None:
+        import mlflow
+
+        self.reg, self.opts, self.local, self.data, self.settings = reg, opts, local, data, settings
+        self.run, self.run_id, self.progress = run, run.info.run_id, progress
+        self.io = Stages()
+        self.registered: list[VersionRef] = []  # versions this export registered: rolled back on error
+        mlflow.set_tags({SOURCE: ref.uri, SOURCE_NAME: ref.name, SOURCE_VERSION: ref.version, SETTINGS: settings})
+        log_dataset_inputs(**data)  # which data calibrated and judged the variants, on the run page
+        self.before = dict(ref.facts)  # what the last export recorded, verified
+        self.ref = reg.record_export(ref, {EXPORT_STATUS: "running", EXPORT_RUN_ID: self.run_id})
+        # set by the stages, in order
+        self.result: ExportResult | None = None
+        self.failed: dict[str, str] = {}  # variant -> why it is not registered
+        self.passing: list[Any] = []  # VariantResults that passed their gates
+        self.model_ids: dict[str, str] = {}  # variant -> LoggedModel id
+        self.manifests: dict[str, dict[str, str]] = {}  # variant -> the files its version serves, sealed
+        self.versions: dict[str, VersionRef] = {}  # variant -> its registered (or reused) version
+        self.status = "running"
+        self.report_text = ""
+
+    def fetch_and_export(self, tmp: Path) -> None:
+        from skinreg.registry.tracking import fetch_source, load_fetched
+
+        ref, io, hints = self.ref, self.io, self.opts.source_hints()
+        self.progress(f"downloading {ref.uri}")
+        with io("registry: download source"):
+            fetched = fetch_source(ref, hints, tmp)
+        out_dir, stem = tmp / "out", ref.name.replace("/", "_")
+
+        def request() -> ExportRequest:  # only on a cache miss: a hit never loads the model
+            self.progress(f"loading {ref.uri}")
+            with io("load source model"):
+                loaded, dynamic_batch, notes = load_fetched(ref, fetched, hints)
+            return ExportRequest(loaded=loaded, out_dir=out_dir, stem=stem, dynamic_batch=dynamic_batch,
+                                 notes=notes, **self.local.request_kwargs())
+
+        try:
+            self.result = run_cached(request, out_dir, _export_cache(self.opts, self.local, self.data, fetched, stem),
+                                     progress=self.progress)
+        except GateError as exc:
+            self.result = exc.result
+        self.failed = {v.file.variant: "; ".join(v.verdict.failures) for v in self.result.variants if not v.passed}
+        self.passing = [v for v in self.result.variants if v.passed]
+
+    def log_variants(self) -> None:
+        """Every passing file logged as a LoggedModel of the run, before any registration starts."""
+        from skinreg.registry.tracking import link_variant_outputs, log_variant
+
+        if self.passing:
+            self.progress(f"logging {', '.join(v.file.variant for v in self.passing)}")
+        with self.io("registry: log variants"):
+            logged = each_at_once(lambda v: log_variant(v, self.result, self.run), self.passing)
+            for v, out in zip(self.passing, logged):
+                v.model_uri, self.model_ids[v.file.variant], self.manifests[v.file.variant] = ok(out)
+            link_variant_outputs(self.model_ids)
+
+    def register(self) -> None:
+        """A version per passing variant, or an earlier one of this very file. Only an earlier export of this
+        source can have left a version to reuse: one that was interrupted (running), rolled back (error: a
+        delete may have failed), or one with these very settings (--force). A first export skips the search,
+        a request per variant."""
+        from skinreg.registry.consumer_check import file_facts
+
+        ref, opts, before = self.ref, self.opts, self.before
+        may_reuse = opts.force or before.get(EXPORT_STATUS) in ("running", "error") \
+            or before.get(EXPORT_SETTINGS) == self.settings
+        new: list[tuple[Any, str, dict[str, Any]]] = []
+        for v in self.passing:
+            name = variant_model_name(ref.name, v.file.variant, opts.name_pattern)
+            earlier = _earlier_version(self.reg, name, ref, self.settings, v.file.sha256) if may_reuse else None
+            if earlier is not None:  # an earlier run (interrupted, or --force) registered this very file
+                self.progress(f"{name}: reusing version {earlier.version} (the same file, from an earlier export "
+                              "of this version with these settings)")
+                self.versions[v.file.variant] = earlier
+                self.manifests[v.file.variant] = earlier.facts[MANIFEST]  # what it served when it was sealed
+                continue
+            dynamic, shape = file_facts(v.file.path, v.file.format)  # the file the consumer check re-reads
+            new.append((v, name, {**_variant_tags(ref, v, self.run_id, self.settings, self.data.get("calibration")),
+                                  DYNAMIC_BATCH: str(dynamic).lower(), INPUT_SHAPE: json.dumps(shape)}))
+        if new:
+            self.progress(f"registering {', '.join(name for _, name, _ in new)}")
+
+        def register(item: tuple[Any, str, dict[str, Any]]) -> VersionRef:
+            v, name, tags = item
+            return self.reg.register(name, v.model_uri, tags=tags, run_id=self.run_id,
+                                     model_id=self.model_ids[v.file.variant], model_tags={VARIANT_OF: ref.name},
+                                     lineage=_lineage(ref, v, self.run_id, self.settings, self.manifests[v.file.variant]))
+
+        with self.io("registry: register"):
+            made = each_at_once(register, new)
+        self.registered += [mv for mv in made if not isinstance(mv, BaseException)]  # rolled back on error
+        self.versions.update({v.file.variant: ok(mv) for (v, _, _), mv in zip(new, made)})
+
+    def consumer_check(self, served: Path) -> None:
+        """What the registry serves, downloaded and loaded as each consumer loads it. A variant that fails is
+        rolled back like any failed variant: no version, no alias."""
+        from skinreg.registry.consumer_check import check_variant, download_variant
+
+        verdicts = _consumer_verdicts(self.opts)
+        if self.versions:
+            self.progress(f"downloading {', '.join(mv.uri for mv in self.versions.values())} as consumers do")
+        with self.io("registry: download variants"):
+            fetched = each_at_once(lambda mv: download_variant(mv.uri, served / mv.name), list(self.versions.values()))
+            downloads = dict(zip(self.versions, fetched))
+        for v in self.passing:
+            variant = v.file.variant
+            mv = self.versions[variant]
+            self.progress(f"consumer check of {mv.uri} (pyfunc, SkinClassifier, "
+                          f"{'onnxruntime' if v.file.format is Format.onnx else 'ai_edge_litert'})")
+            with self.io("consumer check"):
+                check = self.result.consumer_checks[variant] = check_variant(
+                    mv.uri, v, self.result, tags=mv.tags, downloaded=downloads[variant], verdicts=verdicts,
+                    manifest=self.manifests[variant])
+            if check.reused:
+                self.progress(f"consumer check of {mv.uri}: {check.reuse_note()}")
+            if not check.passed:
+                self.failed[variant] = "consumer check failed: " + "; ".join(check.failures)
+                if any(r is mv for r in self.registered):  # only a version this run registered
+                    self.reg.delete_version(mv.name, mv.version)
+                del self.versions[variant]
+                self.registered = [r for r in self.registered if r is not mv]
+
+    def describe(self) -> None:
+        """The consumer check's facts as version tags, and a description, on every kept version."""
+        from skinreg.export.report import rows as report_rows
+        from skinreg.registry.consumer_check import description as consumer_description
+
+        rows = {r["variant"]: r for r in report_rows(self.result)}
+
+        def describe(item: tuple[str, VersionRef]) -> VersionRef:
+            variant, mv = item
+            check = self.result.consumer_checks[variant]
+            facts = {CONSUMER_CHECK: check.summary()[:5000],  # and, on a version reused from
+                     DYNAMIC_BATCH: str(check.dynamic_batch).lower(),  # an older skinreg, the
+                     INPUT_SHAPE: json.dumps(check.input_shape)}  # facts it lacks
+            facts = {k: v for k, v in facts.items() if mv.tags.get(k) != v}
+            self.reg.set_version_tags(mv.name, mv.version, facts)
+            self.reg.set_description(mv.name, mv.version, consumer_description(
+                check, rows[variant], source_uri=self.ref.uri, run_id=self.run_id))
+            return replace(mv, tags={**mv.tags, **facts})
+
+        with self.io("registry: version tags and descriptions"):
+            described = each_at_once(describe, list(self.versions.items()))
+            self.versions = {variant: ok(mv) for variant, mv in zip(self.versions, described)}
+
+    def record(self) -> None:
+        """The report, the run's results and the source version's sealed export record, side by side. A tag
+        per request: the ones that already say this (a re-export) are not written again, and an empty
+        failure list is what an absent tag means to every reader."""
+        from skinreg.export.report import write_report
+        from skinreg.registry.tracking import log_export_run
+
+        result, failed = self.result, self.failed
+        _time_split(result, self.io.seconds)
+        result.report_json, result.report_md = write_report(result, result.gates)
+        self.report_text = result.report_md.read_text()
+        self.status = "failed" if failed else "passed"
+        run_tags = {STATUS: self.status, **({FAILURE: "; ".join(failed.values())[:5000]} if failed else {}),
+                    **({EXPORT_CACHE: f"{result.reused['key']} (stored {result.reused['created']})"}
+                       if result.reused else {})}
+        outcome = {
+            EXPORT_STATUS: self.status, EXPORT_SETTINGS: self.settings,
+            EXPORT_VARIANTS: json.dumps({k: f"{v.name}/{v.version}" for k, v in self.versions.items()}),
+            EXPORT_FAILED: json.dumps({k: reason[:300] for k, reason in failed.items()}),
+            EXPORT_REASON: "; ".join(failed.values())[:1000] if failed else "all variants passed their "
+                                                                                  "gates and consumer checks",
+        }
+        with self.io("registry: run results and source tags"):
+            for out in each_at_once(lambda write: write(), [
+                    lambda: log_export_run(result, run=self.run, source=self.ref, model_ids=self.model_ids,
+                                           tags=run_tags),
+                    lambda: self.reg.record_export(self.ref, outcome)]):
+                ok(out)
+
+    def alias(self) -> None:
+        if self.opts.candidate_alias:
+            for out in each_at_once(lambda v: self.reg.set_alias(v.name, self.opts.candidate_alias, v.version),
+                                    list(self.versions.values())):
+                ok(out)
 
 
 def _roll_back(reg: Registry, registered: list[VersionRef], ref: VersionRef, reason: str) -> None:
