@@ -227,8 +227,28 @@ def create_app(cfg: HooksConfig, *, queue: JobQueue | None = None, run_worker: b
                run_reconciler: bool = False) -> FastAPI:
     secret = cfg.require_secret()
     q = queue or JobQueue(cfg.database_url, max_attempts=cfg.max_attempts)
-    stop = threading.Event()
     refusal_log = RefusalLog(log)
+    docs = {} if cfg.docs else dict(docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="skinreg registry hooks", lifespan=_lifespan(cfg, q, refusal_log, run_worker, run_reconciler),
+                  **docs)
+    app.state.queue = q
+    app.state.refusal_log = refusal_log
+
+    def headers_too_large() -> None:
+        q.refuse("headers too large")
+        refusal_log.refused("headers too large", f"request line and headers over {cfg.max_header_bytes} bytes")
+
+    app.add_middleware(HeaderLimit, max_bytes=cfg.max_header_bytes, on_refused=headers_too_large)
+    _add_webhook(app, cfg, q, secret, refusal_log)
+    _add_jobs(app, q, secret)
+    _add_health(app, q)
+    return app
+
+
+def _lifespan(cfg: HooksConfig, q: JobQueue, refusal_log: RefusalLog, run_worker: bool, run_reconciler: bool):
+    """Start: the queue checked, old deliveries pruned, then the refusal flusher, a worker thread and the
+    reconciler as asked. Stop: the threads told to stop and given 10 s, the refusal counters written."""
+    stop = threading.Event()
 
     def refusals_forever() -> None:
         """Log held-back refusals and write the refusal counters to the database, until stopped."""
@@ -275,21 +295,12 @@ def create_app(cfg: HooksConfig, *, queue: JobQueue | None = None, run_worker: b
         log.info("receiver stopped%s", f" ({', '.join(alive)} still busy: its job is taken over at the next start)"
                  if alive else "")
 
-    docs = {} if cfg.docs else dict(docs_url=None, redoc_url=None, openapi_url=None)
-    app = FastAPI(title="skinreg registry hooks", lifespan=lifespan, **docs)
-    app.state.queue = q
-    app.state.refusal_log = refusal_log
+    return lifespan
+
+
+def _add_webhook(app: FastAPI, cfg: HooksConfig, q: JobQueue, secret: str, refusal_log: RefusalLog) -> None:
+    """POST /webhook: MLflow's signed deliveries, refused in one line each (counted, logged) or queued."""
     pruned = {"at": time.monotonic()}
-
-    def headers_too_large() -> None:
-        q.refuse("headers too large")
-        refusal_log.refused("headers too large", f"request line and headers over {cfg.max_header_bytes} bytes")
-
-    app.add_middleware(HeaderLimit, max_bytes=cfg.max_header_bytes, on_refused=headers_too_large)
-
-    def authorized(request: Request) -> bool:
-        given = request.headers.get("authorization", "")
-        return hmac.compare_digest(given.encode(), f"Bearer {secret}".encode())
 
     def refuse(request: Request, reason: str, error: str, status: int, *, close: bool = False) -> JSONResponse:
         """Count and log a refused request (in memory: no database work) and answer it."""
@@ -338,6 +349,12 @@ def create_app(cfg: HooksConfig, *, queue: JobQueue | None = None, run_worker: b
         return JSONResponse({"status": status, "event": decision.event, "jobs": accepted.job_ids,
                              "reason": decision.reason})
 
+
+def _add_jobs(app: FastAPI, q: JobQueue, secret: str) -> None:
+    def authorized(request: Request) -> bool:
+        given = request.headers.get("authorization", "")
+        return hmac.compare_digest(given.encode(), f"Bearer {secret}".encode())
+
     # /jobs shows sources, versions and errors: behind the same secret, as `Authorization: Bearer <secret>`.
     @app.get("/jobs", response_model=None)
     async def jobs(request: Request, state: str | None = None,
@@ -355,6 +372,8 @@ def create_app(cfg: HooksConfig, *, queue: JobQueue | None = None, run_worker: b
             return JSONResponse({"error": f"no job {job_id}"}, status_code=404)
         return JSONResponse(found.to_dict())
 
+
+def _add_health(app: FastAPI, q: JobQueue) -> None:
     counting: dict[str, asyncio.Future | None] = {"query": None}
 
     @app.get("/health")
@@ -371,8 +390,6 @@ def create_app(cfg: HooksConfig, *, queue: JobQueue | None = None, run_worker: b
         except Exception as exc:
             return JSONResponse({"status": "unavailable", "error": str(exc)}, status_code=503)
         return JSONResponse({"status": "ok", "jobs": counts})
-
-    return app
 
 
 def serve(cfg: HooksConfig, *, host: str, port: int, run_worker: bool = True, run_reconciler: bool = True) -> None:

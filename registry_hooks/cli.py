@@ -57,7 +57,13 @@ def register(app: typer.Typer, command: Callable) -> None:
     hooks_app = typer.Typer(help="Registry webhooks: a signed receiver, a durable job queue and its workers.",
                             no_args_is_help=True)
     app.add_typer(hooks_app, name="hooks")
+    _process_commands(hooks_app, command)
+    _queue_commands(hooks_app, command)
+    _reconcile_command(app, command)
 
+
+def _process_commands(hooks_app: typer.Typer, command: Callable) -> None:
+    """The long-lived processes: the receiver and a worker."""
     @command("serve", typer_app=hooks_app)
     def serve_cmd(
         source: Sources = [],
@@ -112,6 +118,9 @@ def register(app: typer.Typer, command: Callable) -> None:
             counts = JobQueue(cfg.database_url).counts()
             typer.echo("no job due; totals: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
 
+
+def _queue_commands(hooks_app: typer.Typer, command: Callable) -> None:
+    """The queue: status, init-db; and the webhook: install."""
     @command("status", typer_app=hooks_app)
     def status_cmd(
         queue: QueuePath = None,
@@ -153,7 +162,10 @@ def register(app: typer.Typer, command: Callable) -> None:
         cfg = _config(database_url=queue)
         done = init_db(cfg.database_url)
         typer.echo(f"{redact(cfg.database_url)} schema {SCHEMA}: " + ("; ".join(done) if done else "already up to date"))
+    _install_command(hooks_app, command)
 
+
+def _install_command(hooks_app: typer.Typer, command: Callable) -> None:
     @command("install", typer_app=hooks_app)
     def install_cmd(
         url: Annotated[str, typer.Option(help="The receiver's URL as MLflow reaches it, e.g. http://hooks:8731/webhook.")],
@@ -178,6 +190,8 @@ def register(app: typer.Typer, command: Callable) -> None:
         typer.echo(f"pinned export experiment {pinned.experiment_id} ({pinned.name!r}, artifacts at "
                    f"{pinned.artifact_location}) in {q.where}")
 
+
+def _reconcile_command(app: typer.Typer, command: Callable) -> None:
     @command("reconcile")
     def reconcile_cmd(
         source: Sources = [],

@@ -70,36 +70,7 @@ def markdown(result: "ExportResult") -> str:
             f"{_fmt(r['latency_ratio'], '.2f')} | {r['runtime']} | {_fmt(r.get('parity_max_abs'), '.2e')} | "
             f"{_fmt(r.get('parity_top1_agreement'), '.3f')} | {_fmt(r['accuracy'], '.1f')} | "
             f"{_fmt(r.get('accuracy_drop'), '.2f')} | {r['status']} |")
-    if result.int8_candidates:
-        f32 = next((v for v in result.variants if v.file.variant == "tflite-float32"), None)
-        how = ("every recipe compared (--int8-strategy auto)" if result.int8_strategy == "auto" else
-               "the default recipe, then the fallback chain until one passed its gate")
-        lines += ["", f"## int8 candidates: {how}", "",
-                  "Ranked by: passing the int8 gate, then accuracy on the labelled set (capped at the float32 "
-                  "model's: a gain over it is quantization noise), or top-1 agreement without labels, then "
-                  "latency, then size.", "",
-                  "| recipe | backend | size MB | latency ms | × TFLite fp32 | top-1 agree | accuracy % | drop pts "
-                  "| gate | result |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for c in result.int8_candidates:
-            ratio = (c["latency_p50_ms"] / f32.latency.p50_ms if f32 is not None and c["latency_p50_ms"]
-                     and f32.latency.p50_ms else None)
-            size = "-" if c["size_bytes"] is None else f"{c['size_bytes'] / 1e6:.2f}"
-            lines.append(f"| {c['recipe']} | {c.get('backend', '-')} | {size} | {_fmt(c['latency_p50_ms'], '.2f')} | "
-                         f"{_fmt(ratio, '.2f')} | {_fmt(c['parity_top1_agreement'], '.3f')} | "
-                         f"{_fmt(c['accuracy'], '.1f')} | {_fmt(c['accuracy_drop'], '.2f')} | {c['status']} | "
-                         f"{'**chosen**' if c['chosen'] else c['why_lost']} |")
-    if result.consumer_checks:
-        lines += ["", "## Consumer check (each registered variant loaded back from the registry)", "",
-                  "Every path must reproduce the validated logits; the served file's sha256 must be the validated "
-                  "file's.", "",
-                  "| variant | registry URI | sha256 = validated | served input | dynamic batch | consumer path "
-                  "max abs | result |", "|---|---|---|---|---|---|---|"]
-        for variant, c in result.consumer_checks.items():
-            paths = "<br>".join(f"{k}: {v:.1e}" for k, v in c.max_abs.items())
-            lines.append(f"| {variant} | {c.uri} | {'yes' if c.served_sha256 == c.validated_sha256 else 'NO'} | "
-                         f"{c.input_shape} | {str(c.dynamic_batch).lower()} | {paths} | "
-                         f"{_check_result(c)} |")
+    lines += _candidate_lines(result) + _consumer_check_lines(result)
     failures = result.failures
     if failures:
         lines += ["", "## Gate failures", ""] + [f"- {f}" for f in failures]
@@ -110,6 +81,50 @@ def markdown(result: "ExportResult") -> str:
         lines += [f"| {k} | {v:.1f} |" for k, v in result.stage_seconds.items()]
     lines += ["", f"Total export wall time: {result.wall_s:.1f} s", ""]
     return "\n".join(lines)
+
+
+def _candidate_lines(result: "ExportResult") -> list[str]:
+    """The int8 candidates table (empty without candidates)."""
+    if not result.int8_candidates:
+        return []
+    lines: list[str] = []
+    f32 = next((v for v in result.variants if v.file.variant == "tflite-float32"), None)
+    how = ("every recipe compared (--int8-strategy auto)" if result.int8_strategy == "auto" else
+           "the default recipe, then the fallback chain until one passed its gate")
+    lines += ["", f"## int8 candidates: {how}", "",
+              "Ranked by: passing the int8 gate, then accuracy on the labelled set (capped at the float32 "
+              "model's: a gain over it is quantization noise), or top-1 agreement without labels, then "
+              "latency, then size.", "",
+              "| recipe | backend | size MB | latency ms | × TFLite fp32 | top-1 agree | accuracy % | drop pts "
+              "| gate | result |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in result.int8_candidates:
+        ratio = (c["latency_p50_ms"] / f32.latency.p50_ms if f32 is not None and c["latency_p50_ms"]
+                 and f32.latency.p50_ms else None)
+        size = "-" if c["size_bytes"] is None else f"{c['size_bytes'] / 1e6:.2f}"
+        lines.append(f"| {c['recipe']} | {c.get('backend', '-')} | {size} | {_fmt(c['latency_p50_ms'], '.2f')} | "
+                     f"{_fmt(ratio, '.2f')} | {_fmt(c['parity_top1_agreement'], '.3f')} | "
+                     f"{_fmt(c['accuracy'], '.1f')} | {_fmt(c['accuracy_drop'], '.2f')} | {c['status']} | "
+                     f"{'**chosen**' if c['chosen'] else c['why_lost']} |")
+    return lines
+
+
+def _consumer_check_lines(result: "ExportResult") -> list[str]:
+    """The consumer check table (empty before registration)."""
+    if not result.consumer_checks:
+        return []
+    lines: list[str] = []
+    lines += ["", "## Consumer check (each registered variant loaded back from the registry)", "",
+              "Every path must reproduce the validated logits; the served file's sha256 must be the validated "
+              "file's.", "",
+              "| variant | registry URI | sha256 = validated | served input | dynamic batch | consumer path "
+              "max abs | result |", "|---|---|---|---|---|---|---|"]
+    for variant, c in result.consumer_checks.items():
+        paths = "<br>".join(f"{k}: {v:.1e}" for k, v in c.max_abs.items())
+        lines.append(f"| {variant} | {c.uri} | {'yes' if c.served_sha256 == c.validated_sha256 else 'NO'} | "
+                     f"{c.input_shape} | {str(c.dynamic_batch).lower()} | {paths} | "
+                     f"{_check_result(c)} |")
+    return lines
 
 
 def _check_result(c: Any) -> str:

@@ -203,17 +203,13 @@ def check_variant(uri: str, v: "VariantResult", result: "ExportResult", *, tags:
     served bytes and inputs passed before reuses that verdict (module docstring), None runs every path.
     `manifest`: the sha256 of every file skinreg logged for this version (seal.manifest); the served
     files must be exactly those before any loader reads them (a pyfunc's loader runs its code)."""
-    import mlflow
-
-    from skinreg.registry.classifier import SkinClassifier, find_model_file
+    from skinreg.registry.classifier import find_model_file
 
     expected = v.logits
     assert expected is not None and result.x_val is not None, "check_variant needs a validated variant"
     tol = RTOL * max(1.0, float(np.abs(expected).max()))
     check = ConsumerCheck(variant=v.file.variant, uri=uri, served_sha256="", validated_sha256=v.file.sha256,
                           batch=batch, images=len(expected), tolerance=tol)
-    paths = _Paths(check, expected)
-    x, images = result.x_val, result.val_images
     with tempfile.TemporaryDirectory(prefix="skinreg-consumer-") as tmp:
         try:
             if isinstance(downloaded, BaseException):
@@ -223,74 +219,95 @@ def check_variant(uri: str, v: "VariantResult", result: "ExportResult", *, tags:
         except Exception as exc:
             check.failures.append(f"{v.file.variant}: cannot download {uri}: {first_line(exc)}")
             return check
-        check.served_sha256 = file_sha256(served)
-        if check.served_sha256 != check.validated_sha256:
-            check.failures.append(f"{v.file.variant}: the registry serves a file whose sha256 "
-                                  f"{check.served_sha256[:12]}… differs from the validated file's "
-                                  f"{check.validated_sha256[:12]}…")
+        if not _served_is_what_was_validated(check, v, uri, local, served, manifest, tags):
             return check
-        if manifest is None:
-            check.failures.append(f"{v.file.variant}: no sealed manifest of what {uri} serves; not loaded")
-            return check
-        differences = manifest_differences(local, manifest)
-        if differences:
-            check.failures.append(f"{v.file.variant}: {uri} serves files skinreg did not log "
-                                  f"({'; '.join(differences[:3])}); not loaded")
-            return check
-        try:
-            check.dynamic_batch, check.input_shape = file_facts(served, v.file.format)
-        except Exception as exc:
-            check.failures.append(f"{v.file.variant}: the served file does not load: {first_line(exc)}")
-            return check
-        for key, fact in ((DYNAMIC_BATCH, str(check.dynamic_batch).lower()), (INPUT_SHAPE, json.dumps(check.input_shape))):
-            if tags is not None and key in tags and tags[key] != fact:
-                check.failures.append(f"{v.file.variant}: tag {key}={tags.get(key)} but the served "
-                                      f"file says {fact}")
         key = verdicts.key(local, v, result, batch, tol) if verdicts is not None and not check.failures else None
         stored = verdicts.get(key) if key is not None else None
         if stored is not None:
             check.max_abs = {k: float(d) for k, d in stored["max_abs"].items()}
             check.reused = {"key": key, "created": str(stored.get("created", "?"))}
             return check
-        if v.file.format is Format.onnx:
-            _onnx_paths(paths, served, x, batch)
-        else:
-            from skinreg.check.delegates import check_delegates
-
-            # the served file with XNNPACK and with the builtin kernels, each in a child process first: a
-            # broken int8 file aborts the process that loads it, and this one may be the hooks worker
-            delegates = check_delegates(served)
-            if not delegates.passed:
-                check.failures.append(delegates.reason(v.file.variant))
-                return check
-            _tflite_paths(paths, served, x)
-        fixed_onnx = v.file.format is Format.onnx and not check.dynamic_batch
-
-        def pyfunc() -> np.ndarray:
-            model = mlflow.pyfunc.load_model(str(local))
-            feed = x if v.file.format is Format.onnx else x.transpose(0, 2, 3, 1)
-
-            def predict(b: np.ndarray) -> np.ndarray:
-                out = model.predict(np.ascontiguousarray(b))
-                return out["logits"] if isinstance(out, dict) else out  # the ONNX flavor returns {output name: array}
-
-            one = np.asarray(predict(feed[:1]), dtype=np.float32)
-            if fixed_onnx:  # an ONNX file whose batch is fixed at 1 (tagged so): batch 1 is all it promises
-                return _batched(predict, feed, 1)
-            many = _batched(predict, feed, batch)
-            if one.shape != many[:1].shape or _max_abs(one, many[:1]) > tol:
-                raise ValueError(f"batch 1 gave {one.shape}, batch {batch} gave {many.shape[1:]} per image")
-            return many
-
-        def classifier() -> np.ndarray:
-            clf = SkinClassifier.from_uri(str(local))
-            return _batched(lambda b: clf.logits(list(b)), list(images), batch)
-
-        paths.run("mlflow.pyfunc", pyfunc)
-        paths.run("SkinClassifier.from_uri", classifier)
+        _run_paths(_Paths(check, expected), v, result, local, served, batch, tol)
     if key is not None and check.passed:
         verdicts.put(key, check)
     return check
+
+
+def _served_is_what_was_validated(check: ConsumerCheck, v: "VariantResult", uri: str, local: Path, served: Path,
+                                  manifest: dict[str, str] | None, tags: dict[str, str] | None) -> bool:
+    """The served file is the validated one (sha256), the folder holds exactly the sealed manifest's files
+    (checked before any loader reads them: a pyfunc's loader runs its code), and the version's tags
+    describe the file as it is. False (with the failure recorded) when a load must not be tried."""
+    check.served_sha256 = file_sha256(served)
+    if check.served_sha256 != check.validated_sha256:
+        check.failures.append(f"{v.file.variant}: the registry serves a file whose sha256 "
+                              f"{check.served_sha256[:12]}… differs from the validated file's "
+                              f"{check.validated_sha256[:12]}…")
+        return False
+    if manifest is None:
+        check.failures.append(f"{v.file.variant}: no sealed manifest of what {uri} serves; not loaded")
+        return False
+    differences = manifest_differences(local, manifest)
+    if differences:
+        check.failures.append(f"{v.file.variant}: {uri} serves files skinreg did not log "
+                              f"({'; '.join(differences[:3])}); not loaded")
+        return False
+    try:
+        check.dynamic_batch, check.input_shape = file_facts(served, v.file.format)
+    except Exception as exc:
+        check.failures.append(f"{v.file.variant}: the served file does not load: {first_line(exc)}")
+        return False
+    for key, fact in ((DYNAMIC_BATCH, str(check.dynamic_batch).lower()), (INPUT_SHAPE, json.dumps(check.input_shape))):
+        if tags is not None and key in tags and tags[key] != fact:
+            check.failures.append(f"{v.file.variant}: tag {key}={tags.get(key)} but the served "
+                                  f"file says {fact}")
+    return True
+
+
+def _run_paths(paths: _Paths, v: "VariantResult", result: "ExportResult", local: Path, served: Path, batch: int,
+               tol: float) -> None:
+    """Every consumer path on the served bytes: the runtime itself, mlflow.pyfunc, SkinClassifier."""
+    import mlflow
+
+    from skinreg.registry.classifier import SkinClassifier
+
+    check, x, images = paths.check, result.x_val, result.val_images
+    if v.file.format is Format.onnx:
+        _onnx_paths(paths, served, x, batch)
+    else:
+        from skinreg.check.delegates import check_delegates
+
+        # the served file with XNNPACK and with the builtin kernels, each in a child process first: a
+        # broken int8 file aborts the process that loads it, and this one may be the hooks worker
+        delegates = check_delegates(served)
+        if not delegates.passed:
+            check.failures.append(delegates.reason(v.file.variant))
+            return
+        _tflite_paths(paths, served, x)
+    fixed_onnx = v.file.format is Format.onnx and not check.dynamic_batch
+
+    def pyfunc() -> np.ndarray:
+        model = mlflow.pyfunc.load_model(str(local))
+        feed = x if v.file.format is Format.onnx else x.transpose(0, 2, 3, 1)
+
+        def predict(b: np.ndarray) -> np.ndarray:
+            out = model.predict(np.ascontiguousarray(b))
+            return out["logits"] if isinstance(out, dict) else out  # the ONNX flavor returns {output name: array}
+
+        one = np.asarray(predict(feed[:1]), dtype=np.float32)
+        if fixed_onnx:  # an ONNX file whose batch is fixed at 1 (tagged so): batch 1 is all it promises
+            return _batched(predict, feed, 1)
+        many = _batched(predict, feed, batch)
+        if one.shape != many[:1].shape or _max_abs(one, many[:1]) > tol:
+            raise ValueError(f"batch 1 gave {one.shape}, batch {batch} gave {many.shape[1:]} per image")
+        return many
+
+    def classifier() -> np.ndarray:
+        clf = SkinClassifier.from_uri(str(local))
+        return _batched(lambda b: clf.logits(list(b)), list(images), batch)
+
+    paths.run("mlflow.pyfunc", pyfunc)
+    paths.run("SkinClassifier.from_uri", classifier)
 
 
 def _onnx_paths(paths: _Paths, served: Path, x: np.ndarray, batch: int) -> None:

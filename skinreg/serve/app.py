@@ -163,40 +163,51 @@ def parse_infer(model: ServedModel, body: bytes, header_length: str | None, max_
             or not 1 <= shape[0] <= max_rows:
         raise BadInput(400, "v2_shape", f"input {spec.name!r} has shape {shape}; the model takes {list(spec.shape)} "
                                         f"(-1: any; batch 1-{max_rows})")
+    x = _tensor_data(spec.name, tensor, shape, binary)
+    outputs = _requested_outputs(model, doc)
+    return np.ascontiguousarray(x, dtype=np.float32), outputs, doc.get("id")
+
+
+def _tensor_data(name: str, tensor: dict[str, Any], shape: list[int], binary: bytes) -> np.ndarray:
+    """The input's values, from the binary tail of the body or the JSON `data`, checked against `shape`."""
     count = int(np.prod(shape))
     params = tensor.get("parameters") or {}
     if "binary_data_size" in params:
         size = params["binary_data_size"]
         if size != count * 4 or len(binary) != size:
-            raise BadInput(400, "v2_shape", f"input {spec.name!r}: {len(binary)} bytes of binary data for shape {shape} "
+            raise BadInput(400, "v2_shape", f"input {name!r}: {len(binary)} bytes of binary data for shape {shape} "
                                             f"({count * 4} expected)")
         x = np.frombuffer(binary, dtype="<f4").reshape(shape)
     else:
         if "data" not in tensor:
-            raise BadInput(400, "v2_request", f"input {spec.name!r} has no data")
+            raise BadInput(400, "v2_request", f"input {name!r} has no data")
         try:
             x = np.asarray(tensor["data"], dtype=np.float32)
         except (ValueError, TypeError):
-            raise BadInput(400, "v2_datatype", f"input {spec.name!r}: data is not a list of numbers") from None
+            raise BadInput(400, "v2_datatype", f"input {name!r}: data is not a list of numbers") from None
         if x.size != count:
-            raise BadInput(400, "v2_shape", f"input {spec.name!r}: {x.size} values for shape {shape} ({count} expected)")
+            raise BadInput(400, "v2_shape", f"input {name!r}: {x.size} values for shape {shape} ({count} expected)")
         x = x.reshape(shape)
     if not np.isfinite(x).all():
-        raise BadInput(400, "v2_data", f"input {spec.name!r} holds NaN or infinite values")
+        raise BadInput(400, "v2_data", f"input {name!r} holds NaN or infinite values")
+    return x
+
+
+def _requested_outputs(model: ServedModel, doc: dict[str, Any]) -> list[tuple[str, bool]]:
+    """[(output name, binary?)]: every output unless some are named, binary where the request asks."""
     binary_all = bool((doc.get("parameters") or {}).get("binary_data_output", False))
     requested = doc.get("outputs")
     if requested is None:
-        outputs = [(name, binary_all) for name in model.output_names]
-    else:
-        if not isinstance(requested, list) or not all(isinstance(o, dict) for o in requested):
-            raise BadInput(400, "v2_request", '"outputs" must be a list of {"name": ...}')
-        outputs = []
-        for o in requested:
-            if o.get("name") not in model.output_names:
-                raise BadInput(400, "v2_request", f"output {o.get('name')!r}: this model's outputs are "
-                                                  f"{model.output_names}")
-            outputs.append((o["name"], bool((o.get("parameters") or {}).get("binary_data", binary_all))))
-    return np.ascontiguousarray(x, dtype=np.float32), outputs, doc.get("id")
+        return [(name, binary_all) for name in model.output_names]
+    if not isinstance(requested, list) or not all(isinstance(o, dict) for o in requested):
+        raise BadInput(400, "v2_request", '"outputs" must be a list of {"name": ...}')
+    outputs = []
+    for o in requested:
+        if o.get("name") not in model.output_names:
+            raise BadInput(400, "v2_request", f"output {o.get('name')!r}: this model's outputs are "
+                                              f"{model.output_names}")
+        outputs.append((o["name"], bool((o.get("parameters") or {}).get("binary_data", binary_all))))
+    return outputs
 
 
 def infer_response(model: ServedModel, results: list[np.ndarray], outputs: list[tuple[str, bool]],
@@ -231,7 +242,6 @@ def create_app(settings: ServeSettings, *, follower: Follower | None = None, met
         follower.load_initial()
     batcher = Batcher(max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1000,
                       on_batch=metrics.batch_size.observe)
-    max_pixels = max_image_pixels()
 
     @asynccontextmanager
     async def lifespan(app: Any):
@@ -247,7 +257,15 @@ def create_app(settings: ServeSettings, *, follower: Follower | None = None, met
                   openapi_url=None)
     app.add_middleware(Observe, metrics=metrics, token=settings.token)
     app.state.follower, app.state.metrics, app.state.settings = follower, metrics, settings
+    _add_error_handlers(app)
+    _add_predict(app, settings, follower, batcher)
+    _add_open_inference_protocol(app, settings, follower, batcher)
+    _add_page_and_metrics(app, follower, metrics)
+    return app
 
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every failure answered in one line, with its reason recorded for the metrics."""
     @app.exception_handler(BadInput)
     async def bad_input(request: Request, exc: BadInput) -> JSONResponse:
         request.state.failure = exc.reason
@@ -263,6 +281,11 @@ def create_app(settings: ServeSettings, *, follower: Follower | None = None, met
         request.state.failure = "internal"
         log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
         return JSONResponse({"error": f"internal error ({type(exc).__name__})"}, status_code=500)
+
+
+def _add_predict(app: FastAPI, settings: ServeSettings, follower: Follower, batcher: Batcher) -> None:
+    """POST /predict: one image as its bytes, or several as multipart files."""
+    max_pixels = max_image_pixels()
 
     def arrays(model: ServedModel, blobs: list[bytes]) -> np.ndarray:
         return np.stack([model.image_array(b, max_pixels=max_pixels) for b in blobs])
@@ -285,7 +308,9 @@ def create_app(settings: ServeSettings, *, follower: Follower | None = None, met
         answers = model.predictions(logits)
         return JSONResponse(answers[0] if single else answers)
 
-    # -- Open Inference Protocol (KServe V2) -----------------------------------------------------------------
+
+def _add_open_inference_protocol(app: FastAPI, settings: ServeSettings, follower: Follower, batcher: Batcher) -> None:
+    """The Open Inference Protocol (KServe V2) under /v2, on the model's own tensors."""
     def served(model_name: str, model_version: str | None = None) -> ServedModel:
         model = follower.current
         if model is None or model_name != model.name:
@@ -334,6 +359,8 @@ def create_app(settings: ServeSettings, *, follower: Follower | None = None, met
         app.add_api_route(prefix + "/ready", model_ready, methods=["GET"])
         app.add_api_route(prefix + "/infer", infer, methods=["POST"])
 
+
+def _add_page_and_metrics(app: FastAPI, follower: Follower, metrics: Metrics) -> None:
     from skinreg.serve.page import HTML as page
 
     @app.get("/")
@@ -347,8 +374,6 @@ def create_app(settings: ServeSettings, *, follower: Follower | None = None, met
     async def prometheus() -> Response:
         content, ctype = metrics.render()
         return Response(content, media_type=ctype)
-
-    return app
 
 
 # The server's process talks to the registry only to follow the alias: a poll that meets a registry that is down
