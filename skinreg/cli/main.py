@@ -18,8 +18,10 @@ from skinreg.errors import SkinregError
 from skinreg.quiet import filtered_stderr, silence_known_warnings
 from skinreg.export.settings import ExportSettings, export_settings_options
 
+# Process settings belong to the entry point, never to library code (a service runs many jobs in one process).
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")  # litert-torch's progress tree; skinreg reports its own
 
 app = typer.Typer(help="Export PyTorch image classifiers to validated ONNX and TFLite, driven by the MLflow registry.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)

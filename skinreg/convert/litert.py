@@ -10,7 +10,6 @@ so the file takes and returns float32 (checked on every file by `_check_contract
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -39,8 +38,6 @@ def _import_litert():
     from skinreg.convert.tflite import _import_tensorflow_safely
 
     _import_tensorflow_safely()
-    # litert-torch prints a rich progress tree per conversion; skinreg reports its own progress.
-    os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")
     import litert_torch
 
     return litert_torch

@@ -11,7 +11,6 @@ import contextvars
 import hashlib
 import io
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -147,7 +146,6 @@ def saved_model_from_onnx(onnx_path: Path, spec: ModelSpec, work_dir: Path, *, u
     onnxsim in-process on the copy instead, for models that need it. `zero_pad_maxpools`: see
     zero_pad_relu_maxpools (off only to reproduce the ResNet int8 failure in tests). `own_save`: see
     _write_saved_model (off: onnx2tf saves, and spends most of its time on .tflite files nobody reads)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     _import_tensorflow_safely()
     import onnx2tf
 

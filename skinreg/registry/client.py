@@ -31,8 +31,6 @@ from skinreg.registry.tags import (
 
 log = logging.getLogger(__name__)
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-
 URI_RE = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w\-]+))$")
 STAGE_FOR_ALIAS = {"production": "Production", "staging": "Staging", "candidate": "Staging"}
 
