@@ -12,6 +12,14 @@ os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 SIZE = 64
+SERVER_FIXTURES = {"pg_cluster", "queue_db"}  # a test that uses one starts PostgreSQL
+
+
+def pytest_collection_modifyitems(items):
+    """`server` on every test that needs PostgreSQL, whatever its module says (make test-fast skips them)."""
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.server)
 
 
 @pytest.fixture(scope="session")

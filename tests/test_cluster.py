@@ -22,6 +22,8 @@ from registry_hooks.queue import SCHEMA, JobQueue, conninfo
 from servers import free_port, mlflow_server, pg_cluster, wait_http
 from test_hooks import SECRET, SKINREG, Proc, deliver, register, version_created, wait_for
 
+pytestmark = pytest.mark.server
+
 SOURCES = ["cl-a", "cl-b", "cl-c"]
 WORKERS = 3
 

@@ -30,6 +30,8 @@ from skinreg.check.validate import DEFAULT_GATES, compare, judge
 
 from test_pipeline import VARIANTS, full_options, register
 
+pytestmark = pytest.mark.slow
+
 VENV_BIN = str(Path(sys.executable).parent)
 
 

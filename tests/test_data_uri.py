@@ -103,6 +103,7 @@ def test_local_folders_are_logged_as_dataset_inputs_too(tracking, demo_data):
     assert got["eval"][:3] == ("val", folder_sha256(demo_data / "val")[:32], "local")
 
 
+@pytest.mark.slow
 def test_train_log_data_then_export_version_from_its_runs_uris(tracking, cache, demo_data):
     """The demo's path: train --log-data, then export with the training run's data by URI (onnx + onnx int8:
     int8 uses the calibration set, every variant the eval set). The export run names both datasets."""

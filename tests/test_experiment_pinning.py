@@ -96,6 +96,7 @@ def test_an_experiment_outside_the_artifact_root_is_never_pinned(tracking, queue
     assert _all_runs() == []
 
 
+@pytest.mark.server
 def test_a_remote_server_refuses_an_experiment_with_a_local_artifact_path(tmp_path, monkeypatch, queue_db):
     from skinreg.registry.pipeline import run_context
 

@@ -34,7 +34,8 @@ def test_trained_model_is_clearly_above_chance(trained):
     assert trained.val_accuracy >= trained.chance + 30, (trained.val_accuracy, trained.chance)
 
 
-def test_export_writes_every_file_with_the_seed_names(exported):
+@pytest.mark.slow
+def test_export_writes_every_file_under_the_guides_names(exported):
     out, _ = exported
     for name in ["skin_classifier.onnx", "skin_classifier.tflite", "skin_classifier_float16.tflite",
                  "skin_classifier_int8.tflite", "skin_classifier.json", "skin_classifier_int8.json",
@@ -100,6 +101,7 @@ def test_report_holds_measured_numbers_and_gates(exported):
     assert "| tflite | int8 |" in res.stdout
 
 
+@pytest.mark.slow
 def test_failed_gate_exits_nonzero_lists_all_failures_and_keeps_files(trained_ckpt, tmp_path):
     res = runner.invoke(app, ["export", "--checkpoint", str(trained_ckpt), "--output-dir", str(tmp_path),
                               "--latency-runs", "2", "--gate", "float16.max_abs=1e-12",
@@ -112,6 +114,7 @@ def test_failed_gate_exits_nonzero_lists_all_failures_and_keeps_files(trained_ck
     assert (tmp_path / "skin_classifier_float16.tflite").is_file()  # kept for inspection
 
 
+@pytest.mark.slow
 def test_onnx_only_export_of_each_listed_arch(tmp_path):
     for arch in ("efficientnet_b0", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large"):
         torch.save(build_model(arch, 3).state_dict(), tmp_path / f"{arch}.pth")

@@ -4,6 +4,7 @@ entry or --no-cache exports again."""
 
 from __future__ import annotations
 
+import pytest
 import hashlib
 import shutil
 from pathlib import Path
@@ -11,6 +12,8 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from skinreg.cli.main import app
+
+pytestmark = pytest.mark.slow
 
 runner = CliRunner()
 REUSED = "reused the export stored"

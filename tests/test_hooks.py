@@ -40,6 +40,8 @@ from servers import CountingProxy, free_port, mlflow_server, queue_database, wai
 from skinreg.cli.main import app
 from skinreg.registry.tracking import log_source_model
 
+pytestmark = pytest.mark.server
+
 SECRET = "skinreg-hooks-test-secret"
 AUTH = {"Authorization": f"Bearer {SECRET}"}
 SOURCES = ["hk-a", "hk-b", "hk-c", "hk-f", "hk-g"]  # the stack's sources; hk-d, hk-e, hk-x use queues of their own

@@ -4,6 +4,8 @@ metadata can never downgrade it."""
 from __future__ import annotations
 
 import re
+
+import pytest
 import tomllib
 from importlib.metadata import version
 from pathlib import Path
@@ -55,6 +57,7 @@ def test_package_metadata_has_lower_bounds_only():
     assert not any(d.startswith("onnx2tf") for d in deps)  # installed with --no-deps by `make setup`
 
 
+@pytest.mark.slow
 def test_the_tflite_exporter_imports_tensorflow_safely_in_a_fresh_process():
     import subprocess
     import sys

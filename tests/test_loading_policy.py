@@ -22,6 +22,8 @@ from typer.testing import CliRunner
 
 from skinreg.cli.main import app
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
@@ -43,23 +45,31 @@ def _register_artifact(folder: Path, name: str) -> str:
     return f"models:/{name}/{mv.version}"
 
 
-def _pt2_model(trained, folder: Path) -> Path:
+@pytest.fixture(scope="module")
+def pt2_saved(trained, tmp_path_factory) -> Path:
+    """The trained model saved the way MLflow saves it by default (a pt2 program), once per module."""
+    folder = tmp_path_factory.mktemp("pt2") / "model"
     mlflow.pytorch.save_model(trained.loaded.model, str(folder), input_example=np.zeros((2, 3, 64, 64), np.float32))
     return folder
 
 
+def _pt2_model(saved: Path, folder: Path) -> Path:
+    shutil.copytree(saved, folder)
+    return folder
+
+
 @pytest.fixture()
-def evil(tracking, trained, tmp_path):
+def evil(tracking, pt2_saved, tmp_path):
     """Three hostile artifacts registered as versions; returns {case: model URI} and the marker path."""
     marker = tmp_path / "PWNED"
     uris = {}
     # 1. a pickle beside a pt2: MLflow's loader reads data/model.pth whenever it exists
-    both = _pt2_model(trained, tmp_path / "both")
+    both = _pt2_model(pt2_saved, tmp_path / "both")
     (both / "data" / "model.pth").write_bytes(pickle.dumps(Payload(marker)))
     (both / "data" / "pickle_module_info.txt").write_text("pickle")
     uris["pickle beside pt2"] = _register_artifact(both, "evil-both")
     # 2. a code/ folder, which mlflow.pytorch.load_model puts on sys.path and imports from
-    code = _pt2_model(trained, tmp_path / "code")
+    code = _pt2_model(pt2_saved, tmp_path / "code")
     (code / "code").mkdir()
     (code / "code" / "skinreg_payload.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
     conf = yaml.safe_load((code / "MLmodel").read_text())
@@ -67,7 +77,7 @@ def evil(tracking, trained, tmp_path):
     (code / "MLmodel").write_text(yaml.safe_dump(conf))
     uris["code folder"] = _register_artifact(code, "evil-code")
     # 3. a pt2 archive with a pickle record that torch.export.load would unpickle with weights_only=False
-    archive = _pt2_model(trained, tmp_path / "archive")
+    archive = _pt2_model(pt2_saved, tmp_path / "archive")
     import zipfile
 
     pt2 = archive / "data" / "model.pt2"

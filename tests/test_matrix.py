@@ -184,6 +184,7 @@ def full_disk(tmp_path):
         subprocess.run(["umount", str(folder)], capture_output=True)
 
 
+@pytest.mark.slow
 def test_disk_full_in_the_output_dir_row(full_disk, trained_ckpt):
     res = runner.invoke(app, ["export", "--checkpoint", str(trained_ckpt), "--output-dir", str(full_disk),
                               "--latency-runs", "2"])
@@ -195,6 +196,7 @@ def test_disk_full_in_the_output_dir_row(full_disk, trained_ckpt):
     assert sorted(p.name for p in full_disk.iterdir()) == ["skin_classifier.onnx"]  # no truncated TFLite left
 
 
+@pytest.mark.server
 def test_server_killed_mid_export_row(tmp_path, trained, demo_data, monkeypatch):
     """The MLflow server dies while export-version registers its first variant: one line, exit 5, nothing
     half-registered; once the server is back, the same command finishes with one version per variant."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import os
 import subprocess
 import sys
@@ -10,6 +11,8 @@ from pathlib import Path
 import mlflow
 import numpy as np
 from mlflow import MlflowClient
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -24,6 +24,8 @@ from skinreg.registry.seal import manifest
 from skinreg.registry.tags import MANIFEST
 from skinreg.registry.classifier import SkinClassifier, pull
 
+pytestmark = pytest.mark.slow
+
 runner = CliRunner()
 VARIANTS = ("onnx", "tflite-float32", "tflite-float16", "tflite-int8")
 
@@ -39,8 +41,41 @@ def full_options(demo_data, **kw) -> ExportOptions:
     return ExportOptions(calibration_dir=demo_data / "calibration", eval_dir=demo_data / "val", latency_runs=3, **kw)
 
 
+@pytest.fixture(scope="module")
+def _exported_store(trained, demo_data, tmp_path_factory):
+    """One full export-version in a SQLite store of its own, made once for the tests that read it or move
+    aliases on it (none registers or exports anything more in it)."""
+    tmp = tmp_path_factory.mktemp("exported")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("SKINREG_EXPORT_CACHE", str(tmp / "export-cache"))
+        mp.chdir(tmp)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        try:
+            source = register(trained, demo_data)
+            yield uri, source, export_version(source, full_options(demo_data))
+        finally:
+            mlflow.set_tracking_uri(None)
+            mlflow.set_registry_uri(None)
+
+
 @pytest.fixture()
-def exported(tracking, trained, demo_data):
+def exported(_exported_store, monkeypatch, tmp_path):
+    uri, source, result = _exported_store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    yield source, result
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+
+
+@pytest.fixture()
+def exported_alone(tracking, trained, demo_data):
+    """An export-version of its own, for a test that exports and registers more in the same store."""
     uri = register(trained, demo_data)
     return uri, export_version(uri, full_options(demo_data))
 
@@ -94,13 +129,13 @@ def test_same_settings_again_creates_no_duplicate_versions(exported, demo_data):
     assert len(MlflowClient().search_model_versions("name='skin-onnx'")) == 1
 
 
-def test_force_and_a_new_version_of_the_same_files_reuse_the_export_cache(exported, trained, demo_data,
+def test_force_and_a_new_version_of_the_same_files_reuse_the_export_cache(exported_alone, trained, demo_data,
                                                                            tmp_path):
     """export-version --force with unchanged inputs, and a new version registered from the same artifact,
     reuse the stored export (its files checked against their sha256); logging and registration run as
     always. The consumer check downloads what the registry serves and reuses the verdict of byte-identical
     served files only. --no-cache converts and checks again."""
-    uri, first = exported
+    uri, first = exported_alone
     client = MlflowClient()
     assert "skinreg.export.cache" not in client.get_run(first.run_id).data.tags
     said: list[str] = []

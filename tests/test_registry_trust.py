@@ -29,6 +29,8 @@ from skinreg.registry.tracking import log_source_model
 from skinreg.registry.pipeline import ExportOptions, export_version, promote
 from skinreg.models.pt2 import ArchiveError, read_state_dict
 
+pytestmark = pytest.mark.slow
+
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64

@@ -19,6 +19,8 @@ from skinreg.cli.main import app
 from skinreg.registry.pipeline import export_version, promote
 from test_pipeline import VARIANTS, full_options, register
 
+pytestmark = pytest.mark.server
+
 EDITOR = ("editor", "skinreg-editor-password-1")
 READER = ("reader", "skinreg-reader-password-1")
 # Measured 130 for export-version: 26 of them upload the four variants' files, 44 are the consumer check's
