@@ -4,7 +4,7 @@ variables (SKINREG_HOOKS_*, SKINREG_WEBHOOK_SECRET) and overridden by CLI option
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from enum import Enum
 from typing import Any, Mapping
 
@@ -71,8 +71,13 @@ class HooksConfig(ExportSettings):
         """The pipeline's own ExportOptions (imported lazily: it pulls in the exporters)."""
         from skinreg.registry.pipeline import ExportOptions
 
-        return ExportOptions(**vars(self.settings()), name_pattern=self.name_pattern,
-                             candidate_alias=self.candidate_alias or None)
+        from skinreg.registry.pipeline import HOOKS_ORIGIN
+
+        settings, default = self.settings(), ExportSettings()
+        origin = {f.name: HOOKS_ORIGIN for f in fields(ExportSettings)
+                  if getattr(settings, f.name) != getattr(default, f.name)}
+        return ExportOptions(**vars(settings), name_pattern=self.name_pattern,
+                             candidate_alias=self.candidate_alias or None, origin=origin)
 
     def validate(self) -> "HooksConfig":
         """Reject bad settings at start-up, not at the first job (bad enum values already failed in

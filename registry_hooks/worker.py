@@ -165,8 +165,16 @@ def _run_child(cmd: list[str], *, what: str, extra_env: dict[str, str] | None = 
 
 
 def _export_flags(cfg: HooksConfig) -> list[str]:
-    """Every export setting the hooks hold, as `skinreg export-version` options (ExportSettings.to_cli_args)."""
-    return cfg.to_cli_args() + ["--name-pattern", cfg.name_pattern, "--candidate-alias", cfg.candidate_alias]
+    """The naming options of `skinreg export-version`. The export settings go to the child in the environment
+    (pipeline.hooks_settings_env), at the hooks' level: below the registry's `skinreg.export.*` tags, where
+    command-line options would be above them."""
+    return ["--name-pattern", cfg.name_pattern, "--candidate-alias", cfg.candidate_alias]
+
+
+def _hooks_settings(cfg: HooksConfig) -> dict[str, str]:
+    from skinreg.registry.pipeline import hooks_settings_env
+
+    return hooks_settings_env(cfg.settings())
 
 
 class _ChildExecutor:
@@ -186,7 +194,8 @@ class _ChildExecutor:
         raise NotImplementedError
 
     def export(self, ref: VersionRef, on_run: Callable[[str], None], cfg: HooksConfig) -> ExportOutcome:
-        proc = _run_child(self._export_cmd(ref, cfg), what=f"export {ref.uri}", extra_env=_pin_env(self.pin))
+        proc = _run_child(self._export_cmd(ref, cfg), what=f"export {ref.uri}",
+                          extra_env={**_pin_env(self.pin), **_hooks_settings(cfg)})
         after = self.registry.get(ref.name, ref.version)
         status = after.facts.get(EXPORT_STATUS)
         run_id = after.facts.get(EXPORT_RUN_ID)
@@ -249,8 +258,11 @@ class MlflowRunExecutor(_ChildExecutor):
         return cmd
 
     def _export_cmd(self, ref: VersionRef, cfg: HooksConfig) -> list[str]:
-        # The MLproject `export` entry point takes every export setting, lists comma-separated
-        return self._mlflow_run("export", {"model_uri": ref.uri, **cfg.to_mlproject_params()})
+        # the settings as one parameter at the hooks' level (below the registry's tags), which also reaches a
+        # remote backend, where this worker's environment does not
+        from skinreg.registry.pipeline import HOOKS_SETTINGS
+
+        return self._mlflow_run("export", {"model_uri": ref.uri, "hooks_settings": _hooks_settings(cfg)[HOOKS_SETTINGS]})
 
     def _promote_cmd(self, ref: VersionRef, alias: str) -> list[str]:
         return self._mlflow_run("promote", {"model_uri": ref.uri, "alias": alias})

@@ -5,6 +5,7 @@ unchanged. The test enumerates the fields: a new field that some entry point can
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from dataclasses import fields
@@ -70,15 +71,24 @@ def test_the_hooks_read_every_setting_from_the_environment_and_pass_it_on():
     env = {ENV_PREFIX + k.upper(): v for k, v in CUSTOM.to_mlproject_params().items()}
     cfg = from_env(env)
     assert cfg.settings() == CUSTOM
-    flags = _export_flags(cfg)  # what the subprocess executor runs: skinreg export-version ...
-    assert _parse("export-version", ["--model-uri", "models:/m/1", *flags]) == CUSTOM
+    # what the subprocess and mlflow-run executors hand their `skinreg export-version` child: the settings at
+    # the hooks' level (below the registry's tags), read back by the child
+    from registry_hooks.worker import _hooks_settings
+    from skinreg.registry.pipeline import ExportOptions, hooks_settings_from_env
+
+    child = hooks_settings_from_env(ExportOptions(), _hooks_settings(cfg))
+    assert child.settings() == CUSTOM and set(child.origin) == set(json.loads(next(iter(_hooks_settings(cfg).values()))))
+    assert _parse("export-version", ["--model-uri", "models:/m/1", *_export_flags(cfg)]) == ExportSettings()
     assert cfg.export_options().settings() == CUSTOM  # and what the in-process executor hands the pipeline
     assert {f for f in FIELDS} <= set(HooksConfig.__dataclass_fields__)
 
 
 def test_hooks_can_run_auto_and_name_a_bad_value_with_its_variable():
     cfg = from_env({ENV_PREFIX + "INT8_STRATEGY": "auto", ENV_PREFIX + "CONVERTER": "onnx2tf"})
-    assert "--int8-strategy" in _export_flags(cfg) and cfg.export_options().request_kwargs()["int8_strategy"] == "auto"
+    from registry_hooks.worker import _hooks_settings
+
+    assert '"int8_strategy": "auto"' in next(iter(_hooks_settings(cfg).values()))
+    assert cfg.export_options().request_kwargs()["int8_strategy"] == "auto"
     with pytest.raises(InputError, match=r"^bad SKINREG_HOOKS_INT8_STRATEGY 'fastest': expected one of auto, "):
         from_env({ENV_PREFIX + "INT8_STRATEGY": "fastest"})
     with pytest.raises(InputError, match=r"^bad SKINREG_HOOKS_FORMATS 'onx': expected one of onnx, tflite, all"):

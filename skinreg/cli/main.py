@@ -208,6 +208,7 @@ def train_cmd(
 @command("export-version")
 @export_settings_options
 def export_version_cmd(
+    ctx: typer.Context,
     model_uri: Annotated[str, typer.Option(help="models:/NAME/VERSION or models:/NAME@ALIAS of a PyTorch version.")],
     run_registry_code: Annotated[bool, typer.Option(help=(
         "Load the source with MLflow's own loader: a pickle, a code folder or a pt2 program from the registry, "
@@ -227,13 +228,14 @@ def export_version_cmd(
 ) -> None:
     """Export a registered PyTorch version: log validated variants with metrics, register them, alias `candidate`."""
     from skinreg.errors import GateError
-    from skinreg.registry.pipeline import ExperimentPin, ExportOptions, export_version
+    from skinreg.registry.pipeline import ExperimentPin, ExportOptions, export_version, hooks_settings_from_env
 
     opts = ExportOptions(**vars(settings), run_registry_code=run_registry_code, arch=arch, num_classes=num_classes,
                          experiment_pin=ExperimentPin.from_env(),  # set by a hooks worker for its children
                          input_size=input_size, labels=labels.split(",") if labels else None,
                          name_pattern=name_pattern, candidate_alias=candidate_alias or None, force=force,
-                         cache=cache)
+                         cache=cache, given=_given_on_command_line(ctx))
+    opts = hooks_settings_from_env(opts)  # a hooks worker's settings for its child, below the registry's tags
     res = export_version(model_uri, opts, progress=_progress())
     if res.report:
         typer.echo(res.report)
@@ -241,6 +243,11 @@ def export_version_cmd(
         typer.echo(f"{variant}: {ref.uri}")
     if res.failed:
         raise GateError([f"{v} (not registered): {why}" for v, why in res.failed.items()])
+
+
+def _given_on_command_line(ctx: typer.Context) -> tuple[str, ...]:
+    """The export settings typed on this command line: they win over the registry's `skinreg.export.*` tags."""
+    return tuple(name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE")
 
 
 @command("promote")

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from skinreg import __version__
 from skinreg._compat import mlflow as compat_mlflow
+from skinreg.registry import export_tags
 from skinreg.data.sources import DataDir, data_digests, log_dataset_inputs, resolve_settings
 from skinreg.enums import Format
 from skinreg.errors import GateError, RegistryError, first_line
@@ -55,6 +56,7 @@ from skinreg.registry.tags import (
     PRECISION,
     PREFIX,
     SETTINGS,
+    SETTINGS_EFFECTIVE,
     SHA256,
     SIZE_BYTES,
     SOURCE,
@@ -95,6 +97,10 @@ class ExportOptions(ExportSettings):
     candidate_alias: str | None = CANDIDATE
     force: bool = False
     cache: bool = True  # reuse a stored export of the same source files and settings (export_cache)
+    # settings the caller fixed above the registry's tags (the command line), and where the others came from
+    # when not from a tag or the default ("hooks settings"): see registry/export_tags.py
+    given: tuple[str, ...] = ()
+    origin: dict[str, str] = field(default_factory=dict)
 
     def source_hints(self) -> "SourceHints":
         from skinreg.registry.tracking import SourceHints
@@ -106,7 +112,8 @@ class ExportOptions(ExportSettings):
         """The idempotence key: the settings as given (folders or URIs), the calibration images' content and,
         for data given by URI, the content fetched from it (data_digests: context -> sha256)."""
         keep = {k: v for k, v in asdict(self).items()
-                if k not in ("latency_runs", "threads", "force", "experiment", "experiment_pin", "cache")}
+                if k not in ("latency_runs", "threads", "force", "experiment", "experiment_pin", "cache", "given",
+                             "origin")}
         keep.update(calibration_sha=calibration_sha, skinreg=__version__)
         if data_digests:  # only then: keys of exports from local folders stay what they were
             keep.update(data_digests=data_digests)
@@ -168,6 +175,8 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
     if ref.facts.get(VARIANT_OF):
         raise RegistryError(f"{ref.uri} is a variant made by skinreg (of {ref.facts[VARIANT_OF]}); "
                             "export its source version instead")
+    opts, effective = export_tags.apply(opts, export_tags.read(reg.registered_model_tags(ref.name), ref.tags,
+                                                               model=ref.name, version=ref.version))
     local, data = resolve_settings(opts)  # URIs fetched (once, into the content-hash cache) before anything else
     for what, d in data.items():
         if d.is_uri:
@@ -181,7 +190,7 @@ def export_version(model_uri: str, opts: ExportOptions, *, registry: Registry | 
                             daemon=True)
     warm.start()
     with run_context(f"export {ref.name} v{ref.version}", opts.experiment, opts.experiment_pin) as run:
-        job = _VersionExport(reg, ref, opts, local, data, settings, run, progress)
+        job = _VersionExport(reg, ref, opts, local, data, settings, run, progress, effective)
         try:
             with tempfile.TemporaryDirectory(prefix="skinreg-src-") as tmp:
                 job.fetch_and_export(Path(tmp))
@@ -221,14 +230,16 @@ class _VersionExport:
     waits on another variant."""
 
     def __init__(self, reg: Registry, ref: VersionRef, opts: ExportOptions, local: ExportOptions,
-                 data: dict[str, DataDir], settings: str, run: Any, progress: Progress) -> None:
+                 data: dict[str, DataDir], settings: str, run: Any, progress: Progress,
+                 effective: dict[str, dict[str, Any]]) -> None:
         import mlflow
 
         self.reg, self.opts, self.local, self.data, self.settings = reg, opts, local, data, settings
         self.run, self.run_id, self.progress = run, run.info.run_id, progress
         self.io = Stages()
         self.registered: list[VersionRef] = []  # versions this export registered: rolled back on error
-        mlflow.set_tags({SOURCE: ref.uri, SOURCE_NAME: ref.name, SOURCE_VERSION: ref.version, SETTINGS: settings})
+        mlflow.set_tags({SOURCE: ref.uri, SOURCE_NAME: ref.name, SOURCE_VERSION: ref.version, SETTINGS: settings,
+                         SETTINGS_EFFECTIVE: json.dumps(effective, sort_keys=True)[:8000]})
         log_dataset_inputs(**data)  # which data calibrated and judged the variants, on the run page
         self.before = dict(ref.facts)  # what the last export recorded, verified
         self.ref = reg.record_export(ref, {EXPORT_STATUS: "running", EXPORT_RUN_ID: self.run_id})
@@ -473,6 +484,31 @@ def _lineage(ref: VersionRef, v: Any, run_id: str, settings: str, manifest: dict
 # The experiment a hooks worker pinned (registry_hooks/experiment.py), handed to its `skinreg` children in
 # these variables (read by the CLI only): runs go into that experiment by id, and only while it is active
 # with that very artifact location.
+# A hooks worker's export settings for its `skinreg export-version` children (JSON: field -> text): the
+# deployment's level, below the registry's tags, where command-line options would be above them.
+HOOKS_SETTINGS = "SKINREG_EXPORT_HOOKS_SETTINGS"
+HOOKS_ORIGIN = "hooks settings (SKINREG_HOOKS_*)"
+
+
+def hooks_settings_env(settings: ExportSettings) -> dict[str, str]:
+    """The environment that hands `settings` to a child as the hooks' level (hooks_settings_from_env)."""
+    default = ExportSettings()
+    changed = {k: v for k, v in settings.to_mlproject_params().items() if v != default.to_mlproject_params()[k]}
+    return {HOOKS_SETTINGS: json.dumps(changed)}
+
+
+def hooks_settings_from_env(opts: ExportOptions, env: Any = None) -> ExportOptions:
+    """`opts` with the hooks' settings a worker handed this process, for the fields not on the command line."""
+    from skinreg.export.settings import from_strings
+
+    raw = (os.environ if env is None else env).get(HOOKS_SETTINGS)
+    if not raw:
+        return opts
+    values = {k: v for k, v in from_strings(json.loads(raw), what=lambda n: f"{HOOKS_SETTINGS}[{n}]").items()
+              if k not in opts.given}
+    return replace(opts, **values, origin={**opts.origin, **{k: HOOKS_ORIGIN for k in values}})
+
+
 PINNED_EXPERIMENT_ID = "SKINREG_EXPORT_EXPERIMENT_ID"
 PINNED_EXPERIMENT_LOCATION = "SKINREG_EXPORT_EXPERIMENT_LOCATION"
 PIN_FIX = "run `skinreg hooks install` again to pin the export experiment"

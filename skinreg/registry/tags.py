@@ -1,5 +1,7 @@
 """Every skinreg tag key, named once (as MLflow names its own in mlflow/utils/mlflow_tags.py).
-Source versions carry `export.*`; variant versions carry the rest. All keys start with PREFIX."""
+Source versions carry `export.*`; variant versions carry the rest. All keys start with PREFIX.
+On a variant version, EXPORT_RUN names the run that made that file; on a source version, EXPORT_RUN_ID
+names its latest export run (both sealed: seal.py)."""
 
 PREFIX = "skinreg."
 
@@ -27,6 +29,10 @@ LABELS = PREFIX + "labels"
 PARITY_MAX_ABS = PREFIX + "parity_max_abs"
 PRECISION = PREFIX + "precision"
 SETTINGS = PREFIX + "settings"
+# on an export run: each effective export setting and where it came from (command line, tag, hooks, default)
+SETTINGS_EFFECTIVE = PREFIX + "settings.effective"
+# on a registered model or a version: `skinreg.export.<field>` sets an export setting (registry/export_tags.py)
+EXPORT_SETTING_PREFIX = PREFIX + "export."
 SIZE_BYTES = PREFIX + "size_bytes"
 SOURCE = PREFIX + "source"
 SOURCE_NAME = PREFIX + "source_name"
