@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import mlflow
+import numpy as np
 import pytest
 import requests
+import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from typer.testing import CliRunner
@@ -35,6 +37,8 @@ from registry_hooks.reconcile import reconcile
 from registry_hooks.signature import sign
 from registry_hooks.runner import work
 from registry_hooks.worker import Worker
+from skinreg.models.architectures import build_model
+from skinreg.registry.classifier import SkinClassifier
 from skinreg.registry.client import Registry
 from servers import CountingProxy, free_port, mlflow_server, queue_database, wait_http
 from skinreg.cli.main import app
@@ -44,7 +48,7 @@ pytestmark = pytest.mark.server
 
 SECRET = "skinreg-hooks-test-secret"
 AUTH = {"Authorization": f"Bearer {SECRET}"}
-SOURCES = ["hk-a", "hk-b", "hk-c", "hk-f", "hk-g"]  # the stack's sources; hk-d, hk-e, hk-x use queues of their own
+SOURCES = ["hk-a", "hk-b", "hk-c", "hk-f", "hk-g", "hk-t1", "hk-t2"]  # the stack's sources; hk-d, hk-e, hk-x use queues of their own
 SKINREG = Path(sys.executable).with_name("skinreg")
 runner = CliRunner()
 
@@ -357,6 +361,37 @@ def hk_a(stack, trained, demo_data) -> str:
     wait_for("the export job closed", lambda: [j for j in stack.jobs(f"export:hk-a:{version}") if j.state == "done"],
              timeout=30)
     return version
+
+
+def test_two_sources_export_with_their_own_settings_from_registered_model_tags_alone(stack, trained):
+    """One hooks deployment (its settings: ONNX, 2 timing runs), two sources registered the default MLflow way
+    (pt2, batch-1 example, no skinreg metadata) whose architectures, labels and input sizes differ, set only
+    as registered-model tags in the registry: each variant follows its own source's tags."""
+    torch.manual_seed(0)
+    sources = {"hk-t1": (trained.loaded.model, {"skinreg.export.labels": "nevus,melanoma,bcc,bkl",
+                                                "skinreg.export.input_size": "48"}),
+               "hk-t2": (build_model("mobilenet_v3_small", 3), {"skinreg.export.arch": "mobilenet_v3_small",
+                                                                "skinreg.export.labels": "p,q,r",
+                                                                "skinreg.export.input_size": "32"})}
+    client = MlflowClient()
+    for name, (model, tags) in sources.items():
+        client.create_registered_model(name, tags=tags)
+        with mlflow.start_run():
+            mlflow.pytorch.log_model(model.eval(), name="model", registered_model_name=name,
+                                     input_example=np.zeros((1, 3, 64, 64), np.float32))
+    for name, (_, tags) in sources.items():
+        wait_for(f"{name}-onnx@candidate", lambda: aliases(f"{name}-onnx").get("candidate") == "1", timeout=180)
+        size = int(tags["skinreg.export.input_size"])
+        mv = client.get_model_version(f"{name}-onnx", "1")
+        assert json.loads(mv.tags["skinreg.input_shape"])[1:] == [3, size, size], mv.tags
+        labels = tags["skinreg.export.labels"].split(",")
+        classifier = SkinClassifier.from_uri(f"models:/{name}-onnx@candidate")
+        assert list(classifier.preprocessing.labels) == labels
+        run = client.get_run(client.get_model_version(name, "1").tags["skinreg.export.run_id"])
+        effective = json.loads(run.data.tags["skinreg.settings.effective"])
+        assert effective["labels"]["from"] == "model tag skinreg.export.labels"
+        assert effective["formats"] == {"value": ["onnx"], "from": "hooks settings (SKINREG_HOOKS_*)"}
+        assert [m.name for m in client.search_registered_models(f"name LIKE '{name}-%'")] == [f"{name}-onnx"]
 
 
 def test_install_is_idempotent(stack):
