@@ -30,7 +30,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from registry_hooks.config import HooksConfig
 from registry_hooks.events import PayloadError, decide, parse
 from registry_hooks.queue import JobQueue
-from registry_hooks.signature import HEADER_ID, HEADER_SIGNATURE, SignatureError, verify
+from skinreg.registry.webhook_signature import HEADER_ID, HEADER_SIGNATURE, SignatureError, verify
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from registry_hooks.config import Executor, HooksConfig
 from registry_hooks.events import JobKind, JobSpec
 from registry_hooks.queue import JobQueue
 from registry_hooks.reconcile import reconcile
-from registry_hooks.signature import sign
+from skinreg.registry.webhook_signature import sign
 from registry_hooks.runner import work
 from registry_hooks.worker import Worker
 from skinreg.models.architectures import build_model

@@ -23,7 +23,7 @@ import requests
 from registry_hooks.app import create_app
 from registry_hooks.config import from_env
 from registry_hooks.queue import SCHEMA, JobQueue, conninfo
-from registry_hooks.signature import SignatureError, sign, verify
+from skinreg.registry.webhook_signature import SignatureError, sign, verify
 from servers import free_port, wait_http
 from skinreg.cli.main import app
 from test_hooks import SECRET, Proc, deliver, runner, version_created, wait_for

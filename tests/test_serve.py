@@ -323,6 +323,54 @@ class Load:
         self.pool.shutdown()
 
 
+def test_an_alias_event_from_mlflows_webhook_reloads_at_once(registry, demo_data):
+    """`skinreg serve` with SKINREG_WEBHOOK_SECRET and a poll interval of 300 s, MLflow's own webhook pointed at
+    its /webhook: moving the alias serves the new version within seconds, long before the next poll. A forged
+    delivery is a 401 in one line; a signed event of another alias changes nothing."""
+    from skinreg.registry.webhook_signature import sign
+
+    client, secret, alias = MlflowClient(), "serve-webhook-secret-0123456789", "staging"
+    client.set_registered_model_alias("skin-onnx", alias, "1")
+    port, body = free_port(), _png(sorted((demo_data / "val").rglob("*.png"))[0])
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registry["url"], "SKINREG_SIGNING_KEY": KEY,
+           "MLFLOW_DISABLE_TELEMETRY": "true", "SKINREG_WEBHOOK_SECRET": secret}
+    log_path = registry["work"] / "serve-webhook.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([str(VENV_BIN / "skinreg"), "serve", "--model", f"models:/skin-onnx@{alias}",
+                                 "--port", str(port), "--poll-s", "300"], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    hook = client.create_webhook(name="skinreg-serve-test", url=f"{url}/webhook",
+                                 events=["model_version_alias.created"], secret=secret, status="ACTIVE")
+    try:
+        wait_http(f"{url}/v2/health/live", timeout=120, proc=proc)
+        version = lambda: requests.post(f"{url}/predict", data=body, headers={"Content-Type": "image/png"},
+                                        timeout=30).json()["model"]["version"]  # noqa: E731
+        assert version() == "1"
+        forged = requests.post(f"{url}/webhook", data=b'{"entity": "model_version_alias", "action": "created"}',
+                               headers={"X-MLflow-Delivery-Id": "d1", "X-MLflow-Timestamp": str(int(time.time())),
+                                        "X-MLflow-Signature": "v1,AAAA"}, timeout=10)
+        assert forged.status_code == 401 and forged.json() == {"error": "bad signature"}
+        other = b'{"entity": "model_version_alias", "action": "created", "data": {"name": "skin-onnx", ' \
+                b'"alias": "production", "version": "2"}}'
+        stamp = str(int(time.time()))
+        ignored = requests.post(f"{url}/webhook", data=other, timeout=10, headers={
+            "X-MLflow-Delivery-Id": "d2", "X-MLflow-Timestamp": stamp, "X-MLflow-Signature": sign(secret, "d2", stamp, other)})
+        assert ignored.status_code == 200 and ignored.json()["status"] == "ignored"
+        moved = time.monotonic()
+        client.set_registered_model_alias("skin-onnx", alias, "2")  # MLflow delivers the event to /webhook
+        _until(lambda: version() == "2", timeout=MARGIN_S, what="version 2 after the alias event", every=0.2)
+        took = time.monotonic() - moved
+        assert took < MARGIN_S < 300  # the poll would have come after 300 s
+        assert "Traceback" not in log_path.read_text()
+        print(f"webhook: version 2 answered {took:.2f} s after the alias moved (poll interval 300 s)")
+    finally:
+        client.delete_webhook(hook.webhook_id)
+        client.delete_registered_model_alias("skin-onnx", alias)
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+
+
 def test_follows_the_alias_under_load_and_refuses_what_is_not_sealed(server, registry, demo_data, tmp_path):
     body = _png(sorted((demo_data / "val").rglob("*.png"))[0])
     load = Load(server, body)

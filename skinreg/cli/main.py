@@ -304,11 +304,12 @@ def serve_cmd(
     token: Annotated[Optional[str], typer.Option(envvar="SKINREG_SERVE_TOKEN", help=(
         "Require `Authorization: Bearer TOKEN` (health probes excepted)."))] = None,
 ) -> None:
-    """Serve an ONNX variant over HTTP (images, KServe V2, Prometheus metrics), following its alias."""
+    """Serve an ONNX variant over HTTP (images, KServe V2, Prometheus metrics), following its alias.
+    With SKINREG_WEBHOOK_SECRET set, POST /webhook takes MLflow's signed alias events and reloads at once."""
     from skinreg.serve import ServeSettings, run
 
     run(ServeSettings(model=model, host=host, port=port, poll_s=poll_s, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                      threads=threads, token=token))
+                      threads=threads, token=token, webhook_secret=os.environ.get("SKINREG_WEBHOOK_SECRET") or None))
 
 
 @command("demo")

@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException
 
 from skinreg import __version__
 from skinreg.data.images import max_image_pixels
+from skinreg.registry.webhook_signature import SignatureError, verify
 from skinreg.serve.follower import Follower
 from skinreg.serve.metrics import Metrics
 from skinreg.serve.model import BadInput, Batcher, ServedModel
@@ -28,7 +29,9 @@ log = logging.getLogger(__name__)
 
 PLATFORM = "onnxruntime_onnx"  # what Triton calls an ONNX model's platform in V2 metadata
 # Liveness and readiness answer without a token (probes carry none), and so does the page (it asks for it)
-PUBLIC = ("/v2/health/live", "/v2/health/ready", "/")
+PUBLIC = ("/v2/health/live", "/v2/health/ready", "/", "/webhook")  # /webhook: MLflow's signature instead
+WEBHOOK_MAX_BYTES = 64 * 1024  # an alias event is a few hundred bytes
+WEBHOOK_TOLERANCE_S = 300
 
 
 def _endpoint(path: str) -> str:
@@ -39,7 +42,7 @@ def _endpoint(path: str) -> str:
         return "v2_health"
     if path.startswith("/v2/models/"):
         return "v2_infer" if path.endswith("/infer") else "v2_model"
-    return {"/v2": "v2_server", "/metrics": "metrics", "/": "page"}.get(path, "other")
+    return {"/v2": "v2_server", "/metrics": "metrics", "/": "page", "/webhook": "webhook"}.get(path, "other")
 
 
 class Observe:
@@ -261,7 +264,33 @@ def create_app(settings: ServeSettings, *, follower: Follower | None = None, met
     _add_predict(app, settings, follower, batcher)
     _add_open_inference_protocol(app, settings, follower, batcher)
     _add_page_and_metrics(app, follower, metrics)
+    if settings.webhook_secret:
+        _add_webhook(app, settings.webhook_secret, follower)
     return app
+
+
+def _add_webhook(app: FastAPI, secret: str, follower: Follower) -> None:
+    """POST /webhook: MLflow's signed deliveries. An alias event (created or deleted) of the followed alias
+    makes the follower poll at once; the poll itself asks the registry, so a replayed or reordered delivery
+    changes nothing the registry does not say. Anything else is acknowledged and ignored."""
+
+    @app.post("/webhook")
+    async def webhook(request: Request) -> JSONResponse:
+        body = await read_body(request, WEBHOOK_MAX_BYTES)
+        try:
+            verify(secret=secret, headers=dict(request.headers), body=body, tolerance_s=WEBHOOK_TOLERANCE_S)
+        except SignatureError as exc:
+            raise BadInput(exc.status, "webhook_signature", str(exc)) from None
+        try:
+            doc = json.loads(body)
+            entity, data = f"{doc['entity']}.{doc['action']}", doc.get("data") or {}
+        except (ValueError, KeyError, TypeError):
+            raise BadInput(400, "webhook_payload", "not an MLflow webhook payload (entity, action, data)") from None
+        ours = (entity in ("model_version_alias.created", "model_version_alias.deleted")
+                and data.get("name") == follower.name and data.get("alias") == follower.alias)
+        if ours:
+            follower.wake()
+        return JSONResponse({"status": "polling" if ours else "ignored", "event": entity})
 
 
 def _add_error_handlers(app: FastAPI) -> None:

@@ -115,6 +115,7 @@ class Follower:
         self.health = Health()
         self._refused: dict[str, str] = {}  # version -> reason: not downloaded again while the alias stays there
         self._stop = threading.Event()
+        self._wake = threading.Event()  # a signed alias event: poll now, not at the next interval
         self._thread: threading.Thread | None = None
         self._said = ""  # the last registry problem logged (logged again only when it changes)
 
@@ -227,8 +228,16 @@ class Follower:
         self._thread = threading.Thread(target=self._run, name="skinreg-serve-follower", daemon=True)
         self._thread.start()
 
+    def wake(self) -> None:
+        """Poll now (an alias event arrived); the poll still asks the registry where the alias points."""
+        self._wake.set()
+
     def _run(self) -> None:
-        while not self._stop.wait(self.settings.poll_s):
+        while not self._stop.is_set():
+            self._wake.wait(self.settings.poll_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
                 self.poll_once()
             except Exception as exc:  # noqa: BLE001 - the server keeps serving whatever a poll meets
@@ -236,6 +245,7 @@ class Follower:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
         shutil.rmtree(self.work, ignore_errors=True)

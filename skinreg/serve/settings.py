@@ -22,6 +22,9 @@ class ServeSettings:
     token: str | None = None  # when set, every endpoint except /v2/health/* needs `Authorization: Bearer <token>`
     max_body_bytes: int = 10 * 1024 * 1024  # one request's body (images or a V2 request)
     max_images: int = 32  # images in one multipart request; rows in one V2 request
+    # MLflow's webhook secret: POST /webhook takes MLflow's signed alias events for the served model and polls
+    # at once (None: no /webhook; the alias is still followed by polling)
+    webhook_secret: str | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -36,5 +39,7 @@ class ServeSettings:
             problems.append(f"--port {self.port}: expected 1-65535")
         if self.token is not None and len(self.token) < 16:
             problems.append("--token: expected at least 16 characters")
+        if self.webhook_secret is not None and len(self.webhook_secret) < 16:
+            problems.append("SKINREG_WEBHOOK_SECRET: expected at least 16 characters")
         if problems:
             raise InputError("; ".join(problems))
