@@ -307,6 +307,27 @@ class _Export:
         self.variants: list[VariantResult] = []
         self.int8_candidates: list[dict] = []
         self._saved: Path | None = None
+        # set by check()
+        self.converter = ""  # the TFLite converter
+        self.pairs: list[tuple[Format, Precision]] = []  # what to make
+        self.recipes: list[Any] = []  # int8 recipes to try
+        self.fallback = False  # try them in order until one passes (else: every one, ranked)
+        self.gates: Any = None
+        self.calib: Any = None  # the calibration image list
+        self.evalset: Any = None  # the labelled eval set
+        # set by reference()
+        self.val_images: list[Any] = []
+        self.y_val: np.ndarray | None = None
+        self.val_info: dict[str, Any] = {}
+        self.x_val: np.ndarray | None = None  # the validation batch every variant is judged on
+        self.reference_logits: np.ndarray | None = None
+        self.pt_acc: float | None = None
+        self.pt_latency: Any = None
+        self.calibration_info: dict[str, Any] | None = None
+        self.calib_x: np.ndarray | None = None
+        # set by convert()
+        self.work: Path | None = None  # scratch folder of this export
+        self.onnx_file: ExportedFile | None = None  # the float32 ONNX every other file starts from
 
     def check(self) -> None:
         """Everything that can be rejected is rejected before any conversion starts."""
