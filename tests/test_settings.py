@@ -93,3 +93,21 @@ def test_hooks_can_run_auto_and_name_a_bad_value_with_its_variable():
         from_env({ENV_PREFIX + "INT8_STRATEGY": "fastest"})
     with pytest.raises(InputError, match=r"^bad SKINREG_HOOKS_FORMATS 'onx': expected one of onnx, tflite, all"):
         from_env({ENV_PREFIX + "FORMATS": "onx"})
+
+
+def test_every_setting_can_be_set_as_a_registry_tag_and_the_command_line_wins(monkeypatch):
+    """The registry's `skinreg.export.<field>` tags carry every field, as text the MLflow UI can hold (a
+    version tag over a model tag); what the command line gave is kept."""
+    from skinreg.registry import export_tags
+    from skinreg.registry.pipeline import ExportOptions
+
+    monkeypatch.setenv("SKINREG_DATA_ROOTS", "/data")  # the operator allows the fixture's folders
+    text = {f"skinreg.export.{k}": v for k, v in CUSTOM.to_mlproject_params().items()}
+    read = export_tags.read({**text, "skinreg.export.latency_runs": "99"}, {"skinreg.export.latency_runs": "7"},
+                            model="m", version="1")
+    assert ExportSettings(**{f: read.values[f] for f in FIELDS}) == CUSTOM
+    assert read.sources["latency_runs"] == "version tag skinreg.export.latency_runs"
+    assert read.sources["formats"] == "model tag skinreg.export.formats"
+    merged, effective = export_tags.apply(ExportOptions(threads=2, given=("threads",)), read)
+    assert merged.threads == 2 and effective["threads"] == {"value": 2, "from": "command line"}
+    assert merged.settings() == ExportSettings(**{**{f: getattr(CUSTOM, f) for f in FIELDS}, "threads": 2})
