@@ -7,14 +7,14 @@ some recipes while a child process (`python -m skinreg.convert.int8_lanes JOB`, 
 the others, from files this process wrote into its own private work folder:
 
 - the calibration images, preprocessed, as one `.npy` (read with `allow_pickle=False`);
-- for litert-torch recipes, the program every litert recipe starts from (`litert_export.nhwc_program`, a
+- for litert-torch recipes, the program every litert recipe starts from (`convert.litert.nhwc_program`, a
   `torch.export` `.pt2`), written here from the model already in memory: never a file from the registry;
 - for TF recipes, the SavedModel onnx2tf already built for the float TFLite files.
 
-The child runs the same converter functions (`convert_int8`, `tflite_export.convert`) with the same
+The child runs the same converter functions (`convert_int8`, `convert.tflite.convert`) with the same
 inputs and writes each file's bytes; this process writes them out as its own exporters would, with the
 same details, then validates every candidate with the same gates. The TF recipes stay together, on one
-side, because they share one calibration (`tflite_export.calibration_reused`); a float-ends recipe stays
+side, because they share one calibration (`convert.tflite.calibration_reused`); a float-ends recipe stays
 in this process because it finds its float layers by module name. A child that fails or dies turns
 each of its recipes into a conversion failure with the child's reason, like any recipe that fails.
 """

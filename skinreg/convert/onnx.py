@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 # Opset 17 is the newest the legacy TorchScript exporter supports; measured on EfficientNet-B0 here it
-# runs as fast in ORT as 13 (benchmarks/opset.py). 18+ goes through the dynamo exporter.
+# runs as fast in ORT as 13 (`skinreg benchmark` times every opset side by side). 18+ goes through the
+# dynamo exporter.
 DEFAULT_OPSET = 17
 LEGACY_MAX_OPSET = 17
 

@@ -10,7 +10,7 @@ report's latencies were measured on it). An export that failed a gate is stored 
 hit gives the same report, the same one-line failure and exit code 4. A hit checks every cached file
 against the sha256 recorded when it was stored, copies the files, and says that the validation and
 timings in the report are those of the stored export (when, and its key). Each entry also holds the
-export's result (result_codec: verdicts, latencies, the validated logits), which the registry pipeline
+export's result (export.codec: verdicts, latencies, the validated logits), which the registry pipeline
 goes on with: logging, registering and the consumer check of what the registry serves run as always.
 Errors other than a gate (bad input, a converter crash) are never stored.
 `--no-cache` (or SKINREG_EXPORT_CACHE=off) always exports.
@@ -89,7 +89,7 @@ def environment() -> dict[str, Any]:
 def export_key(checkpoint_sha256: str, load_options: dict[str, Any], settings: Any, data: dict[str, Any],
                stem: str) -> tuple[str, dict[str, Any]]:
     """(key, what it was computed from). Of `settings`, only the ExportSettings fields count (not what the
-    pipeline adds: names, aliases, --force); the data folders (datasets.DataDir) by their content."""
+    pipeline adds: names, aliases, --force); the data folders (data.sources.DataDir) by their content."""
     from skinreg.export.settings import ExportSettings
 
     settings_doc = {f.name: (v.value if hasattr(v := getattr(settings, f.name), "value") else v)

@@ -1,4 +1,4 @@
-"""ExportResult <-> a JSON document plus arrays, for the export cache (export_cache.py).
+"""ExportResult <-> a JSON document plus arrays, for the export cache (export/cache.py).
 
 Decoding is driven by the result dataclasses' own field types: nothing in the stored document names a
 class to build, and the arrays (logits, preprocessed validation images) are an .npz read with

@@ -434,7 +434,7 @@ class _Export:
 
     def _convert_int8_chain(self) -> None:
         """One recipe at a time: nothing else converts meanwhile, so a TF calibration takes both cores
-        (tflite_export.calibration_split) where there are two."""
+        (convert.tflite.calibration_split) where there are two."""
         from skinreg.convert.int8_lanes import lanes_available
         from skinreg.convert.tflite import calibration_split
 

@@ -130,7 +130,7 @@ def _data_location(value: str | Path | None) -> str | None:
 
 
 def _local_dir(value: str | None, what: str) -> Path | None:
-    """The folder an ExportRequest reads. Callers resolve URIs first (datasets.resolve_settings, once per
+    """The folder an ExportRequest reads. Callers resolve URIs first (data.sources.resolve_settings, once per
     export); one still here is fetched now. A local folder is checked where it is read."""
     from skinreg.data.sources import is_uri, resolve_data_dir
 

@@ -12,7 +12,7 @@ Tags that describe the file (`skinreg.dynamic_batch`) are read here, from what t
 
 A passing check is remembered (in the export cache folder, `consumer-checks/`) under a sha256 of every
 file the registry served for the version, the validated logits and images it was compared against, and
-the toolchain, skinreg's code, Python and the CPU (`export_cache.environment`). The next check of the
+the toolchain, skinreg's code, Python and the CPU (`export.cache.environment`). The next check of the
 same version (`export-version --force` with unchanged inputs reuses the versions that hold the same
 files) still downloads what the registry serves, compares its sha256 with the validated file's, reads
 the file's facts and the version's tags; only when all of that matches and every served byte is what

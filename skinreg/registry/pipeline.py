@@ -96,7 +96,7 @@ class ExportOptions(ExportSettings):
     experiment_pin: "ExperimentPin | None" = None  # the hooks' pinned experiment (runs go there by id)
     candidate_alias: str | None = CANDIDATE
     force: bool = False
-    cache: bool = True  # reuse a stored export of the same source files and settings (export_cache)
+    cache: bool = True  # reuse a stored export of the same source files and settings (export/cache.py)
     # settings the caller fixed above the registry's tags (the command line), and where the others came from
     # when not from a tag or the default ("hooks settings"): see registry/export_tags.py
     given: tuple[str, ...] = ()
@@ -143,7 +143,7 @@ def variant_model_name(source: str, variant: str, pattern: str = DEFAULT_PATTERN
 
 
 def _calibration_sha(opts: ExportOptions) -> str | None:
-    """Of the calibration images (opts with local folders: see datasets.resolve_settings)."""
+    """Of the calibration images (opts with local folders: see data.sources.resolve_settings)."""
     if not opts.calibration_dir:
         return None
     from skinreg.data.images import list_images
@@ -601,7 +601,7 @@ def train_and_register(data_dir: Path, *, name: str = "skin-classifier", arch: s
     """Train on the demo data (generated if missing) and register a PyTorch (pt2) version that records
     its architecture, labels and preprocessing, with a dynamic batch. log_data: also log data_dir's
     calibration/ and val/ folders as the run's data/calibration and data/val artifacts (exports can then
-    name them by URI: datasets.source_run_data)."""
+    name them by URI: data.sources.source_run_data)."""
     import mlflow
 
     from skinreg.data.images import generate_demo_data

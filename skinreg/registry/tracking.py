@@ -133,7 +133,7 @@ def _fetch_source(ref: "VersionRef", opts: SourceHints, dst: Path) -> tuple[Path
 def _load_pytorch_flavor(ref: "VersionRef", mlmodel: Any, local: Path, opts: SourceHints, top: set[str]
                          ) -> tuple[LoadedModel, bool, list[str]]:
     """A version logged with mlflow.pytorch.log_model. By default nothing from the registry is executed: the
-    pt2 archive's weights are read as data (pt2_archive.py) into skinreg's own build of the architecture
+    pt2 archive's weights are read as data (models/pt2.py) into skinreg's own build of the architecture
     (from the hints, the skinreg spec in the MLmodel, or recognized from the weights' names and shapes).
     With --run-registry-code, MLflow's own loader runs (a pickle, a code folder, a pt2 program)."""
     flavor = mlmodel.flavors["pytorch"]
