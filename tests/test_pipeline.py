@@ -51,6 +51,10 @@ def _exported_store(trained, demo_data, tmp_path_factory):
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.setenv("SKINREG_EXPORT_CACHE", str(tmp / "export-cache"))
         mp.chdir(tmp)
+        # the export sets an active experiment (and MLFLOW_EXPERIMENT_ID) of this store: undone at the end,
+        # or later modules' fixtures would start runs in an experiment their stores do not have
+        mp.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+        mp.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
         try:
