@@ -492,8 +492,8 @@ HOOKS_ORIGIN = "hooks settings (SKINREG_HOOKS_*)"
 
 def hooks_settings_env(settings: ExportSettings) -> dict[str, str]:
     """The environment that hands `settings` to a child as the hooks' level (hooks_settings_from_env)."""
-    default = ExportSettings()
-    changed = {k: v for k, v in settings.to_mlproject_params().items() if v != default.to_mlproject_params()[k]}
+    default = ExportSettings().to_mlproject_params()
+    changed = {k: v for k, v in settings.to_mlproject_params().items() if v != default[k]}
     return {HOOKS_SETTINGS: json.dumps(changed)}
 
 

@@ -144,14 +144,10 @@ class Sealer:
 
 def manifest(folder: Path) -> dict[str, str]:
     """sha256 of every file under `folder`, by its POSIX path relative to it."""
-    out = {}
-    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        out[path.relative_to(folder).as_posix()] = h.hexdigest()
-    return out
+    from skinreg.convert.formats import file_sha256
+
+    return {path.relative_to(folder).as_posix(): file_sha256(path)
+            for path in sorted(p for p in Path(folder).rglob("*") if p.is_file())}
 
 
 # Written by MLflow's own download of a `models:/` URI (name and version, YAML): never loaded as code.

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from skinreg.convert.formats import file_sha256
 from skinreg.errors import InputError, RegistryError, SkinregError, first_line
 from skinreg.registry.client import Registry, VersionRef
 from skinreg.registry.seal import manifest_differences
@@ -43,16 +44,6 @@ class Refused(SkinregError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def vouched(reg: Registry, ref: VersionRef) -> dict[str, Any]:
@@ -87,7 +78,7 @@ def checked_model_file(folder: Path, facts: dict[str, Any], uri: str) -> Path:
     onnx_files = sorted(folder.rglob("*.onnx"))
     if len(onnx_files) != 1:
         raise Refused("not_onnx", f"{uri} holds {len(onnx_files)} .onnx files, expected one: serve an ONNX variant")
-    digest = _sha256(onnx_files[0])
+    digest = file_sha256(onnx_files[0])
     if digest != facts[SHA256]:
         raise Refused("sha256", f"{uri}: {onnx_files[0].name} has sha256 {digest[:12]}…, its sealed lineage says "
                                 f"{facts[SHA256][:12]}…")
