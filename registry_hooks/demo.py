@@ -26,7 +26,7 @@ import requests
 from registry_hooks.localpg import free_port, pg_cluster
 
 SOURCE = "skin-classifier"
-VARIANTS = ("onnx", "tflite-float32", "tflite-float16", "tflite-int8")
+VARIANTS = ("onnx", "tflite-float32", "tflite-float16", "tflite-int8", "tflite-app-float32", "tflite-app-uint8")
 
 
 def _bin(name: str) -> str:

@@ -16,7 +16,9 @@ import onnxruntime as ort
 import pytest
 from mlflow import MlflowClient
 from PIL import Image
+from typer.testing import CliRunner
 
+from skinreg.cli.main import app
 from skinreg.enums import Format, Precision
 from skinreg.export.job import ExportRequest, run_export
 from skinreg.convert.formats import file_sha256
@@ -53,7 +55,7 @@ def test_onnx2tf_never_rewrites_the_shipped_onnx(trained, tmp_path, monkeypatch,
     cwd = sorted(os.listdir(os.getcwd()))
     res = run_export(ExportRequest(loaded=trained.loaded, out_dir=tmp_path, stem="m", latency_runs=2))
     onnx_variant = next(v for v in res.variants if v.file.variant == "onnx")
-    assert {v.file.variant for v in res.variants} == {"onnx", "tflite-float32", "tflite-float16"}
+    assert {v.file.variant for v in res.variants} == {"onnx", "tflite-float32", "tflite-float16", "tflite-app-float32"}
     assert batch_dim(tmp_path / "m.onnx") != 1, "the shipped ONNX lost its dynamic batch"
     assert file_sha256(tmp_path / "m.onnx") == onnx_variant.file.sha256  # the file validated is the file shipped
     x = np.zeros((4, 3, 64, 64), np.float32)
@@ -63,7 +65,7 @@ def test_onnx2tf_never_rewrites_the_shipped_onnx(trained, tmp_path, monkeypatch,
 
 
 def test_every_registered_variant_serves_batch_1_and_4_through_each_consumer(tracking, trained, demo_data,
-                                                                               monkeypatch):
+                                                                               monkeypatch, tmp_path):
     """export-version from an activated venv, then the consumers: pyfunc by alias at batch 4, SkinClassifier,
     plain onnxruntime on the served file, and the report/description that show the consumer check."""
     monkeypatch.setenv("PATH", VENV_BIN + os.pathsep + _path_without_venv())
@@ -97,7 +99,39 @@ def test_every_registered_variant_serves_batch_1_and_4_through_each_consumer(tra
         assert "mlflow.pyfunc" in check.max_abs and "SkinClassifier.from_uri" in check.max_abs
     assert "onnxruntime batch 4" in res.export.consumer_checks["onnx"].max_abs
     assert "ai_edge_litert (mobile contract)" in res.export.consumer_checks["tflite-int8"].max_abs
-    assert "## Consumer check" in res.report and res.report.count("| models:/skin-") == 4
+    assert "## Consumer check" in res.report and res.report.count("| models:/skin-") == len(VARIANTS)
+    for variant in ("tflite-app-float32", "tflite-app-uint8"):  # MediaPipe's ImageClassifier, on what is served
+        mp = res.export.consumer_checks[variant].mediapipe
+        assert mp["images"] == 48 and mp["labels_match"] is True
+        assert mp["top1_agreement"] >= res.export.gates[Precision.int8].min_top1_agreement, (variant, mp)
+    assert res.export.consumer_checks["tflite-int8"].mediapipe is None  # per-channel normalization: not for it
+    assert res.report.count("MediaPipe ImageClassifier: top-1 agreement") == 2
+    _an_app_bundles_what_pull_fetches(tmp_path / "pulled", trained, demo_data, res.export.gates[Precision.int8])
+
+
+def _an_app_bundles_what_pull_fetches(out: Path, trained, demo_data, int8_gate) -> None:
+    """`skinreg pull` of the app-ready uint8 file, then MediaPipe Tasks' ImageClassifier as an app uses it:
+    the pulled file alone, images handed over as they are; the demo's labels come back as category names."""
+    import mediapipe as mp
+    from mediapipe.tasks.python import BaseOptions, vision
+
+    res = CliRunner().invoke(app, ["pull", "models:/skin-tflite-app-uint8@candidate", "--output", str(out)])
+    assert res.exit_code == 0, res.output
+    [model] = list(out.glob("*.tflite"))
+    labels = list(trained.loaded.spec.preprocessing.labels)
+    assert (out / "labels.txt").read_text().split() == labels
+    images = sorted((demo_data / "val").rglob("*.png"))
+    ref = TorchRunner(trained.loaded.model).logits(trained.loaded.spec.preprocessing.batch(images)).argmax(1)
+    options = vision.ImageClassifierOptions(base_options=BaseOptions(model_asset_path=str(model)), max_results=-1)
+    with vision.ImageClassifier.create_from_options(options) as classifier:
+        tops = []
+        for path in images:
+            found = classifier.classify(mp.Image.create_from_file(str(path))).classifications[0].categories
+            assert sorted(c.category_name for c in found) == sorted(labels)
+            tops.append(max(found, key=lambda c: c.score))
+    assert [t.category_name for t in tops] == [labels[t.index] for t in tops]
+    agreement = float(np.mean([t.index for t in tops] == ref))
+    assert agreement >= int8_gate.min_top1_agreement, agreement
 
 
 def test_a_served_file_that_differs_from_the_validated_one_is_rolled_back(tracking, trained, demo_data,

@@ -34,6 +34,57 @@ def test_trained_model_is_clearly_above_chance(trained):
     assert trained.val_accuracy >= trained.chance + 30, (trained.val_accuracy, trained.chance)
 
 
+@pytest.mark.parametrize("name,contract", [("skin_classifier.tflite", "normalized"),
+                                           ("skin_classifier_float16.tflite", "normalized"),
+                                           ("skin_classifier_int8.tflite", "normalized"),
+                                           ("skin_classifier_app_float32.tflite", "pixels"),
+                                           ("skin_classifier_app_uint8.tflite", "pixels")])
+def test_every_tflite_file_describes_itself_in_its_metadata(exported, name, contract, trained):
+    """The standard TFLite metadata, read back from the file: labels as the associated TENSOR_AXIS_LABELS file,
+    RGB input, the normalization an app must apply (none left to do for the app-ready files), the gate."""
+    from skinreg.convert.tflite_metadata import read
+
+    out, _ = exported
+    pre = trained.loaded.spec.preprocessing
+    meta = read((out / name).read_bytes())
+    assert meta["labels"] == list(pre.labels) and meta["output"]["labels_file"] == "labels.txt"
+    assert meta["input"]["color_space"] == "RGB" and meta["min_parser_version"] == "1.0.0"
+    assert "skin_classifier.pth" in meta["description"] and "passed its gate on 48 images" in meta["description"]
+    interp = Interpreter(model_path=str(out / name))
+    dtype = interp.get_input_details()[0]["dtype"]
+    if contract == "normalized":  # the guide's per-channel normalization, in 0..255 terms
+        assert meta["input"]["mean"] == pytest.approx([m * 255 for m in pre.mean], rel=1e-6)
+        assert meta["input"]["std"] == pytest.approx([s * 255 for s in pre.std], rel=1e-6)
+    elif dtype == np.uint8:
+        assert meta["input"]["mean"] is None and interp.get_input_details()[0]["quantization"] == (1.0, 0)
+    else:
+        assert (meta["input"]["mean"], meta["input"]["std"]) == ([0.0], [1.0])
+    assert Preprocessing.load_file(out / name.replace(".tflite", ".json")).input == contract
+
+
+@pytest.mark.parametrize("name", ["skin_classifier_app_float32.tflite", "skin_classifier_app_uint8.tflite"])
+def test_app_ready_files_take_pixels_and_agree_with_pytorch(exported, name, demo_data, trained):
+    """What an app does without skinreg's preprocessing: resize, hand over the RGB bytes."""
+    from PIL import Image
+
+    out, _ = exported
+    pre = trained.loaded.spec.preprocessing
+    interp = Interpreter(model_path=str(out / name))
+    interp.allocate_tensors()
+    inp, outp = interp.get_input_details()[0], interp.get_output_details()[0]
+    assert list(inp["shape"]) == [1, 64, 64, 3] and outp["dtype"] == np.float32
+    images = sorted((demo_data / "val").rglob("*.png"))
+    same = 0
+    for path in images:
+        rgb = np.asarray(Image.open(path).convert("RGB").resize((64, 64), Image.BICUBIC))
+        interp.set_tensor(inp["index"], rgb[None].astype(inp["dtype"]))
+        interp.invoke()
+        with torch.inference_mode():
+            ref = trained.loaded.model(torch.from_numpy(pre.load(path, layout="NCHW")[None])).numpy()[0]
+        same += int(interp.get_tensor(outp["index"])[0].argmax() == ref.argmax())
+    assert same / len(images) >= (1.0 if "float32" in name else 0.9), (same, len(images))
+
+
 @pytest.mark.slow
 def test_export_writes_every_file_under_the_guides_names(exported):
     out, _ = exported
@@ -89,8 +140,9 @@ def test_report_holds_measured_numbers_and_gates(exported):
     report = json.loads((out / "skin_classifier_report.json").read_text())
     assert report["status"] == "passed" and report["validation"]["labelled"] is True
     rows = {r["variant"]: r for r in report["variants"]}
-    assert set(rows) == {"pytorch", "onnx", "tflite-float32", "tflite-float16", "tflite-int8"}
-    for name in ("onnx", "tflite-float32", "tflite-float16", "tflite-int8"):
+    assert set(rows) == {"pytorch", "onnx", "tflite-float32", "tflite-float16", "tflite-int8", "tflite-app-float32",
+                         "tflite-app-uint8"}
+    for name in ("onnx", "tflite-float32", "tflite-float16", "tflite-int8", "tflite-app-float32", "tflite-app-uint8"):
         r = rows[name]
         assert r["size_bytes"] == (out / r["file"]).stat().st_size
         assert r["latency_p50_ms"] > 0 and r["latency_p90_ms"] >= r["latency_p50_ms"]
@@ -98,7 +150,7 @@ def test_report_holds_measured_numbers_and_gates(exported):
     assert rows["onnx"]["parity_max_abs"] < 1e-3 and rows["tflite-float32"]["parity_top1_agreement"] == 1.0
     assert rows["tflite-int8"]["size_bytes"] < rows["tflite-float32"]["size_bytes"]
     assert report["calibration"]["count"] == 40 and len(report["calibration"]["file_list_sha256"]) == 64
-    assert "| tflite | int8 |" in res.stdout
+    assert "| tflite-int8 | int8 |" in res.stdout
 
 
 @pytest.mark.slow
@@ -147,6 +199,9 @@ def test_tflite_export_of_a_real_torchvision_arch(tmp_path, demo_data):
     (["--opset", "7"], "--opset 7 is out of range"),
     (["--int8-strategy", "magic"], "unknown --int8-strategy 'magic': expected auto or one of tf-per-channel"),
     (["--device", "cuda"], "--device cuda: no CUDA device is available here; use --device cpu"),
+    (["--labels", "nevus,melanoma,keratosis"], "label mismatch: 3 labels for 4 classes"),
+    (["--labels", "nevus,,keratosis,vascular"], "label 1 is empty: give every class a name"),
+    (["--labels", "nevus,mela\nnoma,keratosis,vascular"], "label 1 ('mela\\nnoma') contains a line break"),
 ])
 def test_bad_input_is_one_clear_line_and_writes_nothing(trained_ckpt, tmp_path, args, message):
     if "cuda" in args and torch.cuda.is_available():
@@ -156,6 +211,16 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(trained_ckpt, tmp_path, 
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_that_is_not_rgb_is_refused_before_any_work(trained_ckpt, tmp_path):
+    ckpt = torch.load(trained_ckpt, weights_only=True)
+    ckpt["spec"]["preprocessing"]["channel_order"] = "BGR"
+    torch.save(ckpt, tmp_path / "bgr.pth")
+    res = runner.invoke(app, ["export", "--checkpoint", str(tmp_path / "bgr.pth"), "--output-dir", str(tmp_path / "o")])
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code != 0 and len(lines) == 1 and "channel order 'BGR' is not supported" in lines[0], res.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_missing_checkpoint_and_undecodable_only_calibration(tmp_path, trained_ckpt):

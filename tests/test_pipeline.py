@@ -27,7 +27,7 @@ from skinreg.registry.classifier import SkinClassifier, pull
 pytestmark = pytest.mark.slow
 
 runner = CliRunner()
-VARIANTS = ("onnx", "tflite-float32", "tflite-float16", "tflite-int8")
+VARIANTS = ("onnx", "tflite-float32", "tflite-float16", "tflite-int8", "tflite-app-float32", "tflite-app-uint8")
 
 
 def register(trained, demo_data, name="skin") -> str:

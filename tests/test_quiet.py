@@ -29,7 +29,7 @@ def _export(ckpt: Path, data: Path, out: Path, *flags: str) -> subprocess.Comple
 def test_export_console_shows_progress_and_report_and_keeps_chatter_in_a_log(trained_ckpt, demo_data, tmp_path):
     res = _export(trained_ckpt, demo_data, tmp_path / "out")
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "converting TFLite int8 (tf-per-channel" in res.stderr and "| tflite | int8 |" in res.stdout
+    assert "converting TFLite int8 (tf-per-channel" in res.stderr and "| tflite-int8 | int8 |" in res.stdout
     assert [c for c in CHATTER if c in res.stderr] == [], res.stderr
     note = re.search(r"\((\d+) lines of converter/MLflow chatter in (\S+); -v shows them\)", res.stderr)
     assert note and int(note.group(1)) >= 2, res.stderr
@@ -41,6 +41,6 @@ def test_export_console_shows_progress_and_report_and_keeps_chatter_in_a_log(tra
 def test_verbose_export_shows_the_chatter_inline(trained_ckpt, demo_data, tmp_path):
     res = _export(trained_ckpt, demo_data, tmp_path / "out", "-v")
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "converting TFLite int8 (tf-per-channel" in res.stderr and "| tflite | int8 |" in res.stdout
+    assert "converting TFLite int8 (tf-per-channel" in res.stderr and "| tflite-int8 | int8 |" in res.stdout
     assert "fully_quantize" in [c for c in CHATTER if c in res.stderr]
     assert "lines of converter/MLflow chatter" not in res.stderr

@@ -75,8 +75,11 @@ class TFLiteRunner:
 
     name = "tflite"
 
-    def __init__(self, path: Path | str, *, threads: int = DEFAULT_THREADS, default_delegates: bool = True) -> None:
-        """default_delegates=False: builtin kernels only, no XNNPACK (to check that the delegate is used)."""
+    def __init__(self, path: Path | str, *, threads: int = DEFAULT_THREADS, default_delegates: bool = True,
+                 pixels_from: Any = None) -> None:
+        """default_delegates=False: builtin kernels only, no XNNPACK (to check that the delegate is used).
+        pixels_from: the Preprocessing that normalized the inputs, for a file that takes RGB pixels 0..255
+        (an app-ready file): `logits` maps its inputs back to pixels with it (uint8 inputs are rounded)."""
         from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
         resolver = OpResolverType.AUTO if default_delegates else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
@@ -86,6 +89,7 @@ class TFLiteRunner:
         self.inp = self.interpreter.get_input_details()[0]
         self.out = self.interpreter.get_output_details()[0]
         self.threads = threads
+        self.pixels_from = pixels_from
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -107,6 +111,10 @@ class TFLiteRunner:
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         nhwc = nchw_to_nhwc(x.astype(np.float32))
+        if self.pixels_from is not None:
+            nhwc = self.pixels_from.to_pixels(nhwc, layout="NHWC")
+            if self.inp["dtype"] == np.uint8:
+                nhwc = np.clip(np.round(nhwc), 0, 255)
         return np.stack([self._one(img) for img in nhwc])
 
 

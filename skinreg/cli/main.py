@@ -135,7 +135,8 @@ def export_cmd(
     def request() -> ExportRequest:  # only on a cache miss: a hit needs no model (nor torch imported)
         loaded = load_checkpoint(checkpoint, arch=arch, num_classes=num_classes, input_size=input_size,
                                  labels=labels.split(",") if labels else None)
-        return ExportRequest(loaded=loaded, out_dir=out_dir, stem=checkpoint.stem, **settings.request_kwargs())
+        return ExportRequest(loaded=loaded, out_dir=out_dir, stem=checkpoint.stem, source=checkpoint.name,
+                             **settings.request_kwargs())
 
     try:
         result = run_cached(request, out_dir, store, progress=_progress())

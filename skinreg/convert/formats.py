@@ -24,11 +24,13 @@ class ExportedFile:
     sidecar: Path | None = None  # preprocessing/labels JSON beside a TFLite file
     details: dict[str, Any] = field(default_factory=dict)
     sha256: str = ""  # of the file as written; checked again after every conversion and after registration
+    contract: str = "normalized"  # its input: "normalized" (the guide's) or "pixels" (app-ready TFLite)
 
     @property
     def variant(self) -> str:
-        """Stable variant name: onnx, tflite-float32, tflite-float16, tflite-int8."""
-        return variant_name(self.format, self.precision)
+        """Stable variant name: onnx, tflite-float32, tflite-float16, tflite-int8, and the app-ready
+        tflite-app-float32, tflite-app-uint8."""
+        return variant_name(self.format, self.precision, self.contract)
 
 
 def file_sha256(path: Path) -> str:
@@ -85,7 +87,9 @@ def format_info(fmt: Format, converter: str | None = None) -> FormatInfo:
     return LITERT_TFLITE if fmt is Format.tflite and converter == "litert-torch" else FORMATS[fmt]
 
 
-def variant_name(fmt: Format, precision: Precision) -> str:
+def variant_name(fmt: Format, precision: Precision, contract: str = "normalized") -> str:
+    if contract == "pixels":  # RGB pixels in: uint8 for the full-integer file
+        return f"{fmt.value}-app-{'uint8' if precision is Precision.int8 else precision.value}"
     return "onnx" if fmt is Format.onnx and precision is Precision.float32 else f"{fmt.value}-{precision.value}"
 
 

@@ -1,7 +1,10 @@
 """ONNX -> TFLite: onnx2tf builds a TF SavedModel (NHWC), then the TF Lite converter makes
 float32, float16 (float16 weights) and int8 (full-integer kernels, float32 I/O) files.
 
-The mobile contract for every file: float32 NHWC [1, H, W, 3] in, float32 [1, num_classes] out.
+The mobile contract of these files (the model export guide's): float32 NHWC [1, H, W, 3] in, normalized per
+channel, float32 [1, num_classes] out. The app-ready files (`export_app_tflite`) take RGB pixels instead
+(float32, or uint8 for the full-integer one): the normalization is in their graph. Every file carries
+TFLite metadata (convert.tflite_metadata) and a preprocessing JSON beside it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import io
 import logging
 import shutil
 from pathlib import Path
+from dataclasses import replace
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -22,7 +26,7 @@ from skinreg._compat import onnx2tf as compat_onnx2tf
 from skinreg.enums import Format, Precision
 from skinreg.errors import ExportError, first_line
 from skinreg.models.architectures import ModelSpec
-from skinreg.convert import tf_ranges
+from skinreg.convert import tf_ranges, tflite_metadata
 from skinreg.convert.formats import ExportedFile, file_sha256
 from skinreg.convert.onnx import INPUT_NAME
 
@@ -303,7 +307,8 @@ def calibration_split(folder: Path | None) -> Iterator[None]:
 
 def convert(saved_model: Path, precision: Precision, *,
             representative: Callable[[], Iterator[list[np.ndarray]]] | None = None,
-            per_channel: bool = True) -> bytes:
+            per_channel: bool = True, uint8_input: bool = False) -> bytes:
+    """uint8_input (int8 only): the input tensor is uint8 (the app-ready file); the output stays float32."""
     _import_tensorflow_safely()
     import tensorflow as tf
 
@@ -319,7 +324,9 @@ def convert(saved_model: Path, precision: Precision, *,
         conv.representative_dataset = representative
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         compat_tf.disable_per_channel(conv, not per_channel)  # the converter's own (private) switch
-        # inference_input_type / inference_output_type stay float32: the mobile contract.
+        # inference_input_type / inference_output_type stay float32: the guide's mobile contract.
+        if uint8_input:
+            conv.inference_input_type = tf.uint8
     try:
         return conv.convert()
     except Exception as exc:
@@ -354,13 +361,16 @@ def export_tflite(saved_model: Path, spec: ModelSpec, out_dir: Path, *, stem: st
 
 
 def write_tflite(data: bytes, spec: ModelSpec, path: Path, *, precision: Precision, converter: str,
-                 converter_version: str, details: dict) -> ExportedFile:
-    """Both TFLite backends end here: the file, and its NHWC preprocessing JSON beside it."""
+                 converter_version: str, details: dict, contract: str = "normalized") -> ExportedFile:
+    """Both TFLite backends end here: the file with its metadata (convert.tflite_metadata), and its NHWC
+    preprocessing JSON beside it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     sidecar = path.with_suffix(".json")
+    data = tflite_metadata.embed(data, metadata(spec, name=path.stem, precision=precision, contract=contract,
+                                                dtype=details.get("input_dtype", "float32")))
     try:
         path.write_bytes(data)
-        spec.preprocessing.with_layout("NHWC").save(sidecar)
+        replace(spec.preprocessing.with_layout("NHWC"), input=contract).save(sidecar)
     except OSError as exc:  # a full disk: no truncated file may stay behind looking like a model
         path.unlink(missing_ok=True)
         sidecar.unlink(missing_ok=True)
@@ -368,4 +378,96 @@ def write_tflite(data: bytes, spec: ModelSpec, path: Path, *, precision: Precisi
         raise
     return ExportedFile(path=path, format=Format.tflite, precision=precision, converter=converter,
                         converter_version=converter_version, sidecar=sidecar, details=details,
-                        sha256=file_sha256(path))
+                        sha256=file_sha256(path), contract=contract)
+
+
+def metadata(spec: ModelSpec, *, name: str, precision: Precision, contract: str, dtype: str = "float32",
+             source: str | None = None, gates: str | None = None, version: str = "1") -> tflite_metadata.Metadata:
+    """What a TFLite file says about itself: its source, precision and input contract, and (once validated)
+    its gate results."""
+    pre = spec.preprocessing
+    if contract == "pixels":
+        input_contract = tflite_metadata.PIXELS_UINT8 if dtype == "uint8" else tflite_metadata.PIXELS_FLOAT
+    else:
+        input_contract = tflite_metadata.normalized(pre.mean, pre.std)
+    weights = {Precision.float16: "float16 weights", Precision.int8: "int8 (full-integer kernels)"}.get(
+        precision, "float32")
+    lines = [f"{spec.arch} skin-lesion classifier, {spec.num_classes} classes, {pre.input_size}x{pre.input_size} "
+             f"RGB; {weights}.",
+             f"Input: {input_contract.describe()}.",
+             "Output: float32 logits, one per class in the order of labels.txt (softmax gives probabilities)."]
+    if source:
+        lines.insert(1, f"Source: {source}.")
+    if gates:
+        lines.append(f"Validated against PyTorch: {gates}.")
+    return tflite_metadata.Metadata(name=name, description="\n".join(lines), version=version,
+                                    labels=pre.labels, contract=input_contract)
+
+
+def app_saved_model(saved_model: Path, spec: ModelSpec, work_dir: Path) -> Path:
+    """The app-ready SavedModel: the normalization in the graph, in front of onnx2tf's model, so the input is
+    RGB pixels 0..255 (NHWC, batch 1) and one metadata NormalizationOptions (or none, for uint8) describes it:
+    MediaPipe's ImageClassifier refuses per-channel normalization metadata."""
+    _import_tensorflow_safely()
+    import tensorflow as tf
+
+    pre, size = spec.preprocessing, spec.preprocessing.input_size
+    inner = tf.saved_model.load(str(saved_model))
+    signature = inner.signatures["serving_default"]
+    (in_name,) = signature.structured_input_signature[1].keys()
+    (out_name,) = signature.structured_outputs.keys()
+    scale = tf.constant((pre.scale / np.asarray(pre.std)).astype(np.float32))
+    shift = tf.constant((-np.asarray(pre.mean) / np.asarray(pre.std)).astype(np.float32))
+
+    class AppReady(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = inner
+
+        @tf.function(input_signature=[tf.TensorSpec([1, size, size, 3], tf.float32, name="image")])
+        def serve(self, image: Any) -> dict:
+            return {out_name: self.inner.signatures["serving_default"](**{in_name: image * scale + shift})[out_name]}
+
+    module = AppReady()
+    out = Path(work_dir) / "saved_model_app"
+    shutil.rmtree(out, ignore_errors=True)
+    tf.saved_model.save(module, str(out), signatures={"serving_default": module.serve})
+    return out
+
+
+def export_app_tflite(app_saved: Path, spec: ModelSpec, out_dir: Path, *, stem: str, precision: Precision,
+                      calibration: np.ndarray | None = None) -> ExportedFile:
+    """An app-ready file: RGB pixels in, float32 logits out. float32: float pixels; int8: uint8 pixels (full
+    integer), whose input scale must be exactly 1 and zero point 0 so that a pixel byte is its own value.
+    calibration: the int8 calibration batch (normalized NCHW, as everywhere), mapped back to pixels."""
+    details: dict[str, Any] = {"input_dtype": "uint8" if precision is Precision.int8 else "float32"}
+    representative = None
+    if precision is Precision.int8:
+        if calibration is None or len(calibration) == 0:
+            raise ExportError("the app-ready uint8 file needs calibration images: pass --calibration-dir DIR")
+        pixels = np.round(spec.preprocessing.to_pixels(calibration, layout="NCHW")).transpose(0, 2, 3, 1)
+        pixels = np.ascontiguousarray(np.clip(pixels, 0, 255), dtype=np.float32)
+        # One black and one white pixel fix the input's range at 0..255 (scale 1, zero point 0), whatever the images.
+        pixels[0, 0, 0], pixels[0, 0, 1] = 0.0, 255.0
+
+        def representative() -> Iterator[list[np.ndarray]]:
+            for img in pixels:
+                yield [img[None]]
+
+        details["calibration_count"] = int(len(pixels))
+    data = convert(app_saved, precision, representative=representative, uint8_input=precision is Precision.int8)
+    if precision is Precision.int8:
+        _check_pixel_input(data)
+    suffix = "app_uint8" if precision is Precision.int8 else f"app_{precision.value}"
+    return write_tflite(data, spec, out_dir / f"{stem}_{suffix}.tflite", precision=precision, converter=CONVERTER,
+                        converter_version=_versions(), details=details, contract="pixels")
+
+
+def _check_pixel_input(data: bytes) -> None:
+    from ai_edge_litert.interpreter import Interpreter
+
+    inp = Interpreter(model_content=data).get_input_details()[0]
+    scale, zero = inp["quantization"]
+    if inp["dtype"] != np.uint8 or abs(scale - 1.0) > 1e-6 or zero != 0:
+        raise ExportError(f"the app-ready uint8 file's input is {np.dtype(inp['dtype']).name} with scale {scale} and "
+                          f"zero point {zero}, not uint8 pixels (scale 1, zero point 0); report this as a skinreg bug")

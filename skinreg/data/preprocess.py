@@ -14,6 +14,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from skinreg.errors import InputError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -26,6 +28,10 @@ class Preprocessing:
             default, what the model export guide's snippets do).
     layout: the layout of the array handed to the model ("NCHW" for PyTorch/ONNX,
             "NHWC" for TFLite); the same dataclass serves both via `to_array(layout=...)`.
+    input: what the file described by this preprocessing takes. "normalized": the arrays `to_array`
+            makes. "pixels": RGB pixel values 0..255 (an app-ready TFLite file, whose graph normalizes
+            them itself); `to_array` still makes normalized arrays (every runtime is handed those, and
+            `to_pixels` maps them back), so one batch serves every variant of a model.
     """
 
     input_size: int = 224
@@ -36,6 +42,7 @@ class Preprocessing:
     channel_order: str = "RGB"
     layout: str = "NCHW"
     labels: tuple[str, ...] = field(default_factory=tuple)
+    input: str = "normalized"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
@@ -45,9 +52,31 @@ class Preprocessing:
             raise ValueError(f"resize must be 'stretch', got {self.resize!r}")
         if self.layout not in ("NCHW", "NHWC"):
             raise ValueError(f"layout must be NCHW or NHWC, got {self.layout!r}")
+        if self.input not in ("normalized", "pixels"):
+            raise ValueError(f"input must be 'normalized' or 'pixels', got {self.input!r}")
+        if self.channel_order != "RGB":
+            raise InputError(f"channel order {self.channel_order!r} is not supported: skinreg exports RGB "
+                             "models (what MediaPipe and the TFLite metadata describe); convert the model to RGB input")
+        for i, label in enumerate(self.labels):
+            if not label.strip():
+                raise InputError(f"label {i} is empty: give every class a name (--labels a,b,c, or the "
+                                 "checkpoint's labels)")
+            if "\n" in label or "\r" in label:
+                raise InputError(f"label {i} ({label!r}) contains a line break: an app reads labels.txt one "
+                                 "label per line; remove the line break")
 
     def with_layout(self, layout: str) -> "Preprocessing":
         return replace(self, layout=layout)
+
+    def to_pixels(self, x: np.ndarray, *, layout: str | None = None) -> np.ndarray:
+        """Normalized arrays (from `to_array`/`batch`) back to the RGB pixel values 0..255 they came from
+        (rounding error ~1e-4), for a file that takes pixels."""
+        shape = (1, 3, 1, 1) if (layout or self.layout) == "NCHW" else (1, 1, 1, 3)
+        if x.ndim == 3:
+            shape = shape[1:]
+        mean = np.asarray(self.mean, np.float32).reshape(shape)
+        std = np.asarray(self.std, np.float32).reshape(shape)
+        return ((x * std + mean) / self.scale).astype(np.float32)
 
     # -- serialization -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -62,6 +62,10 @@ class ExportRequest:
     validation_seed: int = 0  # of the stratified sample when a set is larger than max_validation_images
     dynamic_batch: bool = True  # False for a pt2 GraphModule whose batch was fixed at 1 when logged
     notes: list[str] = field(default_factory=list)
+    # The app-ready TFLite files (RGB pixels in, normalization in the graph; MediaPipe loads them as they
+    # are): tflite-app-float32 beside tflite-float32, tflite-app-uint8 beside tflite-int8. onnx2tf only.
+    app_ready: bool = True
+    source: str | None = None  # what the model came from (a models:/ URI, a checkpoint), for the files' metadata
 
 
 def _validation_set(req: ExportRequest, calib: ImageSet | None, evalset: ImageSet | None
@@ -135,7 +139,9 @@ def _validate(f: ExportedFile, req: ExportRequest, reference: np.ndarray, x_val:
         if not delegates.passed:
             return failed(delegates.reason(f.variant))
     try:
-        runner = (OnnxRunner if f.format is Format.onnx else TFLiteRunner)(f.path, threads=req.threads)
+        runner = (OnnxRunner(f.path, threads=req.threads) if f.format is Format.onnx else
+                  TFLiteRunner(f.path, threads=req.threads,
+                               pixels_from=req.loaded.spec.preprocessing if f.contract == "pixels" else None))
         outputs = runner.logits(x_val)
         parity = compare(reference, outputs, y_val)
         timing = latency(runner, x_val[:1], runs=req.latency_runs)
@@ -417,6 +423,27 @@ class _Export:
                                                f"TFLite {precision.value} ({self.converter})"))
         if (Format.tflite, Precision.int8) in self.pairs:
             self._convert_int8()
+        self._convert_app_ready()
+
+    def _convert_app_ready(self) -> None:
+        """tflite-app-float32 (and tflite-app-uint8 where int8 is made): from the same SavedModel, with the
+        normalization in front (convert.tflite.app_saved_model)."""
+        from skinreg.convert.tflite import app_saved_model, export_app_tflite
+
+        wanted = [p for p in (Precision.float32, Precision.int8) if (Format.tflite, p) in self.pairs]
+        if not self.req.app_ready or self.converter != "onnx2tf" or not wanted:
+            return
+        with self.stages("app-ready SavedModel"):
+            app = app_saved_model(self.saved_model(), self.spec, self.work)
+        for precision in wanted:
+            label = f"TFLite app-ready {'uint8' if precision is Precision.int8 else precision.value}"
+            self.progress(f"converting {label}")
+            with self.stages(label):
+                exported = export_app_tflite(app, self.spec, self.req.out_dir, stem=self.req.stem, precision=precision,
+                                             calibration=self.calib_x if precision is Precision.int8 else None)
+            if precision is Precision.int8:
+                exported.details.update({"calibration": self.calibration_info})
+            self.files.append(exported)
 
     def _convert_int8(self) -> None:
         """The fallback chain, each recipe judged at once until one passes; or every recipe asked for (auto)."""
@@ -549,6 +576,24 @@ class _Export:
     def choose_int8(self) -> None:
         self.variants, self.int8_candidates = _pick_int8(self.variants, self.req, self.conversion_failures)
 
+    def describe(self) -> None:
+        """Each shipped TFLite file's metadata gains its source and its measured gate results. Only the
+        metadata buffer changes (interpreters ignore it); the file's sha256 is taken again."""
+        from skinreg.convert import tflite_metadata
+        from skinreg.convert.tflite import metadata
+
+        for v in self.variants:
+            f = v.file
+            if f.format is not Format.tflite:
+                continue
+            p = v.verdict.parity
+            gates = (f"{'passed' if v.passed else 'FAILED'} its gate on {p.n} images: top-1 agreement "
+                     f"{p.top1_agreement:.3f}, max |logit diff| {p.max_abs:.3g}")
+            meta = metadata(self.spec, name=f.path.stem, precision=f.precision, contract=f.contract,
+                            dtype=f.details.get("input_dtype", "float32"), source=self.req.source, gates=gates)
+            f.path.write_bytes(tflite_metadata.embed(f.path.read_bytes(), meta))
+            v.file, v.size_bytes = replace(f, sha256=file_sha256(f.path)), size_bytes(f.path)
+
     def report(self) -> ExportResult:
         from skinreg.export.report import write_plot, write_report
 
@@ -557,7 +602,7 @@ class _Export:
                               int8_candidates=self.int8_candidates, pytorch_latency=self.pt_latency,
                               pytorch_accuracy=self.pt_acc, validation=self.val_info,
                               calibration=self.calibration_info, wall_s=0.0, notes=self.notes, x_val=self.x_val,
-                              val_images=self.val_images, gates=self.gates, stage_seconds=self.stages.seconds,
+                              val_images=self.val_images, reference_logits=self.reference_logits, gates=self.gates, stage_seconds=self.stages.seconds,
                               int8_strategy=req.int8_strategy)
         self.progress("writing report")
         with self.stages("report and plot"):
@@ -576,6 +621,7 @@ def _run_export(req: ExportRequest, *, progress: Progress) -> ExportResult:
     run.validate()
     run.time_candidates()
     run.choose_int8()
+    run.describe()
     result = run.report()
     if result.failures:
         raise GateError(result.failures, result)

@@ -59,14 +59,14 @@ def markdown(result: "ExportResult") -> str:
         "",
         _sampling_line(result.validation),
         "",
-        "| format | precision | size MB | latency ms (p90) | × PyTorch | timed with | max abs | top-1 agree | accuracy % "
+        "| variant | precision | size MB | latency ms (p90) | × PyTorch | timed with | max abs | top-1 agree | accuracy % "
         "| drop pts | gate |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows(result):
         size = "-" if r["size_bytes"] is None else f"{r['size_bytes'] / 1e6:.2f}"
         lines.append(
-            f"| {r['format']} | {r['precision']} | {size} | {r['latency_p50_ms']:.2f} ({r['latency_p90_ms']:.2f}) | "
+            f"| {r['variant']} | {r['precision']} | {size} | {r['latency_p50_ms']:.2f} ({r['latency_p90_ms']:.2f}) | "
             f"{_fmt(r['latency_ratio'], '.2f')} | {r['runtime']} | {_fmt(r.get('parity_max_abs'), '.2e')} | "
             f"{_fmt(r.get('parity_top1_agreement'), '.3f')} | {_fmt(r['accuracy'], '.1f')} | "
             f"{_fmt(r.get('accuracy_drop'), '.2f')} | {r['status']} |")
@@ -120,7 +120,8 @@ def _consumer_check_lines(result: "ExportResult") -> list[str]:
               "| variant | registry URI | sha256 = validated | served input | dynamic batch | consumer path "
               "max abs | result |", "|---|---|---|---|---|---|---|"]
     for variant, c in result.consumer_checks.items():
-        paths = "<br>".join(f"{k}: {v:.1e}" for k, v in c.max_abs.items())
+        paths = "<br>".join([f"{k}: {v:.1e}" for k, v in c.max_abs.items()]
+                            + ([c.mediapipe_note()] if getattr(c, "mediapipe", None) else []))
         lines.append(f"| {variant} | {c.uri} | {'yes' if c.served_sha256 == c.validated_sha256 else 'NO'} | "
                      f"{c.input_shape} | {str(c.dynamic_batch).lower()} | {paths} | "
                      f"{_check_result(c)} |")

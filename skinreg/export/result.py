@@ -48,6 +48,7 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
     x_val: np.ndarray | None = None  # the preprocessed validation images (NCHW float32)
     val_images: list[Any] = field(default_factory=list)  # the same images as paths or HWC arrays
+    reference_logits: np.ndarray | None = None  # PyTorch's on x_val (MediaPipe's agreement is measured against it)
     consumer_checks: dict[str, Any] = field(default_factory=dict)  # variant -> ConsumerCheck, after registration
     gates: dict[Precision, Gate] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)  # where the time went (report + run metrics)

@@ -183,6 +183,7 @@ def load_state_dict(
         mean=tuple(meta.get("mean") or Preprocessing().mean),
         std=tuple(meta.get("std") or Preprocessing().std),
         labels=tuple(labels),
+        channel_order=str(meta.get("channel_order") or "RGB"),
     )
     if input_size and meta.get("input_size") and int(meta["input_size"]) != input_size:
         log.warning("exporting at --input-size %d; %s was trained at %s", input_size, source, meta["input_size"])

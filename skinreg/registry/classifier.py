@@ -70,7 +70,9 @@ class SkinClassifier:
         self.path = Path(model_path)
         self.is_tflite = self.path.suffix == ".tflite"
         self.preprocessing = preprocessing.with_layout("NCHW")
-        self.runner = TFLiteRunner(self.path, threads=threads) if self.is_tflite else OnnxRunner(self.path, threads=threads)
+        pixels = self.preprocessing if preprocessing.input == "pixels" else None  # an app-ready file
+        self.runner = (TFLiteRunner(self.path, threads=threads, pixels_from=pixels) if self.is_tflite
+                       else OnnxRunner(self.path, threads=threads))
 
     @classmethod
     def from_uri(cls, uri: str, **kw: Any) -> "SkinClassifier":
@@ -99,9 +101,18 @@ class SkinClassifier:
 
 
 def pull(uri: str, output: Path) -> dict[str, Path]:
-    """Write the model file, labels.txt and preprocessing.json an app bundles."""
+    """Write the model file, labels.txt and preprocessing.json an app bundles. A TFLite file carries its
+    metadata (labels, normalization) inside: MediaPipe and the Task Library need nothing else, and an
+    app-ready file (tflite-app-*) takes the camera's RGB pixels as they are."""
     folder = download(uri)
     model_file, pre = find_model_file(folder)
+    if model_file.suffix == ".tflite":
+        from skinreg.convert.tflite_metadata import read
+
+        meta = read(model_file.read_bytes())
+        if meta is None or meta["labels"] != list(pre.labels):
+            raise RegistryError(f"{uri} serves {model_file.name} without metadata that names its labels "
+                                f"{list(pre.labels)}: export it again with this skinreg")
     output.mkdir(parents=True, exist_ok=True)
     target = output / model_file.name
     shutil.copyfile(model_file, target)

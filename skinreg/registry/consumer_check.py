@@ -6,7 +6,9 @@ Consumers and their paths:
 - `SkinClassifier.from_uri(...)` (skinreg's backend runtime: its own preprocessing from the artifact),
 - the ONNX file in plain onnxruntime at batch 1 and batch N (a backend without MLflow),
 - the TFLite file in `ai_edge_litert` with the mobile contract (float32 NHWC [1,H,W,3] in,
-  float32 [1,C] out), as a phone runs it.
+  float32 [1,C] out; RGB pixels, uint8 or float32, for an app-ready file), as a phone runs it,
+- an app-ready TFLite file in MediaPipe's ImageClassifier (`mediapipe_check`, where mediapipe is
+  installed): top-1 agreement with PyTorch at the variant's gate, the labels as category names.
 
 Tags that describe the file (`skinreg.dynamic_batch`) are read here, from what the registry serves.
 
@@ -66,6 +68,9 @@ class ConsumerCheck(Outcome):
     dynamic_batch: bool = False  # the served file itself takes any batch size
     failures: list[str] = field(default_factory=list)
     reused: dict[str, str] | None = None  # {"key", "created"}: the paths' verdict of an earlier check of these bytes
+    # app-ready TFLite files, where mediapipe is installed: MediaPipe's ImageClassifier on the validation
+    # images, {"images", "top1_agreement" (vs PyTorch), "gate", "labels"}
+    mediapipe: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "status": self.status}
@@ -76,8 +81,17 @@ class ConsumerCheck(Outcome):
         return (f"the served files are byte for byte those that passed every path on {self.reused['created']} "
                 f"(key {self.reused['key'][:16]}): that verdict reused")
 
+    def mediapipe_note(self) -> str:
+        m = self.mediapipe
+        if not m:
+            return ""
+        return (f"MediaPipe ImageClassifier: top-1 agreement with PyTorch {m['top1_agreement']:.3f} on {m['images']} "
+                f"images (gate >= {m['gate']:.2f}), labels {'as exported' if m['labels_match'] else 'DIFFER'}")
+
     def summary(self) -> str:
         paths = ", ".join(f"{k} {v:.1e}" for k, v in self.max_abs.items())
+        if self.mediapipe:
+            paths += f"; {self.mediapipe_note()}"
         reused = f" ({self.reuse_note()})" if self.reused else ""
         return (f"{self.status}: sha256 {'matches' if self.served_sha256 == self.validated_sha256 else 'DIFFERS'}; "
                 f"batch 1 and {self.batch} on {self.images} images, max |diff| vs validated: {paths}{reused}")
@@ -129,7 +143,8 @@ class Verdicts:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_text(json.dumps({"key": key, "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                                       "variant": check.variant, "uri": check.uri, "max_abs": check.max_abs}))
+                                       "variant": check.variant, "uri": check.uri, "max_abs": check.max_abs,
+                                       "mediapipe": check.mediapipe}))
             tmp.replace(path)
         except OSError:  # a full disk or a read-only cache never fails the check
             tmp.unlink(missing_ok=True)
@@ -225,6 +240,7 @@ def check_variant(uri: str, v: "VariantResult", result: "ExportResult", *, tags:
         stored = verdicts.get(key) if key is not None else None
         if stored is not None:
             check.max_abs = {k: float(d) for k, d in stored["max_abs"].items()}
+            check.mediapipe = stored.get("mediapipe")
             check.reused = {"key": key, "created": str(stored.get("created", "?"))}
             return check
         _run_paths(_Paths(check, expected), v, result, local, served, batch, tol)
@@ -283,7 +299,9 @@ def _run_paths(paths: _Paths, v: "VariantResult", result: "ExportResult", local:
         if not delegates.passed:
             check.failures.append(delegates.reason(v.file.variant))
             return
-        _tflite_paths(paths, served, x)
+        _tflite_paths(paths, served, x, result.spec.preprocessing if v.file.contract == "pixels" else None)
+        if v.file.contract == "pixels":
+            _mediapipe_path(check, v, result, served)
     fixed_onnx = v.file.format is Format.onnx and not check.dynamic_batch
 
     def pyfunc() -> np.ndarray:
@@ -325,26 +343,61 @@ def _onnx_paths(paths: _Paths, served: Path, x: np.ndarray, batch: int) -> None:
         paths.run(f"onnxruntime batch {batch}", lambda: _batched(run, x, batch))
 
 
-def _tflite_paths(paths: _Paths, served: Path, x: np.ndarray) -> None:
+def _tflite_paths(paths: _Paths, served: Path, x: np.ndarray, pixels_from: Any = None) -> None:
+    """The file in ai_edge_litert as a phone runs it, fed what its contract promises: normalized float32, or
+    (`pixels_from`: an app-ready file) RGB pixels, as uint8 when its input is uint8."""
     from ai_edge_litert.interpreter import Interpreter
+
+    feed = x.transpose(0, 2, 3, 1)
+    if pixels_from is not None:
+        feed = pixels_from.to_pixels(feed, layout="NHWC")
 
     def mobile() -> np.ndarray:
         interp = Interpreter(model_path=str(served), num_threads=2)
         interp.allocate_tensors()
         inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
         shape, size = [int(d) for d in inp["shape"]], x.shape[-1]
-        if inp["dtype"] != np.float32 or out["dtype"] != np.float32 or shape != [1, size, size, 3]:
+        dtypes = (np.float32, np.uint8) if pixels_from is not None else (np.float32,)
+        if inp["dtype"] not in dtypes or out["dtype"] != np.float32 or shape != [1, size, size, 3]:
             raise ValueError(f"mobile contract broken: input {inp['dtype'].__name__}{shape}, output "
-                             f"{out['dtype'].__name__}{[int(d) for d in out['shape']]}; expected float32 "
-                             f"[1, {size}, {size}, 3] in, float32 [1, C] out")
+                             f"{out['dtype'].__name__}{[int(d) for d in out['shape']]}; expected "
+                             f"{'/'.join(np.dtype(d).name for d in dtypes)} [1, {size}, {size}, 3] in, float32 [1, C] out")
         rows = []
-        for img in x.transpose(0, 2, 3, 1):
-            interp.set_tensor(inp["index"], np.ascontiguousarray(img[None], dtype=np.float32))
+        for img in feed:
+            if inp["dtype"] == np.uint8:
+                img = np.clip(np.round(img), 0, 255)
+            interp.set_tensor(inp["index"], np.ascontiguousarray(img[None], dtype=inp["dtype"]))
             interp.invoke()
             rows.append(interp.get_tensor(out["index"])[0].copy())
         return np.stack(rows)
 
     paths.run("ai_edge_litert (mobile contract)", mobile)
+
+
+def _mediapipe_path(check: ConsumerCheck, v: "VariantResult", result: "ExportResult", served: Path) -> None:
+    """MediaPipe's ImageClassifier loads the served file as it is and classifies the validation images: its
+    top-1 must agree with PyTorch's at the variant's gate, with the exported labels as category names."""
+    from skinreg.registry import mediapipe_check
+
+    if not mediapipe_check.available() or result.reference_logits is None:
+        return  # an environment without mediapipe (it is in the dev extras, not a runtime dependency)
+    labels = list(result.spec.preprocessing.labels)
+    gate = result.gates[v.file.precision].min_top1_agreement
+    try:
+        got = mediapipe_check.classify(served, list(result.val_images))
+    except Exception as exc:
+        check.failures.append(f"{v.file.variant}: {first_line(exc)}")
+        return
+    agreement = float(np.mean(np.asarray(got.top1) == result.reference_logits.argmax(1)[: len(got.top1)]))
+    check.mediapipe = {"images": len(got.top1), "top1_agreement": agreement, "gate": gate,
+                       "labels_match": got.category_names == labels and all(
+                           n == labels[k] for n, k in zip(got.names, got.top1))}
+    if agreement < gate:
+        check.failures.append(f"{v.file.variant}: MediaPipe's ImageClassifier agrees with PyTorch on "
+                              f"{agreement:.3f} of the images, below the gate's {gate:.2f}")
+    if not check.mediapipe["labels_match"]:
+        check.failures.append(f"{v.file.variant}: MediaPipe's category names {got.category_names} are not the "
+                              f"exported labels {labels}")
 
 
 def description(check: ConsumerCheck, row: dict[str, Any], *, source_uri: str, run_id: str) -> str:
@@ -369,6 +422,7 @@ def description(check: ConsumerCheck, row: dict[str, Any], *, source_uri: str, r
         "| consumer path | max abs vs validated logits |",
         "|---|---|",
         *[f"| {k} | {v:.2e} |" for k, v in check.max_abs.items()],
+        *(["", f"{check.mediapipe_note()}."] if check.mediapipe else []),
         "",
         f"sha256 `{check.served_sha256}` ({'the validated file' if check.served_sha256 == check.validated_sha256 else 'NOT the validated file'})",
     ]

@@ -267,7 +267,7 @@ class _VersionExport:
             with io("load source model"):
                 loaded, dynamic_batch, notes = load_fetched(ref, fetched, hints)
             return ExportRequest(loaded=loaded, out_dir=out_dir, stem=stem, dynamic_batch=dynamic_batch,
-                                 notes=notes, **self.local.request_kwargs())
+                                 notes=notes, source=ref.uri, **self.local.request_kwargs())
 
         try:
             self.result = run_cached(request, out_dir, _export_cache(self.opts, self.local, self.data, fetched, stem),

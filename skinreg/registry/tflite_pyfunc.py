@@ -4,6 +4,8 @@ It is copied into every logged TFLite model and imports only numpy, mlflow and a
 so `mlflow.pyfunc.load_model("models:/<name>-tflite-int8@production")` works wherever those are
 installed. Input: float32 images already preprocessed (see the `preprocessing` artifact),
 NHWC [N, H, W, 3] or NCHW [N, 3, H, W]. Output: float32 logits [N, num_classes].
+An app-ready file (`"input": "pixels"` in its preprocessing) takes the same normalized input here, mapped
+back to RGB pixels 0..255 before the interpreter sees it, so every variant of a model takes one batch.
 """
 
 import json
@@ -35,6 +37,11 @@ class TFLiteClassifier(PythonModel):
             x = x.transpose(0, 2, 3, 1)
         if x.shape[1:] != (size, size, 3):
             raise ValueError(f"expected images of shape [N, {size}, {size}, 3], got {list(x.shape)}")
+        pre = self.preprocessing
+        if pre.get("input") == "pixels":
+            x = (x * np.asarray(pre["std"], np.float32) + np.asarray(pre["mean"], np.float32)) / pre["scale"]
+            if self.inp["dtype"] == np.uint8:
+                x = np.clip(np.round(x), 0, 255).astype(np.uint8)
         outputs = []
         for img in x:
             self.interpreter.set_tensor(self.inp["index"], np.ascontiguousarray(img[None]))
