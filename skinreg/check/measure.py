@@ -32,17 +32,19 @@ def interleaved_latency(runners: dict[str, Runner], x1: np.ndarray, *, runs: int
                         warmup: int = 5) -> dict[str, Latency]:
     """Time several files side by side: `rounds` rounds, each running every runner `runs / rounds` times
     in turn, so that load from other jobs on a shared machine falls on all of them alike. Used where
-    files are compared with each other (int8 candidates, int8 vs float32)."""
-    for runner in runners.values():
+    files are compared with each other (int8 candidates, int8 vs float32). A runner with `timed(x1)` is
+    timed on its input tensor as it takes it (TFLite: NHWC, pixels or quantized), without the conversion."""
+    calls = {name: (r.timed(x1) if hasattr(r, "timed") else (lambda r=r: r.logits(x1))) for name, r in runners.items()}
+    for call in calls.values():
         for _ in range(warmup):
-            runner.logits(x1)
+            call()
     per_round = max(1, runs // rounds)
     times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(rounds):
-        for name, runner in runners.items():
+        for name, call in calls.items():
             for _ in range(per_round):
                 t0 = time.perf_counter()
-                runner.logits(x1)
+                call()
                 times[name].append((time.perf_counter() - t0) * 1000)
     return {name: Latency(p50_ms=float(np.median(t)), p90_ms=float(np.percentile(t, 90)), runs=len(t),
                           threads=int(getattr(runners[name], "threads", 0))) for name, t in times.items()}

@@ -95,12 +95,27 @@ class TFLiteRunner:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(int(v) for v in self.inp["shape"])
 
-    def _one(self, x_nhwc: np.ndarray) -> np.ndarray:
+    def _feed(self, x_nhwc: np.ndarray) -> np.ndarray:
+        """One image as the input tensor takes it (a pixel file's pixels, quantized I/O quantized)."""
         x = x_nhwc[None]
+        if self.pixels_from is not None:
+            x = self.pixels_from.to_pixels(x, layout="NHWC")
         if self.inp["dtype"] != np.float32:  # quantized I/O: quantize with the tensor's own scale
             scale, zero = self.inp["quantization"]
             info = np.iinfo(self.inp["dtype"])
             x = np.clip(np.round(x / scale + zero), info.min, info.max).astype(self.inp["dtype"])
+        return np.ascontiguousarray(x)
+
+    def _one(self, x_nhwc: np.ndarray) -> np.ndarray:
+        return self._invoke(self._feed(x_nhwc))
+
+    def timed(self, x1: np.ndarray) -> Any:
+        """What latency measures: the interpreter on one image already in its input tensor's layout, type
+        and range (the conversion from skinreg's batch is the caller's, not the model's)."""
+        feed = self._feed(nchw_to_nhwc(x1.astype(np.float32))[0])
+        return lambda: self._invoke(feed)
+
+    def _invoke(self, x: np.ndarray) -> np.ndarray:
         self.interpreter.set_tensor(self.inp["index"], x)
         self.interpreter.invoke()
         y = self.interpreter.get_tensor(self.out["index"])[0]
@@ -111,10 +126,6 @@ class TFLiteRunner:
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         nhwc = nchw_to_nhwc(x.astype(np.float32))
-        if self.pixels_from is not None:
-            nhwc = self.pixels_from.to_pixels(nhwc, layout="NHWC")
-            if self.inp["dtype"] == np.uint8:
-                nhwc = np.clip(np.round(nhwc), 0, 255)
         return np.stack([self._one(img) for img in nhwc])
 
 

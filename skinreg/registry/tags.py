@@ -23,6 +23,7 @@ EXPORT_RUN = PREFIX + "export_run"
 FAILURE = PREFIX + "failure"
 FORMAT = PREFIX + "format"
 GATE = PREFIX + "gate"
+INPUT = PREFIX + "input"  # what the file takes: "float32 normalized", "uint8 pixels" (app-ready), ...
 INPUT_SHAPE = PREFIX + "input_shape"
 INPUT_SIZE = PREFIX + "input_size"
 LABELS = PREFIX + "labels"
