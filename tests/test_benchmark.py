@@ -25,7 +25,10 @@ def test_benchmark_prints_targets_computed_from_the_measured_report(tmp_path):
     assert targets["TFLite int8 size / TFLite fp32"]["measured"] == pytest.approx(
         rows["tflite-int8"]["size_bytes"] / rows["tflite-float32"]["size_bytes"])
     ms = summary["models"][0]["side_by_side_p50_ms"]  # every runtime re-timed side by side for the ratios
-    assert set(ms) == {"pytorch", "onnx", "tflite-float32", "tflite-float16", "tflite-int8", "tflite-int8 (no XNNPACK)"}
+    # the int8 kept is litert-torch's, which makes no uint8 input: tflite-app-float32 is the only app-ready file
+    assert set(ms) == {"pytorch", "onnx", "tflite-float32", "tflite-float16", "tflite-int8", "tflite-int8 (no XNNPACK)",
+                       "tflite-app-float32"}
+    assert any(n.startswith("No tflite-app-uint8: the int8 file kept was made by litert-per-channel") for n in report["notes"])
     assert all(v > 0 for v in ms.values())
     assert targets["TFLite int8 latency / TFLite fp32"]["measured"] == pytest.approx(ms["tflite-int8"] / ms["tflite-float32"])
     assert targets["ONNX Runtime fp32 latency / PyTorch eager"]["measured"] == pytest.approx(ms["onnx"] / ms["pytorch"])

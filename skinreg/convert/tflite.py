@@ -440,7 +440,7 @@ def app_saved_model(saved_model: Path, spec: ModelSpec, work_dir: Path) -> Path:
 
 
 def export_app_tflite(app_saved: Path, spec: ModelSpec, out_dir: Path, *, stem: str, precision: Precision,
-                      calibration: np.ndarray | None = None) -> ExportedFile:
+                      calibration: np.ndarray | None = None, per_channel: bool = True) -> ExportedFile:
     """An app-ready file: RGB pixels in, float32 logits out. float32: float pixels; int8: uint8 pixels (full
     integer), whose input scale must be exactly 1 and zero point 0 so that a pixel byte is its own value.
     calibration: the int8 calibration batch (normalized NCHW, as everywhere), mapped back to pixels."""
@@ -459,7 +459,8 @@ def export_app_tflite(app_saved: Path, spec: ModelSpec, out_dir: Path, *, stem: 
                 yield [img[None]]
 
         details["calibration_count"] = int(len(pixels))
-    data = convert(app_saved, precision, representative=representative, uint8_input=precision is Precision.int8)
+    data = convert(app_saved, precision, representative=representative, per_channel=per_channel,
+                   uint8_input=precision is Precision.int8)
     if precision is Precision.int8:
         _check_pixel_input(data)
     suffix = "app_uint8" if precision is Precision.int8 else f"app_{precision.value}"

@@ -105,14 +105,17 @@ class Preprocessing:
         return cls.from_json(Path(path).read_text())
 
     # -- pixels --------------------------------------------------------------------------
-    def to_array(self, image: Any, *, layout: str | None = None) -> np.ndarray:
-        """One PIL image (or HWC uint8 array) -> float32 array [C,H,W] or [H,W,C]."""
+    def pixels(self, image: Any) -> np.ndarray:
+        """One PIL image (or HWC uint8 array) resized as every model input is: HWC uint8 RGB, input_size square."""
         from PIL import Image
 
         if isinstance(image, np.ndarray):
             image = Image.fromarray(image.astype(np.uint8))
-        image = image.convert("RGB").resize((self.input_size, self.input_size), Image.BICUBIC)
-        arr = np.asarray(image, dtype=np.float32) * self.scale
+        return np.asarray(image.convert("RGB").resize((self.input_size, self.input_size), Image.BICUBIC))
+
+    def to_array(self, image: Any, *, layout: str | None = None) -> np.ndarray:
+        """One PIL image (or HWC uint8 array) -> float32 array [C,H,W] or [H,W,C]."""
+        arr = self.pixels(image).astype(np.float32) * self.scale
         arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         if (layout or self.layout) == "NCHW":
             arr = arr.transpose(2, 0, 1)

@@ -4,7 +4,8 @@ No conversion code lives here: exporters convert, `validate` judges, `measure` t
 `report` writes. The registry pipeline (pipeline.py) calls `run_export` as well.
 
 `run_export` is a few named stages (`_Export`: check -> reference -> convert -> validate -> time
-candidates -> choose int8 -> report). Conversions dispatch through one table, `EXPORTERS`:
+candidates -> choose int8 -> app-ready uint8 -> describe -> report). Conversions dispatch through one
+table, `EXPORTERS`:
 (format, precision, backend) -> an exporter with one signature that returns an ExportedFile. The
 SavedModel that the TF Lite converter's exporters share is built once, on first use. Result types
 live in results.py.
@@ -301,7 +302,8 @@ EXPORTERS: dict[tuple[Format, Precision, str], Exporter] = {
 
 class _Export:
     """One export, as named stages: check -> reference -> convert -> validate -> time candidates ->
-    choose int8 -> report. Each stage is timed into `stages` (the report's "Where the time went")."""
+    choose int8 -> app-ready uint8 -> describe -> report. Each stage is timed into `stages` (the report's
+    "Where the time went")."""
 
     def __init__(self, req: ExportRequest, progress: Progress) -> None:
         self.req, self.progress, self.spec = req, progress, req.loaded.spec
@@ -313,6 +315,7 @@ class _Export:
         self.variants: list[VariantResult] = []
         self.int8_candidates: list[dict] = []
         self._saved: Path | None = None
+        self._app_saved: Path | None = None  # the SavedModel with the normalization in front
         # set by check()
         self.converter = ""  # the TFLite converter
         self.pairs: list[tuple[Format, Precision]] = []  # what to make
@@ -426,24 +429,24 @@ class _Export:
         self._convert_app_ready()
 
     def _convert_app_ready(self) -> None:
-        """tflite-app-float32 (and tflite-app-uint8 where int8 is made): from the same SavedModel, with the
-        normalization in front (convert.tflite.app_saved_model)."""
-        from skinreg.convert.tflite import app_saved_model, export_app_tflite
+        """tflite-app-float32 beside tflite-float32: the same SavedModel with the normalization in front
+        (convert.tflite.app_saved_model). Its uint8 twin waits for the int8 recipe to be chosen (app_uint8)."""
+        from skinreg.convert.tflite import export_app_tflite
 
-        wanted = [p for p in (Precision.float32, Precision.int8) if (Format.tflite, p) in self.pairs]
-        if not self.req.app_ready or self.converter != "onnx2tf" or not wanted:
+        if not self.req.app_ready or self.converter != "onnx2tf" or (Format.tflite, Precision.float32) not in self.pairs:
             return
-        with self.stages("app-ready SavedModel"):
-            app = app_saved_model(self.saved_model(), self.spec, self.work)
-        for precision in wanted:
-            label = f"TFLite app-ready {'uint8' if precision is Precision.int8 else precision.value}"
-            self.progress(f"converting {label}")
-            with self.stages(label):
-                exported = export_app_tflite(app, self.spec, self.req.out_dir, stem=self.req.stem, precision=precision,
-                                             calibration=self.calib_x if precision is Precision.int8 else None)
-            if precision is Precision.int8:
-                exported.details.update({"calibration": self.calibration_info})
-            self.files.append(exported)
+        self.progress("converting TFLite app-ready float32")
+        with self.stages("TFLite app-ready float32"):
+            self.files.append(export_app_tflite(self._app_saved_model(), self.spec, self.req.out_dir,
+                                                stem=self.req.stem, precision=Precision.float32))
+
+    def _app_saved_model(self) -> Path:
+        from skinreg.convert.tflite import app_saved_model
+
+        if self._app_saved is None:
+            with self.stages("app-ready SavedModel"):
+                self._app_saved = app_saved_model(self.saved_model(), self.spec, self.work)
+        return self._app_saved
 
     def _convert_int8(self) -> None:
         """The fallback chain, each recipe judged at once until one passes; or every recipe asked for (auto)."""
@@ -576,6 +579,31 @@ class _Export:
     def choose_int8(self) -> None:
         self.variants, self.int8_candidates = _pick_int8(self.variants, self.req, self.conversion_failures)
 
+    def app_uint8(self) -> None:
+        """tflite-app-uint8, the uint8-pixels twin of the int8 file kept: the same TF Lite converter recipe on
+        the app-ready SavedModel, judged by the int8 gate. A kept litert-torch file has no such twin (its
+        converter makes no uint8 input): a note says so."""
+        from skinreg.convert.int8_recipes import INT8_RECIPES
+        from skinreg.convert.tflite import export_app_tflite
+
+        kept = next((v for v in self.variants if v.file.variant == "tflite-int8"), None)
+        if kept is None or not self.req.app_ready or self.converter != "onnx2tf":
+            return
+        recipe = INT8_RECIPES.get(kept.file.details.get("int8_recipe", "tf-per-channel"))
+        if recipe is None or recipe.backend != TF_BACKEND:
+            self.notes.append(f"No tflite-app-uint8: the int8 file kept was made by {recipe.name if recipe else '?'} "
+                              "(litert-torch), which makes no uint8 input; tflite-app-float32 is the app-ready file.")
+            return
+        self.progress(f"converting TFLite app-ready uint8 ({recipe.name})")
+        with self.stages("TFLite app-ready uint8"):
+            exported = export_app_tflite(self._app_saved_model(), self.spec, self.req.out_dir, stem=self.req.stem,
+                                         precision=Precision.int8, calibration=self.calib_x,
+                                         per_channel=recipe.per_channel)
+        exported.details.update({"int8_recipe": recipe.name, "calibration": self.calibration_info})
+        self.files.append(exported)
+        self.progress("validating and timing tflite-app-uint8")
+        self.variants.append(self._judge(exported))
+
     def describe(self) -> None:
         """Each shipped TFLite file's metadata gains its source and its measured gate results. Only the
         metadata buffer changes (interpreters ignore it); the file's sha256 is taken again."""
@@ -616,11 +644,12 @@ def _run_export(req: ExportRequest, *, progress: Progress) -> ExportResult:
     run = _Export(req, progress)
     run.check()
     run.reference()
-    with tempfile.TemporaryDirectory(prefix="skinreg-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="skinreg-") as tmp:  # the SavedModels live until app_uint8
         run.convert(Path(tmp))
-    run.validate()
-    run.time_candidates()
-    run.choose_int8()
+        run.validate()
+        run.time_candidates()
+        run.choose_int8()
+        run.app_uint8()
     run.describe()
     result = run.report()
     if result.failures:

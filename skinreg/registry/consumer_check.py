@@ -86,7 +86,8 @@ class ConsumerCheck(Outcome):
         if not m:
             return ""
         return (f"MediaPipe ImageClassifier: top-1 agreement with PyTorch {m['top1_agreement']:.3f} on {m['images']} "
-                f"images (gate >= {m['gate']:.2f}), labels {'as exported' if m['labels_match'] else 'DIFFER'}")
+                f"images (gate >= {m['gate']:.2f}; {m['top1_agreement_as_given']:.3f} with MediaPipe resizing them), "
+                f"labels {'as exported' if m['labels_match'] else 'DIFFER'}")
 
     def summary(self) -> str:
         paths = ", ".join(f"{k} {v:.1e}" for k, v in self.max_abs.items())
@@ -375,26 +376,34 @@ def _tflite_paths(paths: _Paths, served: Path, x: np.ndarray, pixels_from: Any =
 
 
 def _mediapipe_path(check: ConsumerCheck, v: "VariantResult", result: "ExportResult", served: Path) -> None:
-    """MediaPipe's ImageClassifier loads the served file as it is and classifies the validation images: its
-    top-1 must agree with PyTorch's at the variant's gate, with the exported labels as category names."""
+    """MediaPipe's ImageClassifier loads the served file as it is and classifies the validation images, resized
+    as skinreg's validation resized them: its top-1 must agree with PyTorch's at the variant's gate, with the
+    exported labels as category names. The same images as they are (MediaPipe resizing them) are reported."""
     from skinreg.registry import mediapipe_check
 
     if not mediapipe_check.available() or result.reference_logits is None:
         return  # an environment without mediapipe (it is in the dev extras, not a runtime dependency)
-    labels = list(result.spec.preprocessing.labels)
+    pre, labels = result.spec.preprocessing, list(result.spec.preprocessing.labels)
     gate = result.gates[v.file.precision].min_top1_agreement
+    originals = [mediapipe_check.rgb(im) for im in result.val_images]
     try:
-        got = mediapipe_check.classify(served, list(result.val_images))
+        got = mediapipe_check.classify(served, {"resized": [pre.pixels(im) for im in originals],
+                                                "as given": originals})
     except Exception as exc:
         check.failures.append(f"{v.file.variant}: {first_line(exc)}")
         return
-    agreement = float(np.mean(np.asarray(got.top1) == result.reference_logits.argmax(1)[: len(got.top1)]))
-    check.mediapipe = {"images": len(got.top1), "top1_agreement": agreement, "gate": gate,
+    reference = result.reference_logits.argmax(1)
+
+    def agreement(name: str) -> float:
+        return float(np.mean(np.asarray(got.top1[name]) == reference[: len(got.top1[name])]))
+
+    check.mediapipe = {"images": len(got.top1["resized"]), "top1_agreement": agreement("resized"), "gate": gate,
+                       "top1_agreement_as_given": agreement("as given"),
                        "labels_match": got.category_names == labels and all(
-                           n == labels[k] for n, k in zip(got.names, got.top1))}
-    if agreement < gate:
+                           n == labels[k] for n, k in zip(got.names["resized"], got.top1["resized"]))}
+    if check.mediapipe["top1_agreement"] < gate:
         check.failures.append(f"{v.file.variant}: MediaPipe's ImageClassifier agrees with PyTorch on "
-                              f"{agreement:.3f} of the images, below the gate's {gate:.2f}")
+                              f"{check.mediapipe['top1_agreement']:.3f} of the images, below the gate's {gate:.2f}")
     if not check.mediapipe["labels_match"]:
         check.failures.append(f"{v.file.variant}: MediaPipe's category names {got.category_names} are not the "
                               f"exported labels {labels}")

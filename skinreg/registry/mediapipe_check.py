@@ -1,10 +1,15 @@
 """The mobile API's path of the consumer check: MediaPipe Tasks' ImageClassifier, as an Android or iOS
 app uses it (`ImageClassifier.createFromFile`), classifies the validation images with an app-ready file.
 
-MediaPipe reads the file's own metadata (normalization, labels) and does its own resizing; skinreg hands
-it the images as they are. It runs in a child process: mediapipe is an optional dependency (the dev
-extras), it brings its own native libraries beside TensorFlow's, and closing a classifier looks up a
-logging host. `available()` says whether this environment has it.
+MediaPipe reads the file's own metadata (normalization, labels) and resizes an image to the model's
+input itself (bilinear, without the antialiasing of the bicubic resize skinreg validates with). So each
+image is classified twice: resized by skinreg's preprocessing first (MediaPipe's resize is then the
+identity: this is the file and MediaPipe's own input path, compared with PyTorch on the same pixels),
+and as it is (what an app that hands over camera frames gets; the difference is the resize's).
+
+It runs in a child process: mediapipe is an optional dependency (the dev extras), it brings its own
+native libraries beside TensorFlow's, and closing a classifier looks up a logging host. `available()`
+says whether this environment has it.
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ TIMEOUT_S = 300
 
 @dataclass
 class MediaPipeResult:
-    top1: list[int]  # the index of each image's best category
-    names: list[str]  # its category name
+    top1: dict[str, list[int]]  # per set of images: the index of each image's best category
+    names: dict[str, list[str]]  # ... and its category name
     category_names: list[str]  # every category name the classifier reports, in index order
 
 
@@ -36,7 +41,7 @@ def available() -> bool:
     return importlib.util.find_spec("mediapipe") is not None
 
 
-def _rgb(image: Any) -> np.ndarray:
+def rgb(image: Any) -> np.ndarray:
     """An image (path or HWC uint8 array) as the RGB uint8 array an app's camera or gallery hands over."""
     from skinreg.data.images import open_image
 
@@ -46,12 +51,12 @@ def _rgb(image: Any) -> np.ndarray:
         return np.ascontiguousarray(np.asarray(im.convert("RGB"), dtype=np.uint8))
 
 
-def classify(model: Path, images: list[Any]) -> MediaPipeResult:
-    """Each image's top category by MediaPipe's ImageClassifier on `model`; a RuntimeError with MediaPipe's
-    own message when it refuses the file."""
+def classify(model: Path, sets: dict[str, list[np.ndarray]]) -> MediaPipeResult:
+    """Each image's top category by MediaPipe's ImageClassifier on `model`, for each named set of RGB uint8
+    images; a RuntimeError with MediaPipe's own message when it refuses the file."""
     with tempfile.TemporaryDirectory(prefix="skinreg-mediapipe-") as tmp:
         batch = Path(tmp) / "images.npz"
-        np.savez(batch, **{f"i{n:05d}": _rgb(im) for n, im in enumerate(images)})
+        np.savez(batch, **{f"{name}/{n:05d}": im for name, images in sets.items() for n, im in enumerate(images)})
         try:
             proc = subprocess.run([sys.executable, "-m", "skinreg.registry.mediapipe_check", str(model), str(batch)],
                                   capture_output=True, text=True, timeout=TIMEOUT_S)
@@ -69,16 +74,18 @@ def _child(model: str, batch: str) -> int:
     import mediapipe as mp
     from mediapipe.tasks.python import BaseOptions, vision
 
+    top1: dict[str, list[int]] = {}
+    names: dict[str, list[str]] = {}
+    categories: dict[int, str] = {}
     try:
         options = vision.ImageClassifierOptions(base_options=BaseOptions(model_asset_path=model), max_results=-1)
-        top1, names, categories = [], [], {}
         with np.load(batch, allow_pickle=False) as arrays, vision.ImageClassifier.create_from_options(options) as clf:
             for key in sorted(arrays.files):
                 image = mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(arrays[key]))
                 found = clf.classify(image).classifications[0].categories
                 best = max(found, key=lambda c: c.score)
-                top1.append(int(best.index))
-                names.append(best.category_name)
+                top1.setdefault(key.split("/")[0], []).append(int(best.index))
+                names.setdefault(key.split("/")[0], []).append(best.category_name)
                 categories.update({int(c.index): c.category_name for c in found})
     except Exception as exc:  # MediaPipe refusing the file: its message, on one line
         print(json.dumps({"error": first_line(exc)}))
