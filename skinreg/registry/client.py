@@ -91,7 +91,7 @@ def _all_pages(call: Any, **kw: Any) -> list[Any]:
             return out
 
 
-REGISTRY_THREADS = 4  # a request per variant at a time (four variants by default)
+REGISTRY_THREADS = 4  # requests side by side, one per variant (of the six by default) at a time
 
 
 def each_at_once(fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
