@@ -416,9 +416,8 @@ def app_saved_model(saved_model: Path, spec: ModelSpec, work_dir: Path) -> Path:
     signature = inner.signatures["serving_default"]
     (in_name,) = signature.structured_input_signature[1].keys()
     (out_name,) = signature.structured_outputs.keys()
-    # (pixel * scale - mean) / std per channel, as one 1x1 depthwise convolution with a bias: one op that
-    # XNNPACK runs in float and int8 (per-channel weights), where a broadcast MUL and ADD were two ops
-    # and, quantized, slower than the rest of a small model.
+    # (pixel * scale - mean) / std per channel, as one 1x1 depthwise convolution with a bias: one op, with
+    # per-channel weights when quantized.
     scale = tf.constant((pre.scale / np.asarray(pre.std)).astype(np.float32).reshape(1, 1, 3, 1))
     shift = tf.constant((-np.asarray(pre.mean) / np.asarray(pre.std)).astype(np.float32))
 
