@@ -62,6 +62,28 @@ def test_every_tflite_file_describes_itself_in_its_metadata(exported, name, cont
     assert Preprocessing.load_file(out / name.replace(".tflite", ".json")).input == contract
 
 
+def test_metadata_is_rewritten_in_place_and_bad_bytes_are_one_line(exported, trained):
+    """Writing metadata twice gives the same file (its buffer is replaced, not added); labels that do not
+    match the model's outputs, and bytes that are not a TFLite file, are one-line InputErrors."""
+    from dataclasses import replace
+
+    from skinreg.convert import tflite_metadata as tm
+    from skinreg.errors import InputError
+
+    out, _ = exported
+    data = (out / "skin_classifier_app_uint8.tflite").read_bytes()
+    meta = tm.Metadata(name="x", description="d", version="1", labels=trained.loaded.spec.preprocessing.labels,
+                       contract=tm.PIXELS_UINT8)
+    once = tm.embed(data, meta)
+    assert tm.embed(once, meta) == once and tm.read(once)["name"] == "x"
+    with pytest.raises(InputError, match="3 labels for a model with 4 outputs"):
+        tm.embed(data, replace(meta, labels=("a", "b", "c")))
+    for bad in (b"not a model", data[: len(data) // 3]):
+        with pytest.raises(InputError, match="not a TFLite file with readable metadata") as err:
+            tm.read(bad)
+        assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("name", ["skin_classifier_app_float32.tflite", "skin_classifier_app_uint8.tflite"])
 def test_app_ready_files_take_pixels_and_agree_with_pytorch(exported, name, demo_data, trained):
     """What an app does without skinreg's preprocessing: resize, hand over the RGB bytes."""

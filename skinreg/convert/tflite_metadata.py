@@ -24,7 +24,7 @@ import numpy as np
 
 from skinreg._compat import ai_edge_litert as compat_litert
 from skinreg.convert import _metadata_schema as md
-from skinreg.errors import ExportError, InputError
+from skinreg.errors import ExportError, InputError, first_line
 
 METADATA_BUFFER = "TFLITE_METADATA"
 METADATA_IDENTIFIER = b"M001"
@@ -156,16 +156,30 @@ def embed(data: bytes, meta: Metadata) -> bytes:
     builder.Finish(model.Pack(builder), MODEL_IDENTIFIER)
     out = io.BytesIO(bytes(builder.Output()))
     out.seek(0, io.SEEK_END)
-    # Uncompressed: MediaPipe reads associated files in place and refuses compressed ones.
-    with zipfile.ZipFile(out, "a", compression=zipfile.ZIP_STORED) as zf:
-        zf.writestr(LABELS_FILE, "".join(f"{label}\n" for label in meta.labels))
+    # Uncompressed: MediaPipe reads associated files in place and refuses compressed ones. A fixed date:
+    # the same model and metadata give the same bytes (and sha256) on every run.
+    entry = zipfile.ZipInfo(LABELS_FILE, date_time=(1980, 1, 1, 0, 0, 0))
+    entry.compress_type = zipfile.ZIP_STORED
+    with zipfile.ZipFile(out, "a") as zf:
+        zf.writestr(entry, "".join(f"{label}\n" for label in meta.labels))
     return out.getvalue()
 
 
 def read(data: bytes) -> dict[str, Any] | None:
     """The metadata a file carries (None if it has none), as a plain dict: name, description, version,
-    min_parser_version, input {name, colour space, mean, std}, output {name, description}, labels."""
+    min_parser_version, input {name, colour space, mean, std}, output {name, description}, labels.
+    Bytes that are not a TFLite file with readable metadata are an InputError, never a traceback."""
+    try:
+        return _read(data)
+    except Exception as exc:  # a flatbuffer or zip that does not parse, whoever wrote it
+        raise InputError(f"not a TFLite file with readable metadata ({first_line(exc)}); export it again "
+                         "with skinreg") from None
+
+
+def _read(data: bytes) -> dict[str, Any] | None:
     schema = compat_litert.model_schema()
+    if not schema.Model.ModelBufferHasIdentifier(data, 0):
+        raise ValueError("no TFL3 identifier")
     model = schema.Model.GetRootAsModel(_model_without_zip(data), 0)
     for i in range(model.MetadataLength()):
         entry = model.Metadata(i)

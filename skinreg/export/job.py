@@ -621,6 +621,10 @@ class _Export:
                             dtype=f.details.get("input_dtype", "float32"), source=self.req.source, gates=gates)
             f.path.write_bytes(tflite_metadata.embed(f.path.read_bytes(), meta))
             v.file, v.size_bytes = replace(f, sha256=file_sha256(f.path)), size_bytes(f.path)
+            if f.variant == "tflite-int8":  # the candidates table names the kept file's size too
+                for row in self.int8_candidates:
+                    if row.get("chosen"):
+                        row["size_bytes"] = v.size_bytes
 
     def report(self) -> ExportResult:
         from skinreg.export.report import write_plot, write_report

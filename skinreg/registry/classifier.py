@@ -109,7 +109,10 @@ def pull(uri: str, output: Path) -> dict[str, Path]:
     if model_file.suffix == ".tflite":
         from skinreg.convert.tflite_metadata import read
 
-        meta = read(model_file.read_bytes())
+        try:
+            meta = read(model_file.read_bytes())
+        except InputError as exc:
+            raise RegistryError(f"{uri} serves {model_file.name}: {exc}") from None
         if meta is None or meta["labels"] != list(pre.labels):
             raise RegistryError(f"{uri} serves {model_file.name} without metadata that names its labels "
                                 f"{list(pre.labels)}: export it again with this skinreg")
