@@ -16,6 +16,7 @@ FENCES = {  # fence module -> distribution
     "skinreg._compat.onnx2tf": "onnx2tf",
     "skinreg._compat.litert_torch": "litert-torch",
     "skinreg._compat.ai_edge_litert": "ai-edge-litert",
+    "skinreg._compat.mediapipe": "mediapipe",
     "registry_hooks._compat": "procrastinate",
 }
 

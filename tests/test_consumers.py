@@ -105,6 +105,10 @@ def test_every_registered_variant_serves_batch_1_and_4_through_each_consumer(tra
         assert mp["images"] == 48 and mp["labels_match"] is True
         assert mp["top1_agreement"] >= res.export.gates[Precision.int8].min_top1_agreement, (variant, mp)
     assert res.export.consumer_checks["tflite-int8"].mediapipe is None  # per-channel normalization: not for it
+    input_tags = {v: MlflowClient().get_model_version(f"skin-{v}", "1").tags["skinreg.input"] for v in VARIANTS}
+    assert input_tags == {"onnx": "float32 normalized", "tflite-float32": "float32 normalized",
+                          "tflite-float16": "float32 normalized", "tflite-int8": "float32 normalized",
+                          "tflite-app-float32": "float32 pixels", "tflite-app-uint8": "uint8 pixels"}
     assert res.report.count("MediaPipe ImageClassifier: top-1 agreement") == 2
     _an_app_bundles_what_pull_fetches(tmp_path / "pulled", trained, demo_data, res.export.gates[Precision.int8])
 

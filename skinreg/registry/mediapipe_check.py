@@ -71,8 +71,10 @@ def classify(model: Path, sets: dict[str, list[np.ndarray]]) -> MediaPipeResult:
 
 
 def _child(model: str, batch: str) -> int:
-    import mediapipe as mp
-    from mediapipe.tasks.python import BaseOptions, vision
+    from skinreg._compat.mediapipe import import_vision_without_tensorflow
+
+    mp, vision = import_vision_without_tensorflow()  # this process classifies only (see the fence)
+    BaseOptions = mp.tasks.BaseOptions
 
     top1: dict[str, list[int]] = {}
     names: dict[str, list[str]] = {}
