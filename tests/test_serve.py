@@ -78,16 +78,21 @@ def registry(trained, demo_data, tmp_path_factory):
         mlflow.set_registry_uri(None)
 
 
+OPTION_CAP = 3_000_000  # --max-body-bytes below the default (10 MiB): bodies between them prove the option works
+
+
 @pytest.fixture(scope="module")
 def server(registry):
-    """`skinreg serve --model models:/skin-onnx@production`, polling every POLL_S."""
+    """`skinreg serve --model models:/skin-onnx@production`, polling every POLL_S, with --max-body-bytes
+    OPTION_CAP and --max-images 4."""
     port = free_port()
     log_path = registry["work"] / "serve.log"
     env = {**os.environ, "MLFLOW_TRACKING_URI": registry["url"], "SKINREG_SIGNING_KEY": KEY,
            "MLFLOW_DISABLE_TELEMETRY": "true"}
     with open(log_path, "w") as log:
         proc = subprocess.Popen([str(VENV_BIN / "skinreg"), "serve", "--model", "models:/skin-onnx@production",
-                                 "--port", str(port), "--poll-s", str(POLL_S), "--token", "t" * 24], env=env,
+                                 "--port", str(port), "--poll-s", str(POLL_S), "--token", "t" * 24,
+                                 "--max-body-bytes", str(OPTION_CAP), "--max-images", "4"], env=env,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         url = f"http://127.0.0.1:{port}"
         try:
@@ -247,7 +252,8 @@ def _bomb() -> bytes:
 
 
 @pytest.mark.parametrize("case", ["not_an_image", "truncated", "bomb", "empty", "too_large", "content_type",
-                                  "v2_shape", "v2_datatype", "v2_not_json", "no_token", "unknown_model"])
+                                  "v2_shape", "v2_datatype", "v2_not_json", "no_token", "unknown_model",
+                                  "over_the_option_cap", "more_images_than_the_option"])
 def test_bad_input_is_a_4xx_with_one_line(server, demo_data, case):
     url, h = server["url"], server["headers"]
     png = _png(sorted((demo_data / "val").rglob("*.png"))[0])
@@ -268,11 +274,17 @@ def test_bad_input_is_a_4xx_with_one_line(server, demo_data, case):
         "v2_not_json": lambda: requests.post(v2, data=b"{not json", headers=h),
         "no_token": lambda: requests.post(url + "/predict", data=png, headers={"Content-Type": "image/png"}),
         "unknown_model": lambda: requests.get(url + "/v2/models/other", headers=h),
+        "over_the_option_cap": lambda: requests.post(url + "/predict", data=png + b"\0" * (OPTION_CAP + 1000),
+                                                     headers={**h, "Content-Type": "image/png"}),
+        "more_images_than_the_option": lambda: requests.post(
+            url + "/predict", files=[("file", (f"{i}.png", png, "image/png")) for i in range(5)], headers=h),
     }[case]
     r = post()
     assert 400 <= r.status_code < 500, (r.status_code, r.text)
     message = r.json()["error"]
     assert message and "\n" not in message
+    if case == "over_the_option_cap":  # under the default cap: refused by --max-body-bytes
+        assert r.status_code == 413 and f"{OPTION_CAP}-byte cap" in message, message
     # the server still answers, and the refusal is counted by its reason
     ok = requests.post(url + "/predict", data=png, headers={**h, "Content-Type": "image/png"}, timeout=30)
     assert ok.status_code == 200

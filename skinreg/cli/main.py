@@ -304,13 +304,16 @@ def serve_cmd(
     threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads.")] = 1,
     token: Annotated[Optional[str], typer.Option(envvar="SKINREG_SERVE_TOKEN", help=(
         "Require `Authorization: Bearer TOKEN` (health probes excepted)."))] = None,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body accepted (413 above).")] = 10 * 1024 * 1024,
+    max_images: Annotated[int, typer.Option(help="Images in one multipart request, rows in one V2 request, at most.")] = 32,
 ) -> None:
     """Serve an ONNX variant over HTTP (images, KServe V2, Prometheus metrics), following its alias.
     With SKINREG_WEBHOOK_SECRET set, POST /webhook takes MLflow's signed alias events and reloads at once."""
     from skinreg.serve import ServeSettings, run
 
     run(ServeSettings(model=model, host=host, port=port, poll_s=poll_s, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                      threads=threads, token=token, webhook_secret=os.environ.get("SKINREG_WEBHOOK_SECRET") or None))
+                      threads=threads, token=token, max_body_bytes=max_body_bytes, max_images=max_images,
+                      webhook_secret=os.environ.get("SKINREG_WEBHOOK_SECRET") or None))
 
 
 @command("demo")
