@@ -23,9 +23,9 @@ pytestmark = pytest.mark.server
 
 EDITOR = ("editor", "skinreg-editor-password-1")
 READER = ("reader", "skinreg-reader-password-1")
-# Measured 183 for export-version of the six default variants: 40 of them upload the variants' files, 64
-# are the consumer check's downloads of them (one request per file and folder listing), and 2 write the
-# source's sealed export record (docs/security.md); docs/remote.md says where the rest go.
+# Measured 183 for export-version of the six default variants: 40 of them upload the variants' files,
+# 40 download them back for the consumer check and 19 list folders (one request per file and per folder
+# listing), and 2 write the source's sealed export record (docs/security.md); docs/remote.md has the rest.
 EXPORT_BUDGET, PROMOTE_BUDGET = 187, 14  # promote: one read and one alias per model (source + six)
 
 

@@ -406,8 +406,8 @@ def metadata(spec: ModelSpec, *, name: str, precision: Precision, contract: str,
 
 def app_saved_model(saved_model: Path, spec: ModelSpec, work_dir: Path) -> Path:
     """The app-ready SavedModel: the normalization in the graph, in front of onnx2tf's model, so the input is
-    RGB pixels 0..255 (NHWC, batch 1 like the other files) and one metadata NormalizationOptions (or none, for uint8) describes it:
-    MediaPipe's ImageClassifier refuses per-channel normalization metadata."""
+    RGB pixels 0..255 (NHWC, batch 1 like the other files) and one metadata NormalizationOptions (or none,
+    for uint8) describes it: MediaPipe's ImageClassifier refuses per-channel normalization metadata."""
     _import_tensorflow_safely()
     import tensorflow as tf
 

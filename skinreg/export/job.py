@@ -634,8 +634,8 @@ class _Export:
                               int8_candidates=self.int8_candidates, pytorch_latency=self.pt_latency,
                               pytorch_accuracy=self.pt_acc, validation=self.val_info,
                               calibration=self.calibration_info, wall_s=0.0, notes=self.notes, x_val=self.x_val,
-                              val_images=self.val_images, reference_logits=self.reference_logits, gates=self.gates, stage_seconds=self.stages.seconds,
-                              int8_strategy=req.int8_strategy)
+                              val_images=self.val_images, reference_logits=self.reference_logits, gates=self.gates,
+                              stage_seconds=self.stages.seconds, int8_strategy=req.int8_strategy)
         self.progress("writing report")
         with self.stages("report and plot"):
             result.plot_png = write_plot(result)
