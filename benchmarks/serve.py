@@ -61,15 +61,17 @@ def load(url: str, body: bytes, headers: dict[str, str], *, concurrency: int, se
 
     for _ in range(3):  # warm the connection and the server
         requests.post(url, data=body, headers=headers, timeout=60)
-    start = time.monotonic()
+    start, cpu0 = time.monotonic(), time.process_time()
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.monotonic() - start
+    wall, cpu = time.monotonic() - start, time.process_time() - cpu0
+    # the clients share the machine's cores with the server: their CPU per request is reported beside it
     return {"rps": len(latencies) / wall, "p50_ms": percentile(latencies, 50) * 1e3,
-            "p99_ms": percentile(latencies, 99) * 1e3, "n": len(latencies), "failures": failures[0]}
+            "p99_ms": percentile(latencies, 99) * 1e3, "n": len(latencies), "failures": failures[0],
+            "client_cpu_ms": cpu * 1e3 / max(1, len(latencies) + failures[0])}
 
 
 def start(cmd: list[str], ready: str, log: Path, env: dict[str, str]) -> subprocess.Popen:
@@ -197,22 +199,21 @@ def main() -> None:
 
     sweep: dict[str, dict[str, float]] = {}
     if not args.no_sweep:
-        for label, extra in (("threads 1, wait 2 ms (default)", []), ("threads 2, wait 2 ms", ["--threads", "2"]),
-                             ("threads 1, wait 0 ms", ["--max-wait-ms", "0"]),
-                             ("threads 1, batch 16", ["--max-batch", "16"])):
+        for label, extra in (("threads 2, wait 2 ms (default)", []), ("threads 1, wait 2 ms", ["--threads", "1"]),
+                             ("threads 2, wait 0 ms", ["--max-wait-ms", "0"]),
+                             ("threads 2, batch 16", ["--max-batch", "16"])):
             print(f"[sweep] {label}", flush=True)
             sweep[label] = skinreg_serve(extra, (1, 8))
 
     print(f"\n{args.arch} {args.size} px, {os.cpu_count()} cores; JPEG {len(jpeg)} bytes, decode+preprocess "
           f"p50 {decode_ms:.2f} ms; bare batch-1 p50 {results['bare'][1]['p50_ms']:.2f} ms (2 threads), "
           f"{bare1_threads1['p50_ms']:.2f} ms (1 thread)")
-    print(f"{'system':<34}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'fail':>6}")
-    for system, rows in results.items():
+    print(f"{'system':<34}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'fail':>6}{'client cpu ms/req':>19}")
+    rows_out = [(system, rows) for system, rows in results.items()] + [("serve " + k, v) for k, v in sweep.items()]
+    for system, rows in rows_out:
         for c, r in rows.items():
-            print(f"{system:<34}{c:>5}{r['rps']:>9.1f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r.get('failures', 0):>6}")
-    for label, rows in sweep.items():
-        for c, r in rows.items():
-            print(f"{'serve ' + label:<34}{c:>5}{r['rps']:>9.1f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['failures']:>6}")
+            client = f"{r['client_cpu_ms']:>19.2f}" if "client_cpu_ms" in r else ""
+            print(f"{system:<34}{c:>5}{r['rps']:>9.1f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r.get('failures', 0):>6}{client}")
     a, c = results["skinreg"], results["bare"]
     if results["mlflow"]:
         print(f"\nthroughput at concurrency 8, skinreg serve / mlflow models serve: "

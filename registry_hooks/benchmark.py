@@ -39,25 +39,49 @@ def _events(url: str, since_job: int) -> dict[int, dict[str, float]]:
     return out
 
 
+def _workers_since(url: str, t0: float) -> int:
+    """procrastinate workers that registered or beat since t0 (a worker registers once it is ready to fetch)."""
+    import psycopg
+
+    with psycopg.connect(conninfo(url), options=f"-c search_path={SCHEMA}") as db:
+        return db.execute("SELECT count(*) FROM procrastinate_workers WHERE last_heartbeat >= to_timestamp(%s)",
+                          (t0,)).fetchone()[0]
+
+
 def run_benchmark(workdir: Path, *, burst: int = 12, probes: int = 5, server_workers: int = 1, formats: str = "all",
                   say: Callable[[str], None] = print) -> dict:
-    import mlflow
-    from mlflow import MlflowClient
-
-    from skinreg.data.images import generate_demo_data
-    from skinreg.data.sources import log_training_data
-    from skinreg.registry.tracking import log_source_model
-    from skinreg.models.train import train
-
     workdir.mkdir(parents=True, exist_ok=True)
-    demo = Demo(workdir, epochs=0, say=say)
-    mlflow_port, hooks_port = free_port(), free_port()
-    mlflow_url, hooks_url = f"http://127.0.0.1:{mlflow_port}", f"http://127.0.0.1:{hooks_port}"
-    results: dict = {}
     with ExitStack() as stack:
-        pg = stack.enter_context(pg_cluster())
+        bench = _Bench(Demo(workdir, epochs=0, say=say), stack, burst=burst)
+        bench.start(workdir, server_workers=server_workers, formats=formats)
+        bench.seed(workdir)
+        one = bench.phase("1-worker", bench.sources[0:3], 1)
+        two = bench.phase("2-workers", bench.sources[3:6], 2)
+        bench.results.update(burst=burst, one_worker_s=one, two_workers_s=two, speedup=one / two)
+        bench.probe(probes)
+    _print_table(bench.results, say, burst=burst, probes=probes, server_workers=server_workers, formats=formats)
+    return bench.results
+
+
+class _Bench:
+    """The cluster (PostgreSQL, `mlflow server` with webhooks, the receiver) and the phases run on it."""
+
+    def __init__(self, demo: Demo, stack: ExitStack, *, burst: int) -> None:
+        self.demo, self.stack, self.burst = demo, stack, burst
+        self.sources = [f"bq-{phase}-{i}" for phase in ("one", "two", "probe") for i in range(3)]
+        self.results: dict = {}
+        self.first: dict[str, object] = {}  # source -> its v1, whose artifact every later version reuses
+        self.mark = 0  # the last job id of the previous phase
+
+    def start(self, workdir: Path, *, server_workers: int, formats: str) -> None:
         import base64
 
+        from mlflow import MlflowClient
+
+        demo, stack = self.demo, self.stack
+        mlflow_port, hooks_port = free_port(), free_port()
+        mlflow_url, hooks_url = f"http://127.0.0.1:{mlflow_port}", f"http://127.0.0.1:{hooks_port}"
+        pg = stack.enter_context(pg_cluster())
         server = stack.enter_context(demo.process("bench-mlflow-server", [
             _bin("mlflow"), "server", "--backend-store-uri", pg.url, "--artifacts-destination",
             str(workdir / "artifacts"), "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", str(server_workers)],
@@ -65,102 +89,112 @@ def run_benchmark(workdir: Path, *, burst: int = 12, probes: int = 5, server_wor
              "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true", "MLFLOW_WEBHOOK_CACHE_TTL": "1",
              "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": base64.urlsafe_b64encode(os.urandom(32)).decode()}))
         demo.wait("mlflow server", lambda: _http_ok(f"{mlflow_url}/health"), timeout=120, proc=[server])
-        sources = [f"bq-{phase}-{i}" for phase in ("one", "two", "probe") for i in range(3)]
-        env = {**demo.env, "MLFLOW_TRACKING_URI": mlflow_url, "SKINREG_WEBHOOK_SECRET": secrets.token_urlsafe(32),
-               "SKINREG_HOOKS_DATABASE_URL": pg.url, "SKINREG_HOOKS_SOURCES": ",".join(sources),
-               "SKINREG_HOOKS_FORMATS": formats, "SKINREG_HOOKS_LATENCY_RUNS": "5",
-               "SKINREG_HOOKS_RECONCILE_INTERVAL_S": "0",
-               # every burst version is a copy of its v1's artifact: with the export cache each would reuse the
-               # v1 export, and the phases would time registry I/O, not the exports a new model costs
-               "SKINREG_EXPORT_CACHE": "off"}
-        demo.run([_bin("skinreg"), "hooks", "init-db"], env)
+        self.env = {**demo.env, "MLFLOW_TRACKING_URI": mlflow_url, "SKINREG_WEBHOOK_SECRET": secrets.token_urlsafe(32),
+                    "SKINREG_HOOKS_DATABASE_URL": pg.url, "SKINREG_HOOKS_SOURCES": ",".join(self.sources),
+                    "SKINREG_HOOKS_FORMATS": formats, "SKINREG_HOOKS_LATENCY_RUNS": "5",
+                    "SKINREG_HOOKS_RECONCILE_INTERVAL_S": "0",
+                    # every burst version is a copy of its v1's artifact: with the export cache each would reuse
+                    # the v1 export, and the phases would time registry I/O, not the exports a new model costs
+                    "SKINREG_EXPORT_CACHE": "off"}
+        demo.run([_bin("skinreg"), "hooks", "init-db"], self.env)
         receiver = stack.enter_context(demo.process("bench-receiver", [
-            _bin("skinreg"), "hooks", "serve", "--no-worker", "--port", str(hooks_port)], env))
+            _bin("skinreg"), "hooks", "serve", "--no-worker", "--port", str(hooks_port)], self.env))
         demo.wait("the receiver", lambda: _http_ok(f"{hooks_url}/health"), timeout=120, proc=[receiver])
-        demo.run([_bin("skinreg"), "hooks", "install", "--url", f"{hooks_url}/webhook"], env)
-        os.environ["MLFLOW_TRACKING_URI"] = mlflow_url
-        mlflow.set_tracking_uri(mlflow_url)
-        mlflow.set_registry_uri(mlflow_url)
-        client = MlflowClient()
-        queue = JobQueue(pg.url)
+        demo.run([_bin("skinreg"), "hooks", "install", "--url", f"{hooks_url}/webhook"], self.env)
+        self.mlflow_url, self.pg_url = mlflow_url, pg.url
+        self.client = MlflowClient(mlflow_url, registry_uri=mlflow_url)
+        self.queue = JobQueue(pg.url)
 
-        demo.step("training the tiny model once, logging it once per source (v1, no worker running yet)")
+    def seed(self, workdir: Path) -> None:
+        """Train the tiny model once, log it once per source (v1, no worker running), drop the v1 jobs."""
+        import mlflow
+        import psycopg
+
+        from skinreg.data.images import generate_demo_data
+        from skinreg.data.sources import log_training_data
+        from skinreg.models.train import train
+        from skinreg.registry.tracking import log_source_model
+
+        self.demo.step("training the tiny model once, logging it once per source (v1, no worker running yet)")
         data = generate_demo_data(workdir / "data", per_class={"train": 30, "val": 12, "calibration": 10}, size=64,
                                   seed=0)
         trained = train(data, arch="tiny_cnn", input_size=64, epochs=3, batch_size=16, lr=5e-3, seed=0)
         example = trained.loaded.spec.preprocessing.batch(sorted((data / "val").rglob("*.png"))[:2])
-        first: dict[str, object] = {}
-        for name in sources:
-            with mlflow.start_run():  # images on the run: the hooks calibrate int8 from them, as in the demo
-                log_training_data(data)
-                log_source_model(trained.loaded, registered_name=name, example=example)
-            first[name] = client.get_model_version(name, "1")
-        time.sleep(2)
-        # the v1 exports are queued by now: delete them, they are not part of any phase
-        queue_ids = [j.id for j in queue.jobs(limit=1000)]
-        import psycopg
-
-        with psycopg.connect(conninfo(pg.url), options=f"-c search_path={SCHEMA}", autocommit=True) as db:
+        mlflow.set_tracking_uri(self.mlflow_url)  # MLflow's fluent API logs the runs; reset below
+        mlflow.set_registry_uri(self.mlflow_url)
+        try:
+            for name in self.sources:
+                with mlflow.start_run():  # images on the run: the hooks calibrate int8 from them, as in the demo
+                    log_training_data(data)
+                    log_source_model(trained.loaded, registered_name=name, example=example)
+                self.first[name] = self.client.get_model_version(name, "1")
+        finally:
+            mlflow.set_tracking_uri(None)
+            mlflow.set_registry_uri(None)
+        self.demo.wait("the v1 jobs queued", lambda: len(self.queue.jobs(limit=1000)) >= len(self.sources),
+                       timeout=60, proc=[])
+        queue_ids = [j.id for j in self.queue.jobs(limit=1000)]  # not part of any phase
+        with psycopg.connect(conninfo(self.pg_url), options=f"-c search_path={SCHEMA}", autocommit=True) as db:
             db.execute("DELETE FROM procrastinate_jobs WHERE id = ANY(%s)", (queue_ids,))
-        mark = max(queue_ids or [0])
+        self.mark = max(queue_ids or [0])
 
-        def register(name: str) -> float:
-            v1 = first[name]
-            mv = client.create_model_version(name, v1.source, run_id=v1.run_id,
-                                             model_id=v1.source.split("models:/", 1)[1])
-            return mv.creation_timestamp / 1000
+    def register(self, name: str) -> float:
+        v1 = self.first[name]
+        mv = self.client.create_model_version(name, v1.source, run_id=v1.run_id,
+                                              model_id=v1.source.split("models:/", 1)[1])
+        return mv.creation_timestamp / 1000
 
-        def phase(label: str, names: list[str], workers: int) -> float:
-            nonlocal mark
-            procs = [stack.enter_context(demo.process(f"bench-worker-{label}-{i}", [
-                _bin("skinreg"), "hooks", "worker", "--name", f"{label}-{i}"], env)) for i in range(workers)]
-            time.sleep(8)  # the workers import the stack and register with procrastinate before the burst
-            cpu0 = psutil.cpu_times()
-            t0 = time.time()
-            for k in range(burst):
-                register(names[k % len(names)])
-            demo.wait(f"{burst} jobs done", lambda: sum(1 for j in queue.jobs(limit=1000) if j.id > mark
-                                                        and j.state == "done") >= burst, timeout=1800, proc=procs)
-            cpu1 = psutil.cpu_times()
-            events = _events(pg.url, mark)
-            end = max(e.get("succeeded", 0.0) for e in events.values())
-            total = sum(cpu1) - sum(cpu0)
-            busy = 1 - ((cpu1.idle - cpu0.idle) + (cpu1.iowait - cpu0.iowait)) / total if total else 0.0
-            results[f"{label}_busy"] = busy
-            mark = max(events)
-            for p in procs:
-                p.terminate()
-                p.wait(timeout=60)
-            wall = end - t0
-            per_job = statistics.mean(e["succeeded"] - e["started"] for e in events.values() if "succeeded" in e)
-            demo.step(f"{label}: {burst} registrations over {len(names)} sources, {workers} worker(s): {wall:.1f} s "
-                      f"({burst / wall * 60:.1f} exports/min; a job {per_job:.2f} s from start to end; "
-                      f"all {os.cpu_count()} cores {busy:.0%} busy)")
-            results[f"{label}_job_s"] = per_job
-            return wall
+    def workers(self, label: str, n: int) -> list:
+        t0 = time.time()
+        procs = [self.stack.enter_context(self.demo.process(f"bench-worker-{label}-{i}", [
+            _bin("skinreg"), "hooks", "worker", "--name", f"{label}-{i}"], self.env)) for i in range(n)]
+        self.demo.wait(f"{n} worker(s) ready", lambda: _workers_since(self.pg_url, t0) >= n, timeout=120, proc=procs)
+        return procs
 
-        one = phase("1-worker", sources[0:3], 1)
-        two = phase("2-workers", sources[3:6], 2)
-        results.update(burst=burst, one_worker_s=one, two_workers_s=two, speedup=one / two)
+    def phase(self, label: str, names: list[str], workers: int) -> float:
+        burst, demo = self.burst, self.demo
+        procs = self.workers(label, workers)
+        cpu0 = psutil.cpu_times()
+        t0 = time.time()
+        for k in range(burst):
+            self.register(names[k % len(names)])
+        demo.wait(f"{burst} jobs done", lambda: sum(1 for j in self.queue.jobs(limit=1000) if j.id > self.mark
+                                                    and j.state == "done") >= burst, timeout=1800, proc=procs)
+        cpu1 = psutil.cpu_times()
+        events = _events(self.pg_url, self.mark)
+        end = max(e.get("succeeded", 0.0) for e in events.values())
+        total = sum(cpu1) - sum(cpu0)
+        busy = 1 - ((cpu1.idle - cpu0.idle) + (cpu1.iowait - cpu0.iowait)) / total if total else 0.0
+        self.mark = max(events)
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=60)
+        wall = end - t0
+        per_job = statistics.mean(e["succeeded"] - e["started"] for e in events.values() if "succeeded" in e)
+        demo.step(f"{label}: {burst} registrations over {len(names)} sources, {workers} worker(s): {wall:.1f} s "
+                  f"({burst / wall * 60:.1f} exports/min; a job {per_job:.2f} s from start to end; "
+                  f"all {os.cpu_count()} cores {busy:.0%} busy)")
+        self.results.update({f"{label}_busy": busy, f"{label}_job_s": per_job})
+        return wall
 
-        procs = [stack.enter_context(demo.process("bench-worker-probe", [
-            _bin("skinreg"), "hooks", "worker", "--name", "probe"], env))]
-        time.sleep(8)
+    def probe(self, probes: int) -> None:
+        """One registration at a time, the worker idle: registration -> job committed -> job started."""
+        procs = self.workers("probe", 1)
         to_deferred, to_started = [], []
-        for k in range(probes):  # one registration at a time, the worker idle
-            created = register(sources[6 + k % 3])
-            demo.wait("the probe job done", lambda: any(j.id > mark and j.state == "done" for j in queue.jobs()),
-                      timeout=300, proc=procs)
-            ev = _events(pg.url, mark)
-            [(job_id, e)] = list(ev.items())
+        for k in range(probes):
+            created = self.register(self.sources[6 + k % 3])
+            self.demo.wait("the probe job done", lambda: any(j.id > self.mark and j.state == "done"
+                                                             for j in self.queue.jobs()), timeout=300, proc=procs)
+            [(job_id, e)] = list(_events(self.pg_url, self.mark).items())
             to_deferred.append(e["deferred"] - created)
             to_started.append(e["started"] - e["deferred"])
-            mark = job_id
-        results.update(webhook_s=statistics.median(to_deferred), pickup_s=statistics.median(to_started),
-                       pickup_max_s=max(to_started))
-        mlflow.set_tracking_uri(None)
-        mlflow.set_registry_uri(None)
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
+            self.mark = job_id
+        self.results.update(webhook_s=statistics.median(to_deferred), pickup_s=statistics.median(to_started),
+                            pickup_max_s=max(to_started))
+
+
+def _print_table(results: dict, say: Callable[[str], None], *, burst: int, probes: int, server_workers: int,
+                 formats: str) -> None:
     say("")
     say("| measure | value | target |")
     say("|---|---|---|")
@@ -175,7 +209,6 @@ def run_benchmark(workdir: Path, *, burst: int = 12, probes: int = 5, server_wor
         f"{results['pickup_max_s'] * 1000:.0f} ms | <= 2 s |")
     say(f"(mlflow server --workers {server_workers}; export formats: {formats}, int8 calibrated from the source run's "
         f"images when the formats include TFLite; this machine: {os.cpu_count()} cores)")
-    return results
 
 
 def main() -> None:

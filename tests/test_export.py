@@ -295,3 +295,28 @@ def test_calibration_governance_subsample_record_and_one_class_refusal(trained_c
     assert res.exit_code == 2 and not (tmp_path / "o2").exists()
     assert res.stderr.strip() == (f"error: only 6 usable calibration images in {few}: int8 needs at least 10 (50-200 "
                                   "representative images recommended); add images or raise --calibration-size")
+
+
+def test_every_pair_the_plan_accepts_and_every_int8_recipe_has_a_route_to_convert_it():
+    """`plan` (the check) and `Route.export` (the dispatch) read one table: whatever a request may ask for,
+    with either TFLite converter and any --quantize, has a row that converts it; an int8 recipe names a
+    backend with an int8 row."""
+    from skinreg.convert.formats import TFLITE_CONVERTERS
+    from skinreg.convert.int8_recipes import INT8_RECIPES
+    from skinreg.convert.routes import ROUTES, backend_for, plan
+    from skinreg.enums import Format, Precision
+    from skinreg.errors import UnsupportedError
+
+    accepted = set()
+    for converter in TFLITE_CONVERTERS:
+        for quantize in ([], [Precision.float16], [Precision.int8], [Precision.float16, Precision.int8]):
+            try:
+                pairs = plan([Format.all], quantize, has_calibration=True, converter=converter)
+            except UnsupportedError:
+                continue
+            accepted |= {(f, p, backend_for(f, converter)) for f, p in pairs if (f, p) != (Format.onnx, Precision.float32)}
+    assert accepted == set(ROUTES), set(ROUTES) ^ accepted
+    assert {(Format.tflite, Precision.int8, r.backend) for r in INT8_RECIPES.values()} <= set(ROUTES)
+    with pytest.raises(UnsupportedError, match="--quantize float16 is not supported for --format tflite with "
+                                               "--converter litert-torch"):
+        plan([Format.tflite], [Precision.float16], has_calibration=True, converter="litert-torch")

@@ -51,10 +51,63 @@ def test_whole_stack_imports_in_one_process_at_the_pinned_versions():
 
 
 def test_package_metadata_has_lower_bounds_only():
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    deps = project["dependencies"] + [d for extra in project["optional-dependencies"].values() for d in extra]
     for dep in deps:
         assert not re.search(r"(==|<|~=|!=)", dep), f"{dep}: an upper bound or pin could downgrade the stack"
     assert not any(d.startswith("onnx2tf") for d in deps)  # installed with --no-deps by `make setup`
+
+
+def _installed_closure(dist: str, extras: set[str]) -> set[str]:
+    """Every distribution `pip install 'dist[extras]'` brings, walked through the installed packages' own
+    metadata (their Requires-Dist, environment markers and extras evaluated here)."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    seen: set[tuple[str, frozenset[str]]] = set()
+    todo = [(dist, frozenset(extras))]
+    while todo:
+        name, wanted = todo.pop()
+        if (canonicalize_name(name), wanted) in seen:
+            continue
+        seen.add((canonicalize_name(name), wanted))
+        try:
+            lines = requires(name) or []
+        except PackageNotFoundError:
+            continue
+        for line in lines:
+            req = Requirement(line)
+            if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in (wanted or {""})):
+                todo.append((req.name, frozenset(req.extras)))
+    return {name for name, _ in seen}
+
+
+def test_the_serve_extra_brings_no_torch_tensorflow_converters_or_full_mlflow():
+    light = _installed_closure("skinreg", {"serve"})
+    assert {"onnxruntime", "fastapi", "uvicorn", "prometheus-client", "mlflow-skinny", "pillow"} <= light, light
+    heavy = {"torch", "torchvision", "tensorflow", "tf-keras", "onnx", "litert-torch", "ai-edge-litert", "mlflow",
+             "onnxsim", "procrastinate", "matplotlib", "scipy", "pandas"}
+    assert not light & heavy, f"`pip install 'skinreg[serve]'` would install {sorted(light & heavy)}"
+    assert heavy - {"scipy", "pandas"} <= _installed_closure("skinreg", {"export"})
+
+
+def test_a_command_whose_extra_is_missing_names_the_extra_in_one_line(tmp_path):
+    """`skinreg export` on a light install (torch absent): one line naming the package and the pip command."""
+    import subprocess
+    import sys
+
+    (tmp_path / "model.pth").write_bytes(b"")
+    code = ("import sys; sys.modules['torch'] = sys.modules['torchvision'] = None; "
+            "from skinreg.cli.main import main; "
+            f"sys.argv = ['skinreg', 'export', '--checkpoint', {str(tmp_path / 'model.pth')!r}]; main()")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert lines[-1] == ("error: `skinreg export` needs the Python package 'torch', which this install lacks; "
+                         "install the extra that brings it: pip install 'skinreg[export]'"), out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
@@ -171,9 +171,6 @@ def cached_export_version_seconds(loaded, settings, work: Path, val_dir: Path) -
 
 def run_one(arch: str, *, data: Path, work: Path, input_size: int, epochs: int, latency_runs: int,
             int8_strategy: str, opsets: bool, progress: Callable[[str], None], cache: bool = True) -> dict:
-    from skinreg.errors import GateError
-    from skinreg.export.job import ExportRequest, run_export
-    from skinreg.export.settings import ExportSettings
     from skinreg.models.train import train
 
     progress(f"[{arch}] training at {input_size}px for {epochs} epochs on the synthetic demo data")
@@ -183,6 +180,58 @@ def run_one(arch: str, *, data: Path, work: Path, input_size: int, epochs: int, 
     train_s = time.perf_counter() - t0
     progress(f"[{arch}] val accuracy {trained.val_accuracy:.1f}% after {train_s:.0f}s; exporting "
              f"(--int8-strategy {int8_strategy})")
+    runs = _exports(arch, trained, data=data, work=work, latency_runs=latency_runs, int8_strategy=int8_strategy,
+                    progress=progress)
+    result = runs.result
+    progress(f"[{arch}] timing PyTorch and every variant side by side for the ratios")
+    ms = side_by_side(trained.loaded.model, result, runs=latency_runs)
+    targets = _targets(result, ms, runs, int8_strategy)
+    if cache:
+        targets += _cache_targets(arch, trained, runs.default_settings, data=data, work=work, progress=progress)
+    opset_ms = {}
+    if opsets:
+        progress(f"[{arch}] timing ONNX opsets 11 / 13 / 17")
+        opset_ms = opset_latencies(trained.loaded, work / "opsets", runs=latency_runs)
+    by = {v.file.variant: v for v in result.variants}
+    f32, i8 = by["tflite-float32"], by["tflite-int8"]
+    ran = i8.latency.runs > 0
+    return {
+        "arch": arch, "train_s": train_s, "val_accuracy": trained.val_accuracy, "export_s": runs.export_s,
+        "default_export_s": runs.default_s, "stage_seconds": runs.stage_seconds,
+        "threads": result.pytorch_latency.threads, "report_md": result.report_md.read_text(),
+        "int8_candidates": result.int8_candidates, "int8_recipe": i8.file.details.get("int8_recipe"),
+        "side_by_side_p50_ms": ms,
+        "targets": [{"name": t.name, "measured": t.measured, "limit": t.limit, "unit": t.unit, "met": t.met,
+                     "at_least": t.at_least} for t in targets],
+        "onnx_opset_latency_ms": opset_ms, "failures": result.failures,
+        "row": {"val_accuracy": trained.val_accuracy, "export_s": runs.export_s,
+                "int8_recipe": i8.file.details.get("int8_recipe"),
+                "int8_status": i8.verdict.status if ran else "failed", "int8_why": "; ".join(i8.verdict.failures),
+                "fp32_mb": f32.size_bytes / 1e6, "int8_mb": i8.size_bytes / 1e6,
+                "int8_size_ratio": i8.size_bytes / f32.size_bytes,
+                "fp32_ms": ms.get("tflite-float32"), "int8_ms": ms.get("tflite-int8"),
+                "int8_delegate": (i8.file.details.get("delegates") or {}).get("latency_delegate"),
+                "accuracy_drop": i8.verdict.parity.accuracy_drop if ran else None,
+                "top1_agreement": i8.verdict.parity.top1_agreement if ran else None},
+    }
+
+
+@dataclass
+class _Runs:
+    """The benchmark's exports: the strategy asked for, and the default export beside it (the same one when
+    the strategy is the default)."""
+    default_settings: Any
+    default_s: float
+    result: Any  # ExportResult of the strategy asked for
+    export_s: float
+    stage_seconds: dict[str, dict[str, float]]
+
+
+def _exports(arch: str, trained: Any, *, data: Path, work: Path, latency_runs: int, int8_strategy: str,
+             progress: Callable[[str], None]) -> _Runs:
+    from skinreg.errors import GateError
+    from skinreg.export.job import ExportRequest, run_export
+    from skinreg.export.settings import ExportSettings
 
     def export(strategy: str, out: str):
         settings = ExportSettings(calibration_dir=data / "calibration", eval_dir=data / "val",
@@ -196,7 +245,6 @@ def run_one(arch: str, *, data: Path, work: Path, input_size: int, epochs: int, 
         return settings, result, time.perf_counter() - t0
 
     stage_seconds: dict[str, dict[str, float]] = {}
-    default_s = None
     if int8_strategy != "default":  # the default export first, so both times come from this one run
         progress(f"[{arch}] the default export first (`skinreg export`: one int8 recipe, then its fallback chain)")
         default_settings, default_result, default_s = export("default", "export-default")
@@ -205,11 +253,12 @@ def run_one(arch: str, *, data: Path, work: Path, input_size: int, epochs: int, 
     stage_seconds[int8_strategy] = result.stage_seconds
     if int8_strategy == "default":
         default_settings, default_s = settings, export_s
+    return _Runs(default_settings, default_s, result, export_s, stage_seconds)
+
+
+def _targets(result: Any, ms: dict[str, float], runs: _Runs, int8_strategy: str) -> list[Target]:
     by = {v.file.variant: v for v in result.variants}
     f32, i8 = by["tflite-float32"], by["tflite-int8"]
-    progress(f"[{arch}] timing PyTorch and every variant side by side for the ratios")
-    ms = side_by_side(trained.loaded.model, result, runs=latency_runs)
-    n_recipes = max(1, len(result.int8_candidates))
 
     def ratio(a: str, b: str) -> float | None:  # None: one of them failed to run (its row says why)
         return ms[a] / ms[b] if a in ms and b in ms else None
@@ -226,46 +275,32 @@ def run_one(arch: str, *, data: Path, work: Path, input_size: int, epochs: int, 
         Target("int8 top-1 agreement with PyTorch", i8.verdict.parity.top1_agreement if ran else None, 0.97, "",
                at_least=True),
         Target("default export: ONNX + TFLite float32/float16/int8 (one recipe, then its fallback chain) + "
-               "validation + timing", default_s, 60.0, " s"),
+               "validation + timing", runs.default_s, 60.0, " s"),
     ]
     if int8_strategy != "default":
         limit = 2.0 if int8_strategy == "auto" else None
-        targets.append(Target(f"`--int8-strategy {int8_strategy}` export ({n_recipes} int8 recipes, {export_s:.0f} s) / "
-                              f"default export ({default_s:.0f} s)", export_s / default_s, limit))
-    if cache:
-        progress(f"[{arch}] `skinreg export` of the same checkpoint twice, with an empty export cache")
-        cache_s = cached_export_seconds(trained.loaded, default_settings, work / "cache")
-        targets.append(Target("the same default export again, files reused from the cache (`skinreg export`; first run "
-                              f"{cache_s['first']:.0f} s)", cache_s["again"] if cache_s["reused"] else None, 10.0, " s"))
-        progress(f"[{arch}] `skinreg export-version` of one registered version, then again with --force")
-        force_s = cached_export_version_seconds(trained.loaded, default_settings, work / "cache-registry", data / "val")
-        targets.append(Target("the same registered version again with `export-version --force`, from the cache "
-                              "(logged again, its versions reused, what the registry serves downloaded and "
-                              f"sha256-checked, {force_s['verdicts_reused']} consumer verdicts of byte-identical "
-                              f"files reused; first run {force_s['first']:.0f} s)",
-                              force_s["again"] if force_s["reused"] else None, 10.0, " s"))
-    opset_ms = {}
-    if opsets:
-        progress(f"[{arch}] timing ONNX opsets 11 / 13 / 17")
-        opset_ms = opset_latencies(trained.loaded, work / "opsets", runs=latency_runs)
-    return {
-        "arch": arch, "train_s": train_s, "val_accuracy": trained.val_accuracy, "export_s": export_s,
-        "default_export_s": default_s, "stage_seconds": stage_seconds,
-        "threads": result.pytorch_latency.threads, "report_md": result.report_md.read_text(),
-        "int8_candidates": result.int8_candidates, "int8_recipe": i8.file.details.get("int8_recipe"),
-        "side_by_side_p50_ms": ms,
-        "targets": [{"name": t.name, "measured": t.measured, "limit": t.limit, "unit": t.unit, "met": t.met,
-                     "at_least": t.at_least} for t in targets],
-        "onnx_opset_latency_ms": opset_ms, "failures": result.failures,
-        "row": {"val_accuracy": trained.val_accuracy, "export_s": export_s, "int8_recipe": i8.file.details.get("int8_recipe"),
-                "int8_status": i8.verdict.status if ran else "failed", "int8_why": "; ".join(i8.verdict.failures),
-                "fp32_mb": f32.size_bytes / 1e6, "int8_mb": i8.size_bytes / 1e6,
-                "int8_size_ratio": i8.size_bytes / f32.size_bytes,
-                "fp32_ms": ms.get("tflite-float32"), "int8_ms": ms.get("tflite-int8"),
-                "int8_delegate": (i8.file.details.get("delegates") or {}).get("latency_delegate"),
-                "accuracy_drop": i8.verdict.parity.accuracy_drop if ran else None,
-                "top1_agreement": i8.verdict.parity.top1_agreement if ran else None},
-    }
+        n_recipes = max(1, len(result.int8_candidates))
+        targets.append(Target(f"`--int8-strategy {int8_strategy}` export ({n_recipes} int8 recipes, "
+                              f"{runs.export_s:.0f} s) / default export ({runs.default_s:.0f} s)",
+                              runs.export_s / runs.default_s, limit))
+    return targets
+
+
+def _cache_targets(arch: str, trained: Any, default_settings: Any, *, data: Path, work: Path,
+                   progress: Callable[[str], None]) -> list[Target]:
+    progress(f"[{arch}] `skinreg export` of the same checkpoint twice, with an empty export cache")
+    cache_s = cached_export_seconds(trained.loaded, default_settings, work / "cache")
+    progress(f"[{arch}] `skinreg export-version` of one registered version, then again with --force")
+    force_s = cached_export_version_seconds(trained.loaded, default_settings, work / "cache-registry", data / "val")
+    return [
+        Target("the same default export again, files reused from the cache (`skinreg export`; first run "
+               f"{cache_s['first']:.0f} s)", cache_s["again"] if cache_s["reused"] else None, 10.0, " s"),
+        Target("the same registered version again with `export-version --force`, from the cache "
+               "(logged again, its versions reused, what the registry serves downloaded and "
+               f"sha256-checked, {force_s['verdicts_reused']} consumer verdicts of byte-identical "
+               f"files reused; first run {force_s['first']:.0f} s)",
+               force_s["again"] if force_s["reused"] else None, 10.0, " s"),
+    ]
 
 
 def _num(value: float | None, unit: str) -> str:

@@ -1,7 +1,6 @@
-"""Exporters: one table of formats with the precisions each supports.
+"""The exported file (`ExportedFile`), its variant name, and the backends' names.
 
-Every exporter has the same shape: `export(..., spec, out_dir, stem) -> ExportedFile`.
-Unsupported combinations are rejected by `plan` before any work starts.
+What can be made from what is one table, `routes.ROUTES`.
 """
 
 from __future__ import annotations
@@ -43,21 +42,10 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-@dataclass(frozen=True)
-class FormatInfo:
-    format: Format
-    precisions: tuple[Precision, ...]
-    converter: str
-    default_extra: tuple[Precision, ...] = ()  # made without --quantize (int8 only with calibration)
-
-
-FORMATS: dict[Format, FormatInfo] = {
-    # ONNX float16 (onnxconverter-common, float32 I/O) and static QDQ int8 (onnxruntime) are opt-in.
-    Format.onnx: FormatInfo(Format.onnx, (Precision.float32, Precision.float16, Precision.int8),
-                            "torch.onnx (+onnxconverter-common / onnxruntime.quantization)"),
-    Format.tflite: FormatInfo(Format.tflite, (Precision.float32, Precision.float16, Precision.int8),
-                              "onnx2tf+tf.lite", default_extra=(Precision.float16, Precision.int8)),
-}
+# Backends: who converts (routes.ROUTES). The TFLite ones are the `--converter` choices.
+ONNXRUNTIME = "onnxruntime"  # ONNX float16 (onnxconverter-common) and static QDQ int8 (onnxruntime.quantization)
+ONNX2TF = "onnx2tf"  # onnx2tf's SavedModel, then the TF Lite converter
+LITERT_TORCH = "litert-torch"  # from the PyTorch model (PT2E int8)
 
 # Converters users ask for by name, and why some cannot be used.
 DEAD_CONVERTERS = {
@@ -67,11 +55,8 @@ DEAD_CONVERTERS = {
 }
 
 
-TFLITE_CONVERTERS = ("onnx2tf", "litert-torch")
-DEFAULT_TFLITE_CONVERTER = "onnx2tf"
-# litert-torch converts float32 and int8 (PT2E); float16 weights come only from the TF Lite converter.
-LITERT_TFLITE = FormatInfo(Format.tflite, (Precision.float32, Precision.int8), "litert-torch",
-                           default_extra=(Precision.int8,))
+TFLITE_CONVERTERS = (ONNX2TF, LITERT_TORCH)
+DEFAULT_TFLITE_CONVERTER = ONNX2TF
 
 
 def check_converter(name: str | None) -> str:
@@ -83,36 +68,7 @@ def check_converter(name: str | None) -> str:
     return name or DEFAULT_TFLITE_CONVERTER
 
 
-def format_info(fmt: Format, converter: str | None = None) -> FormatInfo:
-    return LITERT_TFLITE if fmt is Format.tflite and converter == "litert-torch" else FORMATS[fmt]
-
-
 def variant_name(fmt: Format, precision: Precision, contract: str = "normalized") -> str:
     if contract == "pixels":  # RGB pixels in: uint8 for the full-integer file
         return f"{fmt.value}-app-{'uint8' if precision is Precision.int8 else precision.value}"
     return "onnx" if fmt is Format.onnx and precision is Precision.float32 else f"{fmt.value}-{precision.value}"
-
-
-def plan(formats: list[Format], quantize: list[Precision], *, has_calibration: bool,
-         converter: str | None = None) -> list[tuple[Format, Precision]]:
-    """Which (format, precision) pairs to export, checked before any work.
-
-    float32 of every format is always made: it is the file the model export guide promises and the reference
-    the quantized variants are compared with. --quantize applies to every chosen format; without
-    it, TFLite gets float16 too, and int8 when calibration images are given."""
-    formats, quantize = [Format(f) for f in formats], list(dict.fromkeys(Precision(p) for p in quantize))
-    fmts = [Format.onnx, Format.tflite] if (not formats or Format.all in formats) else list(dict.fromkeys(formats))
-    if Precision.int8 in quantize and not has_calibration:
-        raise UnsupportedError("--quantize int8 needs calibration images: pass --calibration-dir DIR "
-                               "with 50-200 representative JPG/PNG images")
-    for p in quantize:
-        if not any(p in format_info(f, converter).precisions for f in fmts):
-            hint = " with --converter litert-torch (use the default onnx2tf)" if converter == "litert-torch" else ""
-            raise UnsupportedError(f"--quantize {p.value} is not supported for --format "
-                                   f"{'/'.join(f.value for f in fmts)}{hint}")
-    pairs = []
-    for fmt in fmts:
-        info = format_info(fmt, converter)
-        extra = quantize or [p for p in info.default_extra if p is not Precision.int8 or has_calibration]
-        pairs += [(fmt, p) for p in dict.fromkeys([Precision.float32, *extra]) if p in info.precisions]
-    return pairs

@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from skinreg.convert.int8_recipes import INT8_RECIPES, LITERT_BACKEND, TF_BACKEND, Int8Recipe
+from skinreg.convert.formats import LITERT_TORCH, ONNX2TF
+from skinreg.convert.int8_recipes import INT8_RECIPES, Int8Recipe
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,8 @@ def lanes_available(model: Any = None) -> int:
 
 
 def _cost(recipes: list[Int8Recipe]) -> float:
-    tf = [r for r in recipes if r.backend == TF_BACKEND]
-    rest = [r for r in recipes if r.backend != TF_BACKEND]
+    tf = [r for r in recipes if r.backend == ONNX2TF]
+    rest = [r for r in recipes if r.backend != ONNX2TF]
     return ((_COST["tf-first"] + _COST["tf-more"] * (len(tf) - 1)) if tf else 0.0) + \
         sum(_COST["minmax" if r.observer == "minmax" else "histogram"] for r in rest)
 
@@ -78,8 +79,8 @@ def assign(recipes: list[Int8Recipe]) -> tuple[list[Int8Recipe], list[Int8Recipe
     here; the TF recipes go together."""
     import itertools
 
-    tf = [r for r in recipes if r.backend == TF_BACKEND]
-    units: list[list[Int8Recipe]] = ([tf] if tf else []) + [[r] for r in recipes if r.backend != TF_BACKEND]
+    tf = [r for r in recipes if r.backend == ONNX2TF]
+    units: list[list[Int8Recipe]] = ([tf] if tf else []) + [[r] for r in recipes if r.backend != ONNX2TF]
     pinned = [u for u in units if any(r.float_ends for r in u)]
     free = [u for u in units if u not in pinned]
     best: tuple[float, list[Int8Recipe], list[Int8Recipe]] | None = None
@@ -146,12 +147,12 @@ def write_job(recipes: list[Int8Recipe], *, model: Any, spec: Any, calibration: 
     folder.mkdir(parents=True, exist_ok=True)
     np.save(folder / "calibration.npy", np.ascontiguousarray(calibration, dtype=np.float32), allow_pickle=False)
     job: dict[str, Any] = {"recipes": [r.name for r in recipes], "spec": spec.to_dict(), "out": str(folder)}
-    if any(r.backend == LITERT_BACKEND for r in recipes):
+    if any(r.backend == LITERT_TORCH for r in recipes):
         from skinreg.convert.litert import nhwc_program
 
         torch.export.save(nhwc_program(model, spec.preprocessing.input_size), str(folder / "model.pt2"))
         job["model"] = str(folder / "model.pt2")
-    if any(r.backend == TF_BACKEND for r in recipes):
+    if any(r.backend == ONNX2TF for r in recipes):
         job["saved_model"] = str(saved_model)
     (folder / "job.json").write_text(json.dumps(job))
 
@@ -240,7 +241,7 @@ def _child(job_path: Path) -> int:
             t0 = time.perf_counter()
             print(f"converting {recipe.name}", flush=True)
             try:
-                if recipe.backend == TF_BACKEND:
+                if recipe.backend == ONNX2TF:
                     from skinreg.convert.tflite import convert
 
                     nhwc = np.ascontiguousarray(calibration.transpose(0, 2, 3, 1)).astype(np.float32)

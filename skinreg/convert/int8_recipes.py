@@ -7,17 +7,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from skinreg.convert.formats import LITERT_TORCH, ONNX2TF
 from skinreg.errors import UnsupportedError
 
 AUTO = "auto"
-TF_BACKEND = "onnx2tf+tf.lite"
-LITERT_BACKEND = "litert-torch"
 
 
 @dataclass(frozen=True)
 class Int8Recipe:
     name: str
-    backend: str  # TF_BACKEND (from the onnx2tf SavedModel) or LITERT_BACKEND (from the PyTorch model)
+    backend: str  # a TFLite int8 row of routes.ROUTES: ONNX2TF (from its SavedModel) or LITERT_TORCH (from PyTorch)
     per_channel: bool  # weights: one scale per output channel, or one per tensor
     description: str
     observer: str = ""  # litert-torch activation calibration: "histogram" (its default) or "minmax"
@@ -27,20 +26,20 @@ class Int8Recipe:
 INT8_RECIPES: dict[str, Int8Recipe] = {
     r.name: r
     for r in (
-        Int8Recipe("tf-per-channel", TF_BACKEND, True,
+        Int8Recipe("tf-per-channel", ONNX2TF, True,
                    "TF Lite converter, full-integer kernels, per-channel weights, float32 I/O"),
-        Int8Recipe("tf-per-tensor", TF_BACKEND, False,
+        Int8Recipe("tf-per-tensor", ONNX2TF, False,
                    "TF Lite converter, full-integer kernels, per-tensor weights, float32 I/O"),
-        Int8Recipe("litert-per-channel", LITERT_BACKEND, True,
+        Int8Recipe("litert-per-channel", LITERT_TORCH, True,
                    "litert-torch PT2E, per-channel weights, histogram-calibrated activations, float32 I/O",
                    observer="histogram"),
-        Int8Recipe("litert-per-tensor", LITERT_BACKEND, False,
+        Int8Recipe("litert-per-tensor", LITERT_TORCH, False,
                    "litert-torch PT2E, per-tensor weights, histogram-calibrated activations, float32 I/O",
                    observer="histogram"),
-        Int8Recipe("litert-per-channel-minmax", LITERT_BACKEND, True,
+        Int8Recipe("litert-per-channel-minmax", LITERT_TORCH, True,
                    "litert-torch PT2E, per-channel weights, min/max-calibrated activations, float32 I/O",
                    observer="minmax"),
-        Int8Recipe("litert-float-ends", LITERT_BACKEND, True,
+        Int8Recipe("litert-float-ends", LITERT_TORCH, True,
                    "litert-torch PT2E per-channel, first conv and classifier kept in float32", observer="histogram",
                    float_ends=True),
     )
@@ -50,13 +49,13 @@ INT8_RECIPES: dict[str, Int8Recipe] = {
 # The second recipe comes from the other backend, since a recipe of the same converter usually shares
 # the cause of the failure (ResNet50's onnx2tf MaxPool padding broke per-tensor and per-channel alike).
 FALLBACK_CHAINS = {
-    "onnx2tf": ("tf-per-channel", "litert-per-channel", "litert-float-ends"),
-    "litert-torch": ("litert-per-channel", "litert-float-ends", "tf-per-channel"),
+    ONNX2TF: ("tf-per-channel", "litert-per-channel", "litert-float-ends"),
+    LITERT_TORCH: ("litert-per-channel", "litert-float-ends", "tf-per-channel"),
 }
 
 
 def fallback_chain(converter: str | None) -> list[Int8Recipe]:
-    return [INT8_RECIPES[n] for n in FALLBACK_CHAINS["litert-torch" if converter == "litert-torch" else "onnx2tf"]]
+    return [INT8_RECIPES[n] for n in FALLBACK_CHAINS[LITERT_TORCH if converter == LITERT_TORCH else ONNX2TF]]
 
 
 def recipes_for(strategy: str) -> list[Int8Recipe]:

@@ -27,12 +27,12 @@ from skinreg.enums import Format, Precision
 from skinreg.errors import ExportError, first_line
 from skinreg.models.architectures import ModelSpec
 from skinreg.convert import tf_ranges, tflite_metadata
-from skinreg.convert.formats import ExportedFile, file_sha256
+from skinreg.convert.formats import ONNX2TF, ExportedFile, file_sha256
 from skinreg.convert.onnx import INPUT_NAME
 
 log = logging.getLogger(__name__)
 
-CONVERTER = "onnx2tf+tf.lite"
+CONVERTER = ONNX2TF  # its converter_version names onnx2tf and TensorFlow (the TF Lite converter)
 
 
 def tflite_path(out_dir: Path, stem: str, precision: Precision) -> Path:

@@ -21,7 +21,7 @@ import numpy as np
 from skinreg.models.architectures import ModelSpec
 from skinreg.export.result import ExportResult
 
-# ExportResult.spec is typed Any so that results.py needs no model import; here it is a ModelSpec.
+# ExportResult.spec is typed Any so that result.py needs no model import; here it is a ModelSpec.
 _FIELD_TYPES = {(ExportResult, "spec"): ModelSpec}
 _ARRAY, _PATH, _DICT = "__array__", "__path__", "__dict__"
 

@@ -4,11 +4,10 @@ No conversion code lives here: exporters convert, `validate` judges, `measure` t
 `report` writes. The registry pipeline (pipeline.py) calls `run_export` as well.
 
 `run_export` is a few named stages (`_Export`: check -> reference -> convert -> validate -> time
-candidates -> choose int8 -> app-ready uint8 -> describe -> report). Conversions dispatch through one
-table, `EXPORTERS`:
-(format, precision, backend) -> an exporter with one signature that returns an ExportedFile. The
-SavedModel that the TF Lite converter's exporters share is built once, on first use. Result types
-live in results.py.
+candidates -> choose int8 -> app-ready uint8 -> describe -> report). Conversions dispatch through the
+table that also checks the request, `convert.routes.ROUTES`: (format, precision, backend) -> an exporter
+with one signature that reads its inputs from the `_Export` (`routes.Sources`). The SavedModel that the
+TF Lite converter's rows share is built once, on first use. Result types live in result.py.
 """
 
 from __future__ import annotations
@@ -26,8 +25,9 @@ import numpy as np
 from skinreg.data.images import ImageSet, list_images, read_image_folder, stratified_sample, synthetic_images
 from skinreg.enums import Format, Precision
 from skinreg.errors import ExportError, GateError, InputError, first_line
-from skinreg.convert.formats import ExportedFile, check_converter, file_sha256, plan
-from skinreg.convert.int8_recipes import LITERT_BACKEND, TF_BACKEND, fallback_chain, recipes_for
+from skinreg.convert.formats import ONNX2TF, ONNXRUNTIME, ExportedFile, check_converter, file_sha256
+from skinreg.convert.int8_recipes import fallback_chain, recipes_for
+from skinreg.convert.routes import plan, route
 from skinreg.check.measure import Latency, Stages, interleaved_latency, latency, size_bytes
 from skinreg.models.architectures import LoadedModel
 from skinreg.check.runtime import DEFAULT_THREADS, OnnxRunner, TFLiteRunner, TorchRunner
@@ -251,55 +251,6 @@ def run_export(req: ExportRequest, *, progress: Progress = lambda msg: None) -> 
                           "with room") from exc
 
 
-# -- the exporter table: (format, precision, backend) -> one exporter, one signature -----------------
-# (run, precision, recipe, path, data): data is the file's bytes when another process converted it (int8_lanes)
-Exporter = Callable[["_Export", Precision, Any, "Path | None", "bytes | None"], ExportedFile]
-
-
-def _onnx_float16(run: "_Export", precision: Precision, recipe: Any, path: Path | None,
-                  data: bytes | None) -> ExportedFile:
-    from skinreg.convert.onnx import export_onnx_float16
-
-    return export_onnx_float16(run.onnx_file, run.req.out_dir, stem=run.req.stem)
-
-
-def _onnx_int8(run: "_Export", precision: Precision, recipe: Any, path: Path | None,
-               data: bytes | None) -> ExportedFile:
-    from skinreg.convert.onnx import export_onnx_int8
-
-    return export_onnx_int8(run.onnx_file, run.req.out_dir, stem=run.req.stem, calibration=run.calib_x)
-
-
-def _tf_lite_converter(run: "_Export", precision: Precision, recipe: Any, path: Path | None,
-                       data: bytes | None) -> ExportedFile:
-    from skinreg.convert.tflite import export_tflite
-
-    return export_tflite(run.saved_model(), run.spec, run.req.out_dir, stem=run.req.stem, precision=precision,
-                         calibration=run.calib_x if precision is Precision.int8 else None, recipe=recipe, path=path,
-                         data=data)
-
-
-def _litert_torch(run: "_Export", precision: Precision, recipe: Any, path: Path | None,
-                  data: bytes | None) -> ExportedFile:
-    from skinreg.convert.litert import export_litert
-
-    return export_litert(run.req.loaded.model, run.spec, run.req.out_dir, stem=run.req.stem, precision=precision,
-                         calibration=run.calib_x if precision is Precision.int8 else None, recipe=recipe, path=path,
-                         data=data)
-
-
-# backend: "onnxruntime" for ONNX files, the --converter for TFLite float32/float16, the recipe's for int8
-EXPORTERS: dict[tuple[Format, Precision, str], Exporter] = {
-    (Format.onnx, Precision.float16, "onnxruntime"): _onnx_float16,
-    (Format.onnx, Precision.int8, "onnxruntime"): _onnx_int8,
-    (Format.tflite, Precision.float32, "onnx2tf"): _tf_lite_converter,
-    (Format.tflite, Precision.float16, "onnx2tf"): _tf_lite_converter,
-    (Format.tflite, Precision.float32, "litert-torch"): _litert_torch,
-    (Format.tflite, Precision.int8, TF_BACKEND): _tf_lite_converter,
-    (Format.tflite, Precision.int8, LITERT_BACKEND): _litert_torch,
-}
-
-
 class _Export:
     """One export, as named stages: check -> reference -> convert -> validate -> time candidates ->
     choose int8 -> app-ready uint8 -> describe -> report. Each stage is timed into `stages` (the report's
@@ -381,6 +332,19 @@ class _Export:
         self.calib_x = pre.batch(calib.paths) if calib is not None else None
         self.stages.seconds["inputs and PyTorch reference"] = time.perf_counter() - self.started
 
+    # routes.Sources: what the exporters of convert.routes read
+    @property
+    def out_dir(self) -> Path:
+        return self.req.out_dir
+
+    @property
+    def stem(self) -> str:
+        return self.req.stem
+
+    @property
+    def torch_model(self) -> Any:
+        return self.req.loaded.model
+
     def saved_model(self) -> Path:
         """onnx2tf's SavedModel, built once, on first use (only the TF Lite converter's exporters need it)."""
         if self._saved is None:
@@ -394,7 +358,7 @@ class _Export:
     def _export(self, fmt: Format, precision: Precision, backend: str, label: str, *, recipe: Any = None,
                 path: Path | None = None, data: bytes | None = None) -> ExportedFile:
         with self.stages(label):
-            exported = EXPORTERS[(fmt, precision, backend)](self, precision, recipe, path, data)
+            exported = route(fmt, precision, backend).export(self, precision, recipe, path, data)
         if precision is Precision.int8:
             exported.details.update({"calibration": self.calibration_info})
         return exported
@@ -413,13 +377,13 @@ class _Export:
                                          dynamic_batch=req.dynamic_batch)
         if want_onnx:
             self.files.append(self.onnx_file)
-        if self.converter == "onnx2tf" and any(f is Format.tflite for f, _ in self.pairs):
+        if self.converter == ONNX2TF and any(f is Format.tflite for f, _ in self.pairs):
             self.saved_model()  # its own stage, not inside the first TFLite conversion's
         for fmt, precision in self.pairs:
             if fmt is Format.onnx and precision is not Precision.float32:
                 label = "ONNX int8 (static QDQ)" if precision is Precision.int8 else f"ONNX {precision.value}"
                 self.progress(f"converting {label}")
-                self.files.append(self._export(fmt, precision, "onnxruntime", label))
+                self.files.append(self._export(fmt, precision, ONNXRUNTIME, label))
             elif fmt is Format.tflite and precision is not Precision.int8:
                 self.progress(f"converting TFLite {precision.value} ({self.converter})")
                 self.files.append(self._export(fmt, precision, self.converter,
@@ -433,7 +397,7 @@ class _Export:
         (convert.tflite.app_saved_model). Its uint8 twin waits for the int8 recipe to be chosen (app_uint8)."""
         from skinreg.convert.tflite import export_app_tflite
 
-        if not self.req.app_ready or self.converter != "onnx2tf" or (Format.tflite, Precision.float32) not in self.pairs:
+        if not self.req.app_ready or self.converter != ONNX2TF or (Format.tflite, Precision.float32) not in self.pairs:
             return
         self.progress("converting TFLite app-ready float32")
         with self.stages("TFLite app-ready float32"):
@@ -501,7 +465,7 @@ class _Export:
         mine, theirs = (int8_lanes.assign(self.recipes) if int8_lanes.lanes_available(req.loaded.model) > 1
                         else (self.recipes, []))
         if theirs:
-            saved = self.saved_model() if any(r.backend == TF_BACKEND for r in theirs) else None
+            saved = self.saved_model() if any(r.backend == ONNX2TF for r in theirs) else None
             self.progress(f"converting TFLite int8 ({', '.join(r.name for r in theirs)}) in a second process")
             with self.stages("int8: the second process's inputs"):
                 lane = int8_lanes.start(theirs, model=req.loaded.model, spec=self.spec, calibration=self.calib_x,
@@ -587,10 +551,10 @@ class _Export:
         from skinreg.convert.tflite import export_app_tflite
 
         kept = next((v for v in self.variants if v.file.variant == "tflite-int8"), None)
-        if kept is None or not self.req.app_ready or self.converter != "onnx2tf":
+        if kept is None or not self.req.app_ready or self.converter != ONNX2TF:
             return
         recipe = INT8_RECIPES.get(kept.file.details.get("int8_recipe", "tf-per-channel"))
-        if recipe is None or recipe.backend != TF_BACKEND:
+        if recipe is None or recipe.backend != ONNX2TF:
             self.notes.append(f"No tflite-app-uint8: the int8 file kept was made by {recipe.name if recipe else '?'} "
                               "(litert-torch), which makes no uint8 input; tflite-app-float32 is the app-ready file.")
             return

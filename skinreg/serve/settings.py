@@ -15,9 +15,9 @@ class ServeSettings:
     poll_s: float = 5.0  # how often the registry is asked where the alias points
     max_batch: int = 8  # images run together in one ONNX Runtime call at most
     max_wait_ms: float = 2.0  # how long the first request of a batch waits for others to join it
-    # ONNX Runtime intra-op threads. On 2 cores 1 thread with no spinning leaves a core to decode images
-    # and to the event loop: measured by benchmarks/serve.py (docs/serve.md, "Settings").
-    threads: int = 1
+    # ONNX Runtime intra-op threads. On 2 idle cores 2 threads beat 1 (decoding and the event loop still fit
+    # between batches); on cores shared with other work 1 did: benchmarks/serve.py (docs/serve.md, "Speed").
+    threads: int = 2
     spinning: bool = False  # ORT's worker threads busy-wait between ops (only useful with cores to spare)
     token: str | None = None  # when set, every endpoint except /v2/health/* needs `Authorization: Bearer <token>`
     max_body_bytes: int = 10 * 1024 * 1024  # one request's body (images or a V2 request)
