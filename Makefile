@@ -41,9 +41,10 @@ chromium:
 	@test -x /usr/bin/chromium || \
 	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver)
 
-# Everything (what CI runs). The slowest 15 tests are listed at the end.
+# Everything (what CI runs), on two pytest-xdist workers, each test file on one worker (its module-scoped
+# fixtures built once). The slowest 15 tests are listed at the end.
 test: setup postgres chromium
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 # The edit loop: no long-lived servers, no TF / onnx2tf / litert-torch conversion.
 test-fast: setup

@@ -144,15 +144,18 @@ def cached_export_version_seconds(loaded, settings, work: Path, val_dir: Path) -
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "SKINREG_EXPORT_CACHE": str(work / "store"),
            "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_REGISTRY_URI", None)
-    before = mlflow.get_tracking_uri()
+    # the registration goes where the children look, whatever registry this process was pointed at before
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     mlflow.set_tracking_uri(tracking)
+    mlflow.set_registry_uri(tracking)
     try:
         mlflow.set_experiment("skinreg-benchmark")
         with mlflow.start_run():
             example = loaded.spec.preprocessing.batch(sorted(val_dir.rglob("*.png"))[:2])
             info = log_source_model(loaded, registered_name="bench-source", example=example)
     finally:
-        mlflow.set_tracking_uri(before)
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
     cmd = [sys.executable, "-m", "skinreg", "export-version", "--model-uri",
            f"models:/bench-source/{info.registered_model_version}", "--calibration-dir", str(settings.calibration_dir),
            "--eval-dir", str(settings.eval_dir), "--latency-runs", str(settings.latency_runs)]
