@@ -150,12 +150,11 @@ def _mlflow_errors(what: str) -> Iterator[None]:
 
 
 class Registry:
-    def __init__(self, tracking_uri: str | None = None) -> None:
-        import mlflow
+    def __init__(self) -> None:
+        """The registry MLflow's own settings name (MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI, or what the
+        process's entry point set); nothing process-wide is changed here."""
         from mlflow import MlflowClient
 
-        if tracking_uri:
-            mlflow.set_tracking_uri(tracking_uri)
         self.client = MlflowClient()
         # Writes. MlflowClient checks "is this model a prompt?" with one extra GET of the registered model
         # before every registry write (MlflowClient._raise_if_prompt, MLflow 3.x); the models skinreg writes
