@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from skinreg.errors import CheckpointError, ExportError, InputError, SkinregError, UnsupportedError, first_line
-from skinreg.registry.client import Registry, VersionRef
+from skinreg.registry.client import Registry, VersionRef, unreachable
 
 from registry_hooks.config import Executor, HooksConfig
 from registry_hooks.events import JobKind
@@ -35,10 +35,6 @@ log = logging.getLogger(__name__)
 PERMANENT = (InputError, UnsupportedError, CheckpointError)  # retrying cannot fix these
 BUSY_RETRY_S = 30.0  # how soon to look again at a version that another live run is exporting
 TAIL_LINES = 6  # last lines of a failed child's stderr kept (on one line) in the job's last_error
-# An MLflow server that cannot be reached is an outage, not a failure of the job: the job waits (capped
-# backoff) without using up an attempt, so an outage never parks work as dead.
-OUTAGE_MARKERS = ("cannot reach the MLflow tracking server", "Connection refused", "Failed to establish a new connection",
-                  "Max retries exceeded", "Name or service not known", "Temporary failure in name resolution")
 
 
 CLOCK_SKEW_S = 300  # a run that says it starts later than this from now is not believed
@@ -52,8 +48,12 @@ def _json_object(value: Any) -> dict[str, str]:
     return {str(k): str(v) for k, v in doc.items()} if isinstance(doc, dict) else {}
 
 
-def is_outage(message: str) -> bool:
-    return any(marker in message for marker in OUTAGE_MARKERS)
+def is_outage(exc: BaseException) -> bool:
+    """An MLflow server that cannot be reached is an outage, not a failure of the job: the job waits (capped
+    backoff) without using up an attempt, so an outage never parks work as dead. Told by the exception's
+    type (skinreg's RegistryUnreachable, or requests' and the socket's along its chain); a child process's
+    failure is followed by a read of the registry, which raises RegistryUnreachable while it is down."""
+    return unreachable(exc)
 
 
 def _tail(text: str) -> str:
@@ -213,6 +213,7 @@ class _ChildExecutor:
     def promote(self, ref: VersionRef, alias: str) -> list[str]:
         proc = _run_child(self._promote_cmd(ref, alias), what=f"promote {ref.uri} {alias}", extra_env=_pin_env(self.pin))
         if proc.returncode != 0:
+            self.registry.get(ref.name, ref.version)  # RegistryUnreachable while the server is down: an outage
             raise ExportError(f"promote {ref.uri} {alias} exited {proc.returncode}: {_tail(proc.stderr)}")
         return [line.split("-> ", 1)[1] for line in proc.stdout.splitlines() if "-> " in line]
 
@@ -340,7 +341,7 @@ class Worker:
             raise RetryLater(BUSY_RETRY_S, str(exc)) from exc
         except Exception as exc:
             msg = first_line(exc)
-            if is_outage(str(exc)):
+            if is_outage(exc):
                 streak = self.queue.count_outage(job.id)
                 delay = min(self.cfg.backoff_s * 2 ** (streak - 1), self.cfg.backoff_max_s)
                 log.warning("job %s %s: MLflow unreachable (%s); waiting %.0fs, attempt not used", job.id, job.key,

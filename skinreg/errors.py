@@ -44,6 +44,11 @@ class RegistryError(SkinregError):
     exit_code = 5
 
 
+class RegistryUnreachable(RegistryError):
+    """The MLflow tracking server could not be reached: an outage, which a retry may outlive (the hooks'
+    worker waits without using up an attempt), not a verdict on what was asked."""
+
+
 def first_line(exc: BaseException | str) -> str:
     """The first non-empty line of an exception's message, or its type name when it has none."""
     text = exc if isinstance(exc, str) else str(exc)

@@ -58,14 +58,10 @@ def command(name: str | None = None, *, typer_app: typer.Typer | None = None, **
             except Exception as exc:
                 if not type(exc).__module__.startswith("mlflow"):
                     raise
-                import mlflow
+                from skinreg.registry.client import unreachable, unreachable_error
 
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                if "Connection refused" in first or "Failed to establish" in first or "Max retries" in first:
-                    first = (f"cannot reach the MLflow tracking server at {mlflow.get_tracking_uri()}; start it or "
-                             "point MLFLOW_TRACKING_URI at a running server")
-                else:
-                    first = f"MLflow: {first}"
+                first = str(unreachable_error(name or fn.__name__)) if unreachable(exc) else f"MLflow: {first}"
                 typer.echo(f"error: {first}", err=True)
                 raise typer.Exit(5) from None
 

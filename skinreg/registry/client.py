@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
-from skinreg.errors import RegistryError
+from skinreg.errors import RegistryError, RegistryUnreachable
 from skinreg.registry.seal import Sealer
 from skinreg.registry.tags import (
     EXPORT_FAILED,
@@ -117,6 +117,34 @@ def ok(out: Any) -> Any:
     return out
 
 
+def unreachable(exc: BaseException) -> bool:
+    """Whether `exc`, or an exception it was raised from, says the tracking server could not be reached: a
+    refused or failed connection, a name that does not resolve, retries used up on 5xx answers. Decided by
+    the exceptions' types along the cause/context chain (MLflow raises its own exception while handling
+    requests'), never by message text."""
+    import socket
+
+    import requests
+
+    kinds = (RegistryUnreachable, requests.exceptions.ConnectionError, requests.exceptions.RetryError,
+             ConnectionError, socket.gaierror)
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kinds):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def unreachable_error(what: str) -> RegistryUnreachable:
+    import mlflow
+
+    return RegistryUnreachable(f"cannot reach the MLflow tracking server at {mlflow.get_tracking_uri()} ({what}); "
+                               "start it or point MLFLOW_TRACKING_URI at a running server")
+
+
 @contextmanager
 def _mlflow_errors(what: str) -> Iterator[None]:
     """Turn MLflow/requests failures into one-line RegistryErrors that name the fix."""
@@ -127,12 +155,13 @@ def _mlflow_errors(what: str) -> Iterator[None]:
         yield
     except RegistryError:
         raise
-    except MlflowException as exc:
+    except (MlflowException, OSError) as exc:
+        if unreachable(exc):
+            raise unreachable_error(what) from None
+        if not isinstance(exc, MlflowException):
+            raise RegistryError(f"{what}: {_first_line(str(exc))}") from None
         msg = _first_line(exc.message)
         code = str(getattr(exc, "error_code", ""))
-        if any(s in msg for s in ("Max retries", "Connection refused", "Failed to establish", "ConnectionError")):
-            raise RegistryError(f"cannot reach the MLflow tracking server at {mlflow.get_tracking_uri()} ({what}); "
-                                "start it or point MLFLOW_TRACKING_URI at a running server") from None
         if "403" in msg or "Permission denied" in msg or "PERMISSION_DENIED" in code:
             user = os.environ.get("MLFLOW_TRACKING_USERNAME", "(no MLFLOW_TRACKING_USERNAME)")
             raise RegistryError(f"{what}: permission denied (HTTP 403) for MLflow user {user!r}; it needs EDIT on "
@@ -144,9 +173,6 @@ def _mlflow_errors(what: str) -> Iterator[None]:
             raise RegistryError(f"{what} not found in the registry at {mlflow.get_tracking_uri()} ({msg}); "
                                 "check the name, version or alias") from None
         raise RegistryError(f"{what}: {msg}") from None
-    except OSError as exc:  # requests' ConnectionError is an OSError
-        raise RegistryError(f"cannot reach the MLflow tracking server at {mlflow.get_tracking_uri()} ({what}): "
-                            f"{type(exc).__name__}; start it or point MLFLOW_TRACKING_URI at a running server") from None
 
 
 class Registry:
