@@ -26,23 +26,6 @@ BUILTIN = "builtin kernels (default delegates off)"
 MODES = {DEFAULT: "AUTO", BUILTIN: "BUILTIN_WITHOUT_DEFAULT_DELEGATES"}
 _CHILD_TIMEOUT_S = 300
 
-_CHILD = r"""
-import json, sys
-import numpy as np
-from ai_edge_litert.interpreter import Interpreter, OpResolverType
-path, mode, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
-it = Interpreter(model_path=path, num_threads=threads,
-                 experimental_op_resolver_type=getattr(OpResolverType, mode))
-it.allocate_tensors()
-inp = it.get_input_details()[0]
-x = np.zeros(inp["shape"], inp["dtype"])
-it.set_tensor(inp["index"], x)
-it.invoke()
-out = it.get_tensor(it.get_output_details()[0]["index"])
-from skinreg._compat.ai_edge_litert import ops_details
-nodes = sum(o["op_name"] == "DELEGATE" for o in ops_details(it))
-print("SKINREG-OK " + json.dumps({"delegate_nodes": int(nodes), "finite": bool(np.isfinite(out).all())}))
-"""
 
 
 @dataclass
@@ -72,9 +55,25 @@ class DelegateCheck:
                 "latency_delegate": self.latency_delegate, "findings": self.findings}
 
 
+def _probe(path: str, mode: str, threads: int) -> dict:
+    """The child's work: load `path` with one op resolver mode, invoke it once on zeros."""
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    it = Interpreter(model_path=path, num_threads=threads, experimental_op_resolver_type=getattr(OpResolverType, mode))
+    it.allocate_tensors()
+    inp = it.get_input_details()[0]
+    it.set_tensor(inp["index"], np.zeros(inp["shape"], inp["dtype"]))
+    it.invoke()
+    out = it.get_tensor(it.get_output_details()[0]["index"])
+    nodes = sum(o["op_name"] == "DELEGATE" for o in ops_details(it))
+    return {"delegate_nodes": int(nodes), "finite": bool(np.isfinite(out).all())}
+
+
 def _run_child(path: Path, mode: str, threads: int) -> tuple[str | None, dict]:
+    """`python -m skinreg.check.delegates PATH MODE THREADS` (no shell): an abort is a result here."""
     try:
-        proc = subprocess.run([sys.executable, "-c", _CHILD, str(path), mode, str(threads)],
+        proc = subprocess.run([sys.executable, "-m", "skinreg.check.delegates", str(path), mode, str(threads)],
                               capture_output=True, text=True, timeout=_CHILD_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return f"did not finish loading and one invoke in {_CHILD_TIMEOUT_S} s", {}
@@ -137,3 +136,7 @@ def check_delegates(path: Path, *, threads: int = 2) -> DelegateCheck:
     if check.errors:
         check.findings = quantization_findings(Path(path))
     return check
+
+
+if __name__ == "__main__":  # the child of _run_child
+    print("SKINREG-OK " + json.dumps(_probe(sys.argv[1], sys.argv[2], int(sys.argv[3]))), flush=True)
