@@ -23,7 +23,7 @@ import numpy as np
 import torch  # noqa: F401  (torch before TensorFlow: see convert.tflite._import_tensorflow_safely)
 
 from skinreg.check.measure import interleaved_latency
-from skinreg.check.runtime import TFLiteRunner
+from skinreg.check.runtime import runner_for
 from skinreg.data.images import generate_demo_data, read_image_folder
 from skinreg.enums import Format
 from skinreg.errors import GateError
@@ -57,8 +57,7 @@ except GateError as exc:
 evalset = read_image_folder(data / "val")
 pre = trained.loaded.spec.preprocessing
 files = [v for v in result.variants if v.file.format is Format.tflite]
-runners = {v.file.variant: TFLiteRunner(v.file.path, pixels_from=pre if v.file.contract == "pixels" else None)
-           for v in files}
+runners = {v.file.variant: runner_for(v.file, pre) for v in files}
 timed = interleaved_latency(runners, result.x_val[:1], runs=args.runs)
 reference = result.reference_logits.argmax(1)
 originals = [mediapipe_check.rgb(p) for p in evalset.paths]

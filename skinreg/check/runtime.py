@@ -133,3 +133,12 @@ def softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
+
+
+def runner_for(file: Any, preprocessing: Any, *, threads: int = DEFAULT_THREADS) -> "OnnxRunner | TFLiteRunner":
+    """The runner of an exported file (an ExportedFile: `path`, `format`, `contract`), fed skinreg's normalized
+    batches whatever the file takes: an app-ready TFLite file (contract "pixels") gets them mapped back to
+    the RGB pixels it takes."""
+    if Path(file.path).suffix == ".onnx":
+        return OnnxRunner(file.path, threads=threads)
+    return TFLiteRunner(file.path, threads=threads, pixels_from=preprocessing if file.contract == "pixels" else None)

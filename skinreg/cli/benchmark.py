@@ -55,18 +55,15 @@ def side_by_side(model, result, *, runs: int) -> dict[str, float]:
     the ratios between them are what the targets are about, and this machine is shared."""
     import numpy as np
 
-    from skinreg.enums import Format
     from skinreg.check.measure import interleaved_latency
-    from skinreg.check.runtime import OnnxRunner, TFLiteRunner, TorchRunner
+    from skinreg.check.runtime import TFLiteRunner, TorchRunner, runner_for
 
     threads = result.pytorch_latency.threads
     runners = {"pytorch": TorchRunner(model, threads=threads)}
     ran = [v for v in result.variants if v.latency.runs > 0]  # a variant that cannot run is a row, not a timing
     pre = result.spec.preprocessing
     for v in ran:
-        runners[v.file.variant] = (OnnxRunner(v.file.path, threads=threads) if v.file.format is Format.onnx else
-                                   TFLiteRunner(v.file.path, threads=threads,
-                                                pixels_from=pre if v.file.contract == "pixels" else None))
+        runners[v.file.variant] = runner_for(v.file, pre, threads=threads)
     int8 = next((v for v in ran if v.file.variant == "tflite-int8"), None)
     if int8 is not None:  # once more without XNNPACK: shows whether the int8 numbers above are the delegate's
         runners["tflite-int8 (no XNNPACK)"] = TFLiteRunner(int8.file.path, threads=threads, default_delegates=False)

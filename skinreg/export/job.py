@@ -30,7 +30,7 @@ from skinreg.convert.int8_recipes import fallback_chain, recipes_for
 from skinreg.convert.routes import plan, route
 from skinreg.check.measure import Latency, Stages, interleaved_latency, latency, size_bytes
 from skinreg.models.architectures import LoadedModel
-from skinreg.check.runtime import DEFAULT_THREADS, OnnxRunner, TFLiteRunner, TorchRunner
+from skinreg.check.runtime import DEFAULT_THREADS, TFLiteRunner, TorchRunner, runner_for
 from skinreg.export.result import ExportResult, VariantResult  # noqa: F401  (their home; imported from here too
 from skinreg.check.validate import Candidate, Parity, Verdict, compare, gates_with_overrides, judge, rank_candidates
 
@@ -140,9 +140,7 @@ def _validate(f: ExportedFile, req: ExportRequest, reference: np.ndarray, x_val:
         if not delegates.passed:
             return failed(delegates.reason(f.variant))
     try:
-        runner = (OnnxRunner(f.path, threads=req.threads) if f.format is Format.onnx else
-                  TFLiteRunner(f.path, threads=req.threads,
-                               pixels_from=req.loaded.spec.preprocessing if f.contract == "pixels" else None))
+        runner = runner_for(f, req.loaded.spec.preprocessing, threads=req.threads)
         outputs = runner.logits(x_val)
         parity = compare(reference, outputs, y_val)
         timing = latency(runner, x_val[:1], runs=req.latency_runs)
