@@ -119,3 +119,23 @@ def test_the_tflite_exporter_imports_tensorflow_safely_in_a_fresh_process():
             "import onnx2tf, tensorflow, torchvision; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_a_light_install_pointed_at_a_database_registry_names_the_fix_in_one_line(tmp_path):
+    """`skinreg serve` on MLflow's client alone (no SQLAlchemy: the `serve` install), with the registry left at
+    a sqlite:/// store: one line saying to point MLFLOW_TRACKING_URI at a server, before any work."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['sqlalchemy'] = None; from skinreg.cli.main import main; "
+            "sys.argv = ['skinreg', 'serve', '--model', 'models:/m@production', '--port', '9']; main()")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("MLFLOW_REGISTRY_URI", None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 5 and lines, out.stderr[-2000:]
+    assert lines[-1] == (f"error: the registry sqlite:///{tmp_path / 'mlflow.db'} is a database, which MLflow's "
+                         "client alone (this install) cannot open; point MLFLOW_TRACKING_URI at an MLflow server "
+                         "(http://HOST:5000), or install the full MLflow: pip install 'skinreg[export]'"), out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and not (tmp_path / "mlflow.db").exists()

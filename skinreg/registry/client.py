@@ -175,12 +175,32 @@ def _mlflow_errors(what: str) -> Iterator[None]:
         raise RegistryError(f"{what}: {msg}") from None
 
 
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+
+
+def _check_the_store_can_be_opened() -> None:
+    """A database registry needs MLflow's SQL store, which MLflow's client alone (`mlflow-skinny`, the
+    `serve` install) does not have: say so in one line, with the fix, before MLflow's own longer error."""
+    import mlflow
+
+    uri = mlflow.get_registry_uri()
+    if uri.split(":", 1)[0].split("+", 1)[0] not in DATABASE_SCHEMES:
+        return
+    try:
+        import sqlalchemy  # noqa: F401  (MLflow's SQL stores are built on it; mlflow-skinny does not bring it)
+    except ImportError:
+        raise RegistryError(f"the registry {uri} is a database, which MLflow's client alone (this install) cannot "
+                            "open; point MLFLOW_TRACKING_URI at an MLflow server (http://HOST:5000), or install "
+                            "the full MLflow: pip install 'skinreg[export]'") from None
+
+
 class Registry:
     def __init__(self) -> None:
         """The registry MLflow's own settings name (MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI, or what the
         process's entry point set); nothing process-wide is changed here."""
         from mlflow import MlflowClient
 
+        _check_the_store_can_be_opened()
         self.client = MlflowClient()
         # Writes. MlflowClient checks "is this model a prompt?" with one extra GET of the registered model
         # before every registry write (MlflowClient._raise_if_prompt, MLflow 3.x); the models skinreg writes
