@@ -4,9 +4,10 @@ variables (SKINREG_HOOKS_*, SKINREG_WEBHOOK_SECRET) and overridden by CLI option
 from __future__ import annotations
 
 import os
+import typing
 from dataclasses import dataclass, field, fields, replace
 from enum import Enum
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from skinreg.errors import InputError
 from skinreg.export.settings import ExportSettings, from_strings
@@ -124,26 +125,42 @@ def _split(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _cast(hint: Any) -> Callable[[str], Any]:
+    """How one environment value becomes a HooksConfig field, from the field's declared type."""
+    if hint is bool:
+        return _bool
+    if hint in (int, float):
+        return hint
+    if typing.get_origin(hint) is list:
+        return _split
+    if isinstance(hint, type) and issubclass(hint, Enum):
+        def choice(value: str) -> Enum:
+            try:
+                return hint(value.strip())
+            except ValueError:
+                raise ValueError(f"expected one of {', '.join(e.value for e in hint)}") from None
+
+        return choice
+    return str  # str, and `str | None`
+
+
 def from_env(env: Mapping[str, str] | None = None) -> HooksConfig:
-    """HooksConfig from SKINREG_HOOKS_<FIELD> (upper case; lists comma-separated) and SKINREG_WEBHOOK_SECRET."""
+    """HooksConfig from SKINREG_HOOKS_<FIELD> (upper case; lists comma-separated) and SKINREG_WEBHOOK_SECRET.
+    Each value is cast by its field's declared type; the export settings' fields as `skinreg export-version`
+    reads them (export.settings.from_strings)."""
     env = os.environ if env is None else env
     cfg = HooksConfig(secret=env.get(ENV_SECRET, ""))
-    casts = {"sources": _split, "executor": Executor, "tolerance_s": int,
-             "max_attempts": int, "backoff_s": float, "backoff_max_s": float,
-             "heartbeat_s": float, "stalled_s": float, "poll_s": float, "stale_running_s": float, "reconcile_interval_s": float,
-             "dead_requeue_s": float, "source_run_data": _bool, "docs": _bool, "max_connections": int,
-             "backlog": int, "keep_alive_s": float, "read_timeout_s": float, "max_header_bytes": int,
-             "refusal_flush_s": float}
     export_fields = set(ExportSettings.__dataclass_fields__)
     values: dict[str, Any] = from_strings({name: env[ENV_PREFIX + name.upper()] for name in export_fields
                                            if ENV_PREFIX + name.upper() in env},
                                           what=lambda name: ENV_PREFIX + name.upper())
+    hints = typing.get_type_hints(HooksConfig)
     for name in HooksConfig.__dataclass_fields__:
         raw = env.get(ENV_PREFIX + name.upper())
         if raw is None or name == "secret" or name in export_fields:
             continue
         try:
-            values[name] = casts.get(name, str)(raw)
+            values[name] = _cast(hints[name])(raw)
         except ValueError as exc:
             raise InputError(f"bad {ENV_PREFIX}{name.upper()}={raw!r}: {exc}") from None
     return replace(cfg, **values)

@@ -5,10 +5,11 @@ TF Lite converter's `fully_quantize` line, the interpreter's XNNPACK notice, MLf
 "Downloading artifacts" bars and the pyfunc type-hint UserWarning. That includes output from C++
 and from child processes, which no Python logging setting reaches.
 
-While a command runs, fd 2 goes through a pipe. A reader thread sends the known chatter to a log
-file and passes everything else on unchanged. When something was held back, one line at the end says
-where the log file is (not after an error: its one line stays the last). `skinreg -v ...` (or SKINREG_VERBOSE=1) turns the filter off and shows all of
-it inline. Under a test runner that replaces sys.stderr, nothing is redirected."""
+While a command runs, fd 2 goes through a pipe (wurlitzer's: its reader thread also flushes C's
+stdio buffers). The known chatter goes to a log file and everything else passes on unchanged. When
+something was held back, one line at the end says where the log file is (not after an error: its one
+line stays the last). `skinreg -v ...` (or SKINREG_VERBOSE=1) turns the filter off and shows all of it
+inline. Under a test runner that replaces sys.stderr, nothing is redirected."""
 
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ import os
 import re
 import sys
 import tempfile
-import threading
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
+
+import wurlitzer
 
 CHATTER = re.compile(
     rb"^\s*(WARNING: All log messages before absl::InitializeLog"
@@ -61,9 +63,37 @@ def verbose() -> bool:
     return os.environ.get("SKINREG_VERBOSE", "") not in ("", "0", "false")
 
 
+class _ChatterFilter:
+    """wurlitzer's stderr writer: whole lines (a progress bar's \r also ends one) that match CHATTER go to
+    the log file, everything else to the real stderr (`out`, a duplicate of fd 2 taken before wurlitzer
+    pointed fd 2 at its pipe)."""
+
+    def __init__(self, out: int, log: BinaryIO) -> None:
+        self.out, self.log, self.pending, self.held = out, log, b"", 0
+
+    def write(self, chunk: bytes) -> None:
+        pieces = re.split(rb"(\r\n|\r|\n)", self.pending + chunk)
+        self.pending = pieces.pop()
+        for text, sep in zip(pieces[::2], pieces[1::2]):
+            if CHATTER.match(text):
+                self.held += 1
+                self.log.write(text + b"\n")
+            elif text or sep != b"\r":
+                os.write(self.out, text + sep)
+
+    def flush(self) -> None:
+        """Called by wurlitzer with each flush of the C streams: a partial line stays pending."""
+
+    def close(self) -> None:
+        if self.pending:
+            os.write(self.out, self.pending)
+            self.pending = b""
+
+
 @contextlib.contextmanager
 def filtered_stderr(name: str = "skinreg") -> Iterator[Path | None]:
-    """Route fd 2 through the chatter filter for the duration; yields the log file (None: not filtering)."""
+    """Route fd 2 through the chatter filter for the duration (wurlitzer's pipe and reader thread, which also
+    flush C's stdio buffers); yields the log file (None: not filtering)."""
     try:
         real = sys.stderr.fileno() == 2
     except (AttributeError, OSError, ValueError):
@@ -72,51 +102,22 @@ def filtered_stderr(name: str = "skinreg") -> Iterator[Path | None]:
         yield None
         return
     log_path = Path(tempfile.gettempdir()) / f"{name}-{os.getpid()}.log"
-    sys.stderr.flush()
-    saved = os.dup(2)
-    read_end, write_end = os.pipe()
-    os.dup2(write_end, 2)
-    os.close(write_end)
-    held = [0]
-
-    def pump() -> None:
-        pending = b""
-        with open(log_path, "ab") as log:
-            while True:
-                try:
-                    chunk = os.read(read_end, 65536)
-                except OSError:
-                    break
-                if not chunk:
-                    break
-                pending += chunk
-                # progress bars rewrite their line with \r: each \r or \n ends a piece
-                pieces = re.split(rb"(\r\n|\r|\n)", pending)
-                pending = pieces.pop()
-                for text, sep in zip(pieces[::2], pieces[1::2]):
-                    if CHATTER.match(text):
-                        held[0] += 1
-                        log.write(text + b"\n")
-                    elif text or sep != b"\r":
-                        os.write(saved, text + sep)
-            if pending:
-                os.write(saved, pending)
-        os.close(read_end)
-
-    thread = threading.Thread(target=pump, name="skinreg-stderr-filter", daemon=True)
-    thread.start()
+    out = os.dup(2)
     ok = False
     try:
-        yield log_path
-        ok = True
-    finally:
+        with open(log_path, "ab") as log:
+            chatter = _ChatterFilter(out, log)
+            try:
+                with wurlitzer.pipes(stdout=None, stderr=chatter, encoding=None):
+                    yield log_path
+                    ok = True
+            finally:
+                chatter.close()
         sys.stderr.flush()
-        os.dup2(saved, 2)  # the pipe's last writer in this process is gone: the reader drains and stops
-        thread.join(timeout=5)
-        if not thread.is_alive():  # else a child still holds the pipe: the reader keeps the fd to the end
-            os.close(saved)
-        if held[0] and ok:  # after an error its one line stays the last word
-            sys.stderr.write(f"({held[0]} lines of converter/MLflow chatter in {log_path}; -v shows them)\n")
+        if chatter.held and ok:  # after an error its one line stays the last word
+            sys.stderr.write(f"({chatter.held} lines of converter/MLflow chatter in {log_path}; -v shows them)\n")
             sys.stderr.flush()
-        elif log_path.exists() and log_path.stat().st_size == 0:
+        elif log_path.stat().st_size == 0:
             log_path.unlink()
+    finally:
+        os.close(out)

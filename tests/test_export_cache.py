@@ -23,11 +23,18 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _export(ckpt: Path, out: Path, *extra: str):
-    res = runner.invoke(app, ["export", "--checkpoint", str(ckpt), "--output-dir", str(out), "--format", "onnx",
-                              "--format", "tflite", "--quantize", "float16", "--latency-runs", "2", *extra])
+def _export(ckpt: Path, out: Path, *extra: str, formats: tuple[str, ...] = ("onnx", "tflite")):
+    fmt = [a for f in formats for a in ("--format", f)]
+    quantize = ["--quantize", "float16"] if "tflite" in formats else []
+    res = runner.invoke(app, ["export", "--checkpoint", str(ckpt), "--output-dir", str(out), *fmt, *quantize,
+                              "--latency-runs", "2", *extra])
     assert res.exit_code == 0, res.output + res.stderr
     return res
+
+
+def _onnx(ckpt: Path, out: Path, *extra: str):
+    """The key's inputs do not depend on the formats: the cases that only change one input export ONNX."""
+    return _export(ckpt, out, *extra, formats=("onnx",))
 
 
 def test_a_repeated_export_reuses_checked_files_and_any_change_exports_again(trained_ckpt, tmp_path, monkeypatch):
@@ -44,30 +51,35 @@ def test_a_repeated_export_reuses_checked_files_and_any_change_exports_again(tra
     assert again.stdout == first.stdout  # the same report, said to be the stored export's
 
     # a damaged entry is never served: the export runs again and stores a good entry
-    [stored] = cache.rglob("files/skin_classifier.onnx")
-    stored.write_bytes(b"not the validated file")
-    redo = _export(trained_ckpt, tmp_path / "c")
-    assert REUSED not in redo.stderr and _sha(tmp_path / "c" / "skin_classifier.onnx") == files["skin_classifier.onnx"]
-    assert REUSED in _export(trained_ckpt, tmp_path / "d").stderr
+    assert REUSED not in _onnx(trained_ckpt, tmp_path / "c").stderr  # an entry of its own (other formats)
+    onnx_sha = _sha(tmp_path / "c" / "skin_classifier.onnx")
+    [entry] = [p.parent.parent for p in cache.rglob("files/skin_classifier.onnx")
+               if not (p.parent / "skin_classifier_float16.tflite").exists()]
+    (entry / "files" / "skin_classifier.onnx").write_bytes(b"not the validated file")
+    redo = _onnx(trained_ckpt, tmp_path / "d")
+    assert REUSED not in redo.stderr and _sha(tmp_path / "d" / "skin_classifier.onnx") == onnx_sha
+    assert REUSED in _onnx(trained_ckpt, tmp_path / "e").stderr
 
     # a different setting, or --no-cache, exports
-    assert REUSED not in _export(trained_ckpt, tmp_path / "e", "--latency-runs", "3").stderr
-    assert REUSED not in _export(trained_ckpt, tmp_path / "f", "--no-cache").stderr
+    assert REUSED not in _onnx(trained_ckpt, tmp_path / "f", "--latency-runs", "3").stderr
+    assert REUSED not in _onnx(trained_ckpt, tmp_path / "g", "--no-cache").stderr
 
 
 def test_a_changed_checkpoint_or_calibration_content_is_a_different_export(trained_ckpt, demo_data, tmp_path,
                                                                           monkeypatch):
+    """ONNX int8 (ONNX Runtime's static quantization) reads the calibration images as TFLite int8 does."""
     monkeypatch.setenv("SKINREG_EXPORT_CACHE", str(tmp_path / "cache"))
     calib = tmp_path / "calib"
     shutil.copytree(demo_data / "calibration", calib)
     # the int8 gate relaxed: this test is about cache keys, and on this 40-image set ONNX int8 agrees 0.95 on an
     # AVX2 AMD EPYC (0.97+ where the CPU has AVX-512): a verdict that depends on the CPU's int8 kernels
     args = ("--calibration-dir", str(calib), "--quantize", "int8", "--gate", "int8.min_top1_agreement=0.9")
-    _export(trained_ckpt, tmp_path / "a", *args)
-    assert REUSED in _export(trained_ckpt, tmp_path / "b", *args).stderr
+    _onnx(trained_ckpt, tmp_path / "a", *args)
+    assert (tmp_path / "a" / "skin_classifier_int8.onnx").is_file()
+    assert REUSED in _onnx(trained_ckpt, tmp_path / "b", *args).stderr
     victim = sorted(calib.rglob("*.png"))[0]
     shutil.copyfile(sorted(calib.rglob("*.png"))[1], victim)  # same names, other content
-    assert REUSED not in _export(trained_ckpt, tmp_path / "c", *args).stderr
+    assert REUSED not in _onnx(trained_ckpt, tmp_path / "c", *args).stderr
     import torch
 
     ckpt = tmp_path / "other" / "skin_classifier.pth"  # the same name, one weight changed
@@ -77,9 +89,9 @@ def test_a_changed_checkpoint_or_calibration_content_is_a_different_export(train
     first_key = next(k for k, v in state.items() if v.is_floating_point())
     state[first_key] = state[first_key] + 1e-3
     torch.save(doc, ckpt)
-    assert REUSED not in _export(ckpt, tmp_path / "d", *args).stderr
+    assert REUSED not in _onnx(ckpt, tmp_path / "d", *args).stderr
     monkeypatch.setenv("SKINREG_EXPORT_CACHE", "off")
-    assert REUSED not in _export(trained_ckpt, tmp_path / "e", *args).stderr
+    assert REUSED not in _onnx(trained_ckpt, tmp_path / "e", *args).stderr
 
 
 def test_a_stored_gate_failure_is_the_same_verdict_and_exit_code(trained_ckpt, tmp_path, monkeypatch):

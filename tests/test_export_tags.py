@@ -60,7 +60,7 @@ def _export(*args: str):
 
 # resnet50 is recognized by the same key guess (models.architectures.guess_arch) that
 # test_export.py::test_onnx_only_export_of_each_listed_arch exercises; its 98 MB of weights add ~25 s here
-@pytest.mark.parametrize("arch", ["efficientnet_b0", "mobilenet_v3_small", "mobilenet_v3_large"])
+@pytest.mark.parametrize("arch", ["efficientnet_b0", "mobilenet_v3_small"])  # mobilenet_v3_large: the small one's layout
 def test_a_default_registered_torchvision_model_gets_a_variant_that_takes_batch_4(tracking, arch):
     torch.manual_seed(0)
     uri = _register_default(build_model(arch, 3), f"plain-{arch}", 32)

@@ -3,7 +3,12 @@ backends, on the tiny trained model: real conversions, run in the real ai_edge_l
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,18 +76,29 @@ def test_litert_backend_makes_float32_and_int8_with_the_mobile_contract(litert_e
     assert _agreement(out / "skin_classifier_int8.tflite", trained, x) >= 0.9
 
 
-@pytest.mark.parametrize("recipe", list(INT8_RECIPES))
-def test_each_named_int8_strategy_exports_that_recipe(recipe, trained_ckpt, trained, demo_data, tmp_path):
-    res = runner.invoke(app, ["export", "--checkpoint", str(trained_ckpt), "--format", "tflite", "--quantize", "int8",
-                              "--int8-strategy", recipe, "--calibration-dir", str(demo_data / "calibration"),
-                              "--calibration-size", "24", "--output-dir", str(tmp_path), "--latency-runs", "2"])
-    assert res.exit_code == 0, res.output
-    report = json.loads((tmp_path / "skin_classifier_report.json").read_text())
-    rows = {r["variant"]: r for r in report["variants"]}
-    assert report["int8_candidates"] == [] and not (tmp_path / "int8_candidates").exists()
-    assert rows["tflite-int8"]["details"]["int8_recipe"] == recipe
-    assert rows["tflite-int8"]["converter"] == INT8_RECIPES[recipe].backend
-    path = tmp_path / "skin_classifier_int8.tflite"
+def _auto_export(ckpt: Path, demo_data: Path, out: Path, processes: str) -> subprocess.CompletedProcess:
+    """`--int8-strategy auto` as a user runs it, in a process of its own (`python -m skinreg export`), with
+    SKINREG_INT8_PROCESSES choosing one or two processes."""
+    proc = subprocess.run([sys.executable, "-m", "skinreg", "export", "--checkpoint", str(ckpt), "--format",
+                           "tflite", "--quantize", "int8", "--int8-strategy", "auto", "--calibration-dir",
+                           str(demo_data / "calibration"), "--eval-dir", str(demo_data / "val"), "--output-dir",
+                           str(out), "--latency-runs", "3", "--no-cache"],
+                          env={**os.environ, "SKINREG_INT8_PROCESSES": processes}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def auto_export(trained_ckpt, demo_data, tmp_path_factory):
+    """One `auto` export in two processes: (folder, report, stdout)."""
+    out = tmp_path_factory.mktemp("auto")
+    proc = _auto_export(trained_ckpt, demo_data, out, "2")
+    return out, json.loads((out / "skin_classifier_report.json").read_text()), proc.stdout
+
+
+def _assert_is_recipe(path: Path, recipe: str, trained, demo_data: Path) -> None:
+    """The file is that recipe's int8: float32 ends of the mobile contract, int8 kernels with one scale per
+    output channel (or one per tensor), the first convolution kept float where the recipe says so."""
     assert _io(path) == ([(np.float32, (1, 64, 64, 3))], [(np.float32, (1, 4))])
     kernels = _weights(path)
     int8 = [k for k in kernels if k["dtype"] == np.int8]
@@ -98,12 +114,30 @@ def test_each_named_int8_strategy_exports_that_recipe(recipe, trained_ckpt, trai
     assert _agreement(path, trained, x) >= 0.85, recipe
 
 
-def test_auto_strategy_ranks_every_recipe_of_both_backends(trained_ckpt, demo_data, tmp_path):
+@pytest.mark.parametrize("recipe", list(INT8_RECIPES))
+def test_each_recipes_candidate_file_is_that_recipe(recipe, auto_export, trained, demo_data):
+    out, report, _ = auto_export
+    [cand] = [c for c in report["int8_candidates"] if c["recipe"] == recipe]
+    assert cand["backend"] == INT8_RECIPES[recipe].backend
+    _assert_is_recipe(out / "int8_candidates" / f"skin_classifier_int8_{recipe}.tflite", recipe, trained, demo_data)
+
+
+@pytest.mark.parametrize("recipe", ["tf-per-tensor", "litert-float-ends"])  # one of each backend, not the default
+def test_a_named_int8_strategy_exports_that_recipe_alone(recipe, trained_ckpt, trained, demo_data, tmp_path):
     res = runner.invoke(app, ["export", "--checkpoint", str(trained_ckpt), "--format", "tflite", "--quantize", "int8",
-                              "--int8-strategy", "auto", "--calibration-dir", str(demo_data / "calibration"),
-                              "--eval-dir", str(demo_data / "val"), "--output-dir", str(tmp_path), "--latency-runs", "3"])
+                              "--int8-strategy", recipe, "--calibration-dir", str(demo_data / "calibration"),
+                              "--calibration-size", "24", "--output-dir", str(tmp_path), "--latency-runs", "2"])
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "skin_classifier_report.json").read_text())
+    rows = {r["variant"]: r for r in report["variants"]}
+    assert report["int8_candidates"] == [] and not (tmp_path / "int8_candidates").exists()
+    assert rows["tflite-int8"]["details"]["int8_recipe"] == recipe
+    assert rows["tflite-int8"]["converter"] == INT8_RECIPES[recipe].backend
+    _assert_is_recipe(tmp_path / "skin_classifier_int8.tflite", recipe, trained, demo_data)
+
+
+def test_auto_strategy_ranks_every_recipe_of_both_backends(auto_export):
+    out, report, stdout = auto_export
     cands = report["int8_candidates"]
     assert {c["recipe"] for c in cands} == set(INT8_RECIPES)
     assert {c["backend"] for c in cands} == {"onnx2tf", "litert-torch"}
@@ -112,9 +146,9 @@ def test_auto_strategy_ranks_every_recipe_of_both_backends(trained_ckpt, demo_da
     assert all(c["why_lost"] for c in cands[1:])
     int8_row = next(r for r in report["variants"] if r["variant"] == "tflite-int8")
     assert int8_row["details"]["int8_recipe"] == chosen[0]["recipe"]
-    assert int8_row["size_bytes"] == chosen[0]["size_bytes"] == (tmp_path / "skin_classifier_int8.tflite").stat().st_size
+    assert int8_row["size_bytes"] == chosen[0]["size_bytes"] == (out / "skin_classifier_int8.tflite").stat().st_size
     for c in cands:
-        assert (tmp_path / "int8_candidates" / f"skin_classifier_int8_{c['recipe']}.tflite").is_file()
+        assert (out / "int8_candidates" / f"skin_classifier_int8_{c['recipe']}.tflite").is_file()
     # the ranking the report states: passing first, then capped accuracy, then latency
     passing = [c for c in cands if c["status"] == "passed"]
     ref_acc = next(r for r in report["variants"] if r["variant"] == "pytorch")["accuracy"]
@@ -125,7 +159,7 @@ def test_auto_strategy_ranks_every_recipe_of_both_backends(trained_ckpt, demo_da
     assert any("timed side by side" in n for n in report["notes"]) == (len(passing) > 1)
     ties = [c for c in passing if min(c["accuracy"], ref_acc) == capped[0]]
     assert [c["latency_p50_ms"] for c in ties] == sorted(c["latency_p50_ms"] for c in ties)
-    assert "## int8 candidates" in res.stdout and "**chosen**" in res.stdout and "litert-torch" in res.stdout
+    assert "## int8 candidates" in stdout and "**chosen**" in stdout and "litert-torch" in stdout
 
 
 def test_int8_conversion_leaves_the_pytorch_model_unchanged(trained_ckpt, demo_data, tmp_path):
@@ -154,32 +188,21 @@ def test_litert_bad_input_is_one_clear_line(trained_ckpt, tmp_path, args, messag
     assert list(tmp_path.iterdir()) == []
 
 
-def test_auto_in_two_processes_makes_the_same_files_as_in_one(trained_ckpt, demo_data, tmp_path):
+def test_auto_in_two_processes_makes_the_same_files_as_in_one(auto_export, trained_ckpt, demo_data, tmp_path):
     """`auto` converts some recipes in a second process (exporters/int8_lanes) and calibrates the TF recipes
     once (tflite_export.calibration_reused): every candidate file must be byte for byte the file that one
     process converting each recipe on its own writes. Each export is its own `python -m skinreg export`
     (onnx2tf names tensors with per-process counters, so two exports in one process differ anyway)."""
-    import hashlib
-    import os
-    import subprocess
-    import sys
-
-    def export(out, processes: str) -> dict[str, str]:
-        proc = subprocess.run([sys.executable, "-m", "skinreg", "export", "--checkpoint", str(trained_ckpt), "--format",
-                               "tflite", "--quantize", "int8", "--int8-strategy", "auto", "--calibration-dir",
-                               str(demo_data / "calibration"), "--eval-dir", str(demo_data / "val"), "--output-dir",
-                               str(out), "--latency-runs", "3", "--no-cache"],
-                              env={**os.environ, "SKINREG_INT8_PROCESSES": processes}, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    def digests(out: Path) -> dict[str, str]:
         return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (out / "int8_candidates").glob("*.tflite")}
 
-    two = export(tmp_path / "two", "2")
-    stages = json.loads((tmp_path / "two" / "skin_classifier_report.json").read_text())["stage_seconds"]
-    assert "int8: waiting for the second process" in stages, stages  # the second process did run
-    one = export(tmp_path / "one", "1")
+    out_two, report_two, _ = auto_export
+    assert "int8: waiting for the second process" in report_two["stage_seconds"]  # the second process did run
+    _auto_export(trained_ckpt, demo_data, tmp_path / "one", "1")
     assert "int8: waiting for the second process" not in json.loads(
         (tmp_path / "one" / "skin_classifier_report.json").read_text())["stage_seconds"]
-    assert len(two) == len(INT8_RECIPES) and two == one
+    two = digests(out_two)
+    assert len(two) == len(INT8_RECIPES) and two == digests(tmp_path / "one")
 
 
 def test_tf_recipes_calibrate_once_and_quantize_as_before(trained_ckpt, demo_data, tmp_path, monkeypatch):

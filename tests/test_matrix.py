@@ -112,17 +112,39 @@ def _text_files(tmp: Path) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def _sources_store(trained, demo_data, tmp_path_factory) -> Path:
+    """The registry every row starts from, made once: 'skin' (the trained model, logged as PyTorch) and an
+    ONNX model registered by hand, not something skinreg can export. Rows work on copies of its database;
+    the artifacts stay in this folder, where rows only add runs of their own."""
+    tmp = tmp_path_factory.mktemp("sources")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.chdir(tmp)
+        mp.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+        mp.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        try:
+            register(trained, demo_data, "skin")
+            with mlflow.start_run():
+                import onnx
+
+                from skinreg.convert.onnx import export_onnx
+
+                export_onnx(trained.loaded.model, trained.loaded.spec, tmp, stem="by_hand")
+                mlflow.onnx.log_model(onnx.load(str(tmp / "by_hand.onnx")), name="model",
+                                      registered_model_name="skin-onnx-by-hand")
+        finally:
+            mlflow.set_tracking_uri(None)
+            mlflow.set_registry_uri(None)
+    return tmp / "mlflow.db"
+
+
 @pytest.fixture()
-def registry_with_sources(tracking, trained, demo_data):
-    register(trained, demo_data, "skin")
-    with mlflow.start_run():  # an ONNX model registered by hand: not something skinreg can export
-        import onnx
-
-        onnx_path = Path("by_hand.onnx")
-        from skinreg.convert.onnx import export_onnx
-
-        export_onnx(trained.loaded.model, trained.loaded.spec, Path("."), stem="by_hand")
-        mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model", registered_model_name="skin-onnx-by-hand")
+def registry_with_sources(_sources_store, tracking):
+    shutil.copyfile(_sources_store, tracking.removeprefix("sqlite:///"))
     return tracking
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
 CHATTER = ("fully_quantize", "I0000", "absl::InitializeLog", "Created TensorFlow Lite XNNPACK delegate")
 
 
@@ -26,6 +25,7 @@ def _export(ckpt: Path, data: Path, out: Path, *flags: str) -> subprocess.Comple
                           capture_output=True, text=True, env=env, timeout=600)
 
 
+@pytest.mark.slow
 def test_export_console_shows_progress_and_report_and_keeps_chatter_in_a_log(trained_ckpt, demo_data, tmp_path):
     res = _export(trained_ckpt, demo_data, tmp_path / "out")
     assert res.returncode == 0, res.stderr[-3000:]
@@ -38,9 +38,36 @@ def test_export_console_shows_progress_and_report_and_keeps_chatter_in_a_log(tra
     Path(note.group(2)).unlink()
 
 
+@pytest.mark.slow
 def test_verbose_export_shows_the_chatter_inline(trained_ckpt, demo_data, tmp_path):
     res = _export(trained_ckpt, demo_data, tmp_path / "out", "-v")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "converting TFLite int8 (tf-per-channel" in res.stderr and "| tflite-int8 | int8 |" in res.stdout
     assert "fully_quantize" in [c for c in CHATTER if c in res.stderr]
     assert "lines of converter/MLflow chatter" not in res.stderr
+
+
+FILTERED = """
+import os, subprocess, sys
+from skinreg.quiet import filtered_stderr
+with filtered_stderr("skinreg-quiet-test") as log:
+    os.write(2, b"I0000 00:00:1 chatter from C++\\nkept line one\\n")
+    subprocess.run([sys.executable, "-c", "import os; os.write(2, b'fully_quantize: 0, inference_type: 6\\\\n')"],
+                   check=True)
+    os.write(2, b"Downloading artifacts: 50%\\rDownloading artifacts: 100%\\rkept line two, no newline")
+print(log)
+"""
+
+
+def test_fd2_chatter_from_this_process_and_a_child_goes_to_the_log_and_the_rest_passes(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "SKINREG_VERBOSE"}
+    res = subprocess.run([sys.executable, "-c", FILTERED], capture_output=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr.decode()
+    err = res.stderr.decode()
+    assert err.startswith("kept line one\nkept line two, no newline"), err
+    assert "I0000" not in err and "fully_quantize" not in err and "Downloading" not in err, err
+    log = Path(res.stdout.decode().strip())
+    assert f"(4 lines of converter/MLflow chatter in {log}; -v shows them)" in err
+    assert log.read_text().splitlines() == ["I0000 00:00:1 chatter from C++", "fully_quantize: 0, inference_type: 6",
+                                            "Downloading artifacts: 50%", "Downloading artifacts: 100%"]
+    log.unlink()

@@ -95,6 +95,19 @@ def test_hooks_can_run_auto_and_name_a_bad_value_with_its_variable():
         from_env({ENV_PREFIX + "FORMATS": "onx"})
 
 
+def test_the_services_own_settings_are_read_by_their_declared_types_and_a_bad_one_is_named():
+    cfg = from_env({ENV_PREFIX + "SOURCES": "skin-classifier, lesion-b", ENV_PREFIX + "EXECUTOR": "mlflow-run",
+                    ENV_PREFIX + "DOCS": "yes", ENV_PREFIX + "TOLERANCE_S": "30", ENV_PREFIX + "BACKOFF_S": "1.5",
+                    ENV_PREFIX + "BACKEND_CONFIG": "k8s.json"})
+    assert (cfg.sources, cfg.executor.value, cfg.docs, cfg.tolerance_s, cfg.backoff_s, cfg.backend_config) == \
+        (["skin-classifier", "lesion-b"], "mlflow-run", True, 30, 1.5, "k8s.json")
+    with pytest.raises(InputError, match=r"^bad SKINREG_HOOKS_EXECUTOR='mlflowrun': expected one of inprocess, "
+                                         r"subprocess, mlflow-run$"):
+        from_env({ENV_PREFIX + "EXECUTOR": "mlflowrun"})
+    with pytest.raises(InputError, match=r"^bad SKINREG_HOOKS_TOLERANCE_S='5m': "):
+        from_env({ENV_PREFIX + "TOLERANCE_S": "5m"})
+
+
 def test_every_setting_can_be_set_as_a_registry_tag_and_the_command_line_wins(monkeypatch):
     """The registry's `skinreg.export.<field>` tags carry every field, as text the MLflow UI can hold (a
     version tag over a model tag); what the command line gave is kept."""

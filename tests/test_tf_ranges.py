@@ -159,3 +159,25 @@ def test_nan_values_are_skipped_as_the_calibrator_skips_them(float_model, caplog
     assert set(mine) == set(theirs) and _worst(mine, theirs) < 1e-5
     assert all(np.isfinite(v).all() for v in mine.values())
     assert "NaN values during calibration" in caplog.text
+
+
+def test_another_converter_in_the_process_calibrates_as_tensorflow_ships_it(float_model, monkeypatch):
+    """The calibrator wrapper is process-wide (TF gives no other hook): it must record ranges for skinreg's own
+    conversions only, and be the original calibrator for any other TFLiteConverter in the same process."""
+    import tensorflow as tf
+
+    saved, _, images = float_model
+    recorded = []
+    real = tf_ranges.calibrate
+    monkeypatch.setattr(tf_ranges, "calibrate", lambda *a: recorded.append(1) or real(*a))
+
+    def representative():
+        return ([x[None]] for x in images)
+
+    tflite_export.convert(saved, Precision.int8, representative=representative)  # installs the wrapper
+    assert recorded == [1]
+    conv = tf.lite.TFLiteConverter.from_saved_model(str(saved))
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = representative
+    assert len(conv.convert()) > 0
+    assert recorded == [1]

@@ -192,6 +192,9 @@ def saved_model_from_onnx(onnx_path: Path, spec: ModelSpec, work_dir: Path, *, u
 
 _CALIBRATIONS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("skinreg_tf_calibrations", default=None)
 _SPLIT: contextvars.ContextVar[Path | None] = contextvars.ContextVar("skinreg_tf_calibration_split", default=None)
+# Set only around skinreg's own `conv.convert()` (convert below): the wrapper is the original calibrator for any
+# other TFLiteConverter in the process.
+_CONVERTING: contextvars.ContextVar[bool] = contextvars.ContextVar("skinreg_tf_converting", default=False)
 MIN_SPLIT_SAMPLES = 20  # below this, a second process costs more than it saves
 
 
@@ -200,12 +203,13 @@ def _install_calibration_memo() -> None:
     tf_ranges records the ranges (the calibrator's own figures, ~6x faster). Inside `calibration_reused`, a
     float model already calibrated is not calibrated again. Where tf_ranges does not apply, the converter's
     calibrator runs, inside `calibration_split` on half of the images in a second process. For a TF build
-    whose Calibrator keeps no float model, it is the original."""
+    whose Calibrator keeps no float model, and for every conversion but skinreg's own (`convert`, which sets
+    _CONVERTING), it is the original: another TFLiteConverter in the same process calibrates as TF ships it."""
 
     def make(original: Callable) -> Callable:
         def calibrate(self, dataset_gen):
             memo, split, content = _CALIBRATIONS.get(), _SPLIT.get(), compat_tf.model_content(self)
-            if content is None:
+            if content is None or not _CONVERTING.get():
                 return original(self, dataset_gen)
             key = hashlib.sha256(content).hexdigest()
             if memo is not None and key in memo:
@@ -327,10 +331,13 @@ def convert(saved_model: Path, precision: Precision, *,
         # inference_input_type / inference_output_type stay float32: the guide's mobile contract.
         if uint8_input:
             conv.inference_input_type = tf.uint8
+    token = _CONVERTING.set(True)
     try:
         return conv.convert()
     except Exception as exc:
         raise ExportError(f"TF Lite converter failed for {precision.value}: {first_line(exc)}") from exc
+    finally:
+        _CONVERTING.reset(token)
 
 
 def export_tflite(saved_model: Path, spec: ModelSpec, out_dir: Path, *, stem: str, precision: Precision,
