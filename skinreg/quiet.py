@@ -81,9 +81,6 @@ class _ChatterFilter:
             elif text or sep != b"\r":
                 os.write(self.out, text + sep)
 
-    def flush(self) -> None:
-        """Called by wurlitzer with each flush of the C streams: a partial line stays pending."""
-
     def close(self) -> None:
         if self.pending:
             os.write(self.out, self.pending)
@@ -103,7 +100,7 @@ def filtered_stderr(name: str = "skinreg") -> Iterator[Path | None]:
         return
     log_path = Path(tempfile.gettempdir()) / f"{name}-{os.getpid()}.log"
     out = os.dup(2)
-    ok = False
+    ok, held = False, 0
     try:
         with open(log_path, "ab") as log:
             chatter = _ChatterFilter(out, log)
@@ -113,11 +110,12 @@ def filtered_stderr(name: str = "skinreg") -> Iterator[Path | None]:
                     ok = True
             finally:
                 chatter.close()
-        sys.stderr.flush()
-        if chatter.held and ok:  # after an error its one line stays the last word
-            sys.stderr.write(f"({chatter.held} lines of converter/MLflow chatter in {log_path}; -v shows them)\n")
-            sys.stderr.flush()
-        elif log_path.stat().st_size == 0:
-            log_path.unlink()
+                held = chatter.held
     finally:
         os.close(out)
+        sys.stderr.flush()
+        if held and ok:  # after an error its one line stays the last word
+            sys.stderr.write(f"({held} lines of converter/MLflow chatter in {log_path}; -v shows them)\n")
+            sys.stderr.flush()
+        elif log_path.exists() and log_path.stat().st_size == 0:
+            log_path.unlink()

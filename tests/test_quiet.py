@@ -71,3 +71,26 @@ def test_fd2_chatter_from_this_process_and_a_child_goes_to_the_log_and_the_rest_
     assert log.read_text().splitlines() == ["I0000 00:00:1 chatter from C++", "fully_quantize: 0, inference_type: 6",
                                             "Downloading artifacts: 50%", "Downloading artifacts: 100%"]
     log.unlink()
+
+
+FAILING = """
+import os
+from skinreg.quiet import filtered_stderr
+try:
+    with filtered_stderr("skinreg-quiet-test-error") as log:
+        os.write(2, b"I0000 00:00:1 chatter from C++\\n")
+        raise RuntimeError("boom")
+except RuntimeError:
+    os.write(2, b"error: boom\\n")
+print(log)
+"""
+
+
+def test_after_an_error_its_line_stays_the_last_one(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "SKINREG_VERBOSE"}
+    res = subprocess.run([sys.executable, "-c", FAILING], capture_output=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr.decode()
+    assert res.stderr.decode() == "error: boom\n"
+    log = Path(res.stdout.decode().strip())
+    assert log.read_text() == "I0000 00:00:1 chatter from C++\n"  # kept for whoever reads the error
+    log.unlink()
