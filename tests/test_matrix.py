@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from servers import free_port
 from skinreg.cli.main import app
-from test_pipeline import register
+from test_pipeline import own_sqlite_store, register
 
 runner = CliRunner()
 EXPORT = ["export-version", "--model-uri", "models:/skin/1", "--format", "onnx", "--latency-runs", "2"]
@@ -118,27 +118,16 @@ def _sources_store(trained, demo_data, tmp_path_factory) -> Path:
     ONNX model registered by hand, not something skinreg can export. Rows work on copies of its database;
     the artifacts stay in this folder, where rows only add runs of their own."""
     tmp = tmp_path_factory.mktemp("sources")
-    uri = f"sqlite:///{tmp}/mlflow.db"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.chdir(tmp)
-        mp.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-        mp.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
-        try:
-            register(trained, demo_data, "skin")
-            with mlflow.start_run():
-                import onnx
+    with own_sqlite_store(tmp):
+        register(trained, demo_data, "skin")
+        with mlflow.start_run():
+            import onnx
 
-                from skinreg.convert.onnx import export_onnx
+            from skinreg.convert.onnx import export_onnx
 
-                export_onnx(trained.loaded.model, trained.loaded.spec, tmp, stem="by_hand")
-                mlflow.onnx.log_model(onnx.load(str(tmp / "by_hand.onnx")), name="model",
-                                      registered_model_name="skin-onnx-by-hand")
-        finally:
-            mlflow.set_tracking_uri(None)
-            mlflow.set_registry_uri(None)
+            export_onnx(trained.loaded.model, trained.loaded.spec, tmp, stem="by_hand")
+            mlflow.onnx.log_model(onnx.load(str(tmp / "by_hand.onnx")), name="model",
+                                  registered_model_name="skin-onnx-by-hand")
     return tmp / "mlflow.db"
 
 

@@ -3,10 +3,12 @@ promotion, consumers, and each bad input with its message."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Iterator
 
 import mlflow
 import numpy as np
@@ -41,28 +43,35 @@ def full_options(demo_data, **kw) -> ExportOptions:
     return ExportOptions(calibration_dir=demo_data / "calibration", eval_dir=demo_data / "val", latency_runs=3, **kw)
 
 
-@pytest.fixture(scope="module")
-def _exported_store(trained, demo_data, tmp_path_factory):
-    """One full export-version in a SQLite store of its own, made once for the tests that read it or move
-    aliases on it (none registers or exports anything more in it)."""
-    tmp = tmp_path_factory.mktemp("exported")
-    uri = f"sqlite:///{tmp}/mlflow.db"
+@contextlib.contextmanager
+def own_sqlite_store(folder: Path) -> Iterator[str]:
+    """For a module-scoped fixture: this process on a SQLite store of its own in `folder` (working directory
+    and export cache there too), all undone at the end. An export sets an active experiment (and
+    MLFLOW_EXPERIMENT_ID) of this store: undone too, or later modules' fixtures would start runs in an
+    experiment their stores do not have."""
+    uri = f"sqlite:///{folder}/mlflow.db"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("SKINREG_EXPORT_CACHE", str(tmp / "export-cache"))
-        mp.chdir(tmp)
-        # the export sets an active experiment (and MLFLOW_EXPERIMENT_ID) of this store: undone at the end,
-        # or later modules' fixtures would start runs in an experiment their stores do not have
+        mp.setenv("SKINREG_EXPORT_CACHE", str(folder / "export-cache"))
+        mp.chdir(folder)
         mp.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
         mp.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
         try:
-            source = register(trained, demo_data)
-            yield uri, source, export_version(source, full_options(demo_data))
+            yield uri
         finally:
             mlflow.set_tracking_uri(None)
             mlflow.set_registry_uri(None)
+
+
+@pytest.fixture(scope="module")
+def _exported_store(trained, demo_data, tmp_path_factory):
+    """One full export-version in a SQLite store of its own, made once for the tests that read it or move
+    aliases on it (none registers or exports anything more in it)."""
+    with own_sqlite_store(tmp_path_factory.mktemp("exported")) as uri:
+        source = register(trained, demo_data)
+        yield uri, source, export_version(source, full_options(demo_data))
 
 
 @pytest.fixture()

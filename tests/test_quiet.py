@@ -59,14 +59,18 @@ print(log)
 """
 
 
-def test_fd2_chatter_from_this_process_and_a_child_goes_to_the_log_and_the_rest_passes(tmp_path):
+def _script(text: str) -> tuple[str, Path]:
+    """Run a Python program in a process of its own (stderr its real fd 2): (its stderr, the log it printed)."""
     env = {k: v for k, v in os.environ.items() if k != "SKINREG_VERBOSE"}
-    res = subprocess.run([sys.executable, "-c", FILTERED], capture_output=True, env=env, timeout=120)
+    res = subprocess.run([sys.executable, "-c", text], capture_output=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr.decode()
-    err = res.stderr.decode()
+    return res.stderr.decode(), Path(res.stdout.decode().strip())
+
+
+def test_fd2_chatter_from_this_process_and_a_child_goes_to_the_log_and_the_rest_passes():
+    err, log = _script(FILTERED)
     assert err.startswith("kept line one\nkept line two, no newline"), err
     assert "I0000" not in err and "fully_quantize" not in err and "Downloading" not in err, err
-    log = Path(res.stdout.decode().strip())
     assert f"(4 lines of converter/MLflow chatter in {log}; -v shows them)" in err
     assert log.read_text().splitlines() == ["I0000 00:00:1 chatter from C++", "fully_quantize: 0, inference_type: 6",
                                             "Downloading artifacts: 50%", "Downloading artifacts: 100%"]
@@ -86,11 +90,8 @@ print(log)
 """
 
 
-def test_after_an_error_its_line_stays_the_last_one(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "SKINREG_VERBOSE"}
-    res = subprocess.run([sys.executable, "-c", FAILING], capture_output=True, env=env, timeout=120)
-    assert res.returncode == 0, res.stderr.decode()
-    assert res.stderr.decode() == "error: boom\n"
-    log = Path(res.stdout.decode().strip())
+def test_after_an_error_its_line_stays_the_last_one():
+    err, log = _script(FAILING)
+    assert err == "error: boom\n"
     assert log.read_text() == "I0000 00:00:1 chatter from C++\n"  # kept for whoever reads the error
     log.unlink()
