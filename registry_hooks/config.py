@@ -146,8 +146,8 @@ def _cast(hint: Any) -> Callable[[str], Any]:
 
 def from_env(env: Mapping[str, str] | None = None) -> HooksConfig:
     """HooksConfig from SKINREG_HOOKS_<FIELD> (upper case; lists comma-separated) and SKINREG_WEBHOOK_SECRET.
-    Each value is cast by its field's declared type; the export settings' fields as `skinreg export-version`
-    reads them (export.settings.from_strings)."""
+    Each value is cast by its field's declared type; the export settings' fields by export.settings.from_strings
+    (choices and gates checked as on the command line)."""
     env = os.environ if env is None else env
     cfg = HooksConfig(secret=env.get(ENV_SECRET, ""))
     export_fields = set(ExportSettings.__dataclass_fields__)
