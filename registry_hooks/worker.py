@@ -48,14 +48,6 @@ def _json_object(value: Any) -> dict[str, str]:
     return {str(k): str(v) for k, v in doc.items()} if isinstance(doc, dict) else {}
 
 
-def is_outage(exc: BaseException) -> bool:
-    """An MLflow server that cannot be reached is an outage, not a failure of the job: the job waits (capped
-    backoff) without using up an attempt, so an outage never parks work as dead. Told by the exception's
-    type (skinreg's RegistryUnreachable, or requests' and the socket's along its chain); a child process's
-    failure is followed by a read of the registry, which raises RegistryUnreachable while it is down."""
-    return unreachable(exc)
-
-
 def _tail(text: str) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return " | ".join(lines[-TAIL_LINES:])
@@ -341,7 +333,11 @@ class Worker:
             raise RetryLater(BUSY_RETRY_S, str(exc)) from exc
         except Exception as exc:
             msg = first_line(exc)
-            if is_outage(exc):
+            # An MLflow server that cannot be reached is an outage, not a failure of the job: it waits (capped
+            # backoff) without using up an attempt, so an outage never parks work as dead. Told by exception type
+            # (registry.client.unreachable); a failed child process is followed by a registry read, which raises
+            # RegistryUnreachable while the server is down.
+            if unreachable(exc):
                 streak = self.queue.count_outage(job.id)
                 delay = min(self.cfg.backoff_s * 2 ** (streak - 1), self.cfg.backoff_max_s)
                 log.warning("job %s %s: MLflow unreachable (%s); waiting %.0fs, attempt not used", job.id, job.key,

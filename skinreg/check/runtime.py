@@ -10,6 +10,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from skinreg.data.preprocess import nchw_to_nhwc
+from skinreg.enums import Format
 
 DEFAULT_THREADS = 2
 # Logits of many images are computed this many at a time: EfficientNet-B0 on 200 images, 2 cores,
@@ -139,6 +140,6 @@ def runner_for(file: Any, preprocessing: Any, *, threads: int = DEFAULT_THREADS)
     """The runner of an exported file (an ExportedFile: `path`, `format`, `contract`), fed skinreg's normalized
     batches whatever the file takes: an app-ready TFLite file (contract "pixels") gets them mapped back to
     the RGB pixels it takes."""
-    if Path(file.path).suffix == ".onnx":
+    if file.format is Format.onnx:
         return OnnxRunner(file.path, threads=threads)
     return TFLiteRunner(file.path, threads=threads, pixels_from=preprocessing if file.contract == "pixels" else None)
